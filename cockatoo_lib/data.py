@@ -1,0 +1,363 @@
+"""Data prep: read the sources a data config lists, map their columns onto the label set,
+clean, split, and write one Parquet file per split plus a manifest.
+
+A label that a source does not annotate is masked (`label_mask` 0) for that source's rows,
+never filled with 0: a zero would teach the model that those rows are negatives.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.fileio import atomic_output_dir, sha256_files, write_json
+
+log = logging.getLogger(__name__)
+
+KNOWN_LABELS = ("scam", "violence", "nsfw", "harassment", "hate_speech", "toxicity",
+                "obscenity", "jailbreaking", "genocide")
+DEFAULT_LABELS = ("scam", "violence", "harassment", "hate_speech", "toxicity", "obscenity",
+                  "jailbreaking")
+SPLITS = ("train", "validation", "test")
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+MANIFEST = "manifest.json"
+POS_WEIGHT_CAP = 10.0
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class LabelMapping(BaseModel):
+    """How one label is read from a source: one column, or several merged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    columns: list[str] = Field(min_length=1)
+    merge: Literal["or", "and", "max", "mean"] = "or"
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        if isinstance(value, str):
+            return {"columns": [value]}
+        if isinstance(value, dict) and "column" in value:
+            value = dict(value)
+            value["columns"] = [value.pop("column")]
+        return value
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
+    format: Literal["csv", "jsonl", "json", "parquet"] | None = None
+    text_column: str = "text"
+    labels: dict[str, LabelMapping] = Field(min_length=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _known_labels(cls, labels):
+        for name in labels:
+            if name not in KNOWN_LABELS:
+                raise ValueError(f"unknown label {name!r}; known: {', '.join(KNOWN_LABELS)}")
+        return labels
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[str] = Field(default_factory=lambda: list(DEFAULT_LABELS), min_length=1)
+    sources: list[Source] = Field(min_length=1)
+    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("labels")
+    @classmethod
+    def _known_active(cls, labels):
+        unknown = [x for x in labels if x not in KNOWN_LABELS]
+        if unknown:
+            raise ValueError(f"unknown label {unknown[0]!r}; known: {', '.join(KNOWN_LABELS)}")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels repeat")
+        return labels
+
+
+def load_data_config(ref: str, labels: list[str] | None = None) -> DataConfig:
+    """Load a data config from a YAML path or a preset name (a file in cockatoo_lib/presets)."""
+    path = Path(ref)
+    if not path.suffix and (PRESETS_DIR / f"{ref}.yaml").is_file():
+        path = PRESETS_DIR / f"{ref}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise CockatooError(f"data config {ref} not found (not a file, nor a preset: {', '.join(presets)})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CockatooError(f"data config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise CockatooError(f"data config {path} must be a mapping with a 'sources' list")
+    if labels:
+        raw["labels"] = list(labels)
+    try:
+        return DataConfig(**raw, base_dir=path.parent)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise CockatooError(f"data config {path}: {where}: {err['msg']}") from None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _source_path(src: Source, base_dir: Path) -> Path:
+    path = Path(src.path).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def read_source(src: Source, base_dir: Path) -> pd.DataFrame:
+    path = _source_path(src, base_dir)
+    fmt = src.format or FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise CockatooError(
+            f"source {src.name}: cannot tell the format of {path} from its suffix "
+            f"{path.suffix or '(none)'}; use one of {', '.join(FORMATS)} or set 'format'"
+        )
+    if not path.is_file():
+        raise CockatooError(f"source {src.name}: file not found: {path}")
+    try:
+        if fmt == "csv":
+            frame = pd.read_csv(path)
+        elif fmt == "jsonl":
+            frame = pd.read_json(path, lines=True)
+        elif fmt == "json":
+            frame = pd.read_json(path)
+        else:
+            frame = pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise CockatooError(f"source {src.name}: {path} is empty") from None
+    except Exception as exc:  # readers raise many types; all mean "not this format"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CockatooError(f"source {src.name}: cannot read {path} as {fmt}: {first}") from None
+    if frame.empty:
+        raise CockatooError(f"source {src.name}: {path} has no rows")
+    return frame
+
+
+def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: Path) -> pd.Series:
+    """A label column as float scores in [0, 1] (NaN where the row is not annotated)."""
+    values = frame[column]
+    where = f"source {src.name} ({path}), column {column!r}"
+    if pd.api.types.is_bool_dtype(values):
+        return values.astype("float64")
+    if not pd.api.types.is_numeric_dtype(values):
+        bad = values[values.notna()].iloc[0]
+        row = int(values[values.notna()].index[0]) + 1
+        raise CockatooError(
+            f"{where} holds {bad!r} (data row {row}); expected bool, 0/1 or a score in [0, 1]"
+        )
+    scores = values.astype("float64")
+    if pd.api.types.is_integer_dtype(values) or _integral(scores):
+        bad_mask = scores.notna() & ~scores.isin([0.0, 1.0])
+        expected = "a binary label column holds only 0 and 1"
+    else:
+        bad_mask = scores.notna() & ((scores < 0) | (scores > 1))
+        expected = "a score must lie in [0, 1]"
+    if bad_mask.any():
+        row = int(np.flatnonzero(bad_mask.to_numpy())[0])
+        raise CockatooError(
+            f"{where} holds {_num(scores.iloc[row])} (data row {row + 1}); {expected}"
+        )
+    return scores
+
+
+def _integral(scores: pd.Series) -> bool:
+    known = scores.dropna()
+    return bool(len(known)) and bool((known == np.floor(known)).all()) and known.max() > 1
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def map_labels(frame: pd.DataFrame, src: Source, path: Path,
+               labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Return (labels, mask) arrays of shape (rows, len(labels)), int8."""
+    n = len(frame)
+    out = np.zeros((n, len(labels)), dtype=np.int8)
+    mask = np.zeros((n, len(labels)), dtype=np.int8)
+    for j, label in enumerate(labels):
+        mapping = src.labels.get(label)
+        if mapping is None:
+            continue
+        for col in mapping.columns:
+            if col not in frame.columns:
+                raise CockatooError(
+                    f"source {src.name} ({path}): label column {col!r} for {label} not found; "
+                    f"columns: {', '.join(map(str, frame.columns))}"
+                )
+        scores = pd.concat([_label_scores(frame, c, src, path) for c in mapping.columns], axis=1)
+        annotated = scores.notna().any(axis=1).to_numpy()
+        if mapping.merge in ("max", "mean"):
+            merged = scores.max(axis=1) if mapping.merge == "max" else scores.mean(axis=1)
+            positive = (merged >= mapping.threshold).to_numpy()
+        else:
+            hits = scores >= mapping.threshold
+            if mapping.merge == "or":
+                positive = hits.any(axis=1).to_numpy()
+            else:
+                positive = (hits | scores.isna()).all(axis=1).to_numpy()
+        out[:, j] = positive & annotated
+        mask[:, j] = annotated
+    return out, mask
+
+
+def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict]:
+    """Read, map and clean every source. Returns (frame with text/source, labels, mask, stats)."""
+    labels = config.labels
+    frames, label_parts, mask_parts, stats = [], [], [], {}
+    for src in config.sources:
+        path = _source_path(src, config.base_dir)
+        frame = read_source(src, config.base_dir)
+        if src.text_column not in frame.columns:
+            raise CockatooError(
+                f"source {src.name} ({path}): text column {src.text_column!r} not found; "
+                f"columns: {', '.join(map(str, frame.columns))}"
+            )
+        y, m = map_labels(frame, src, path, labels)
+        text = frame[src.text_column].astype("string").str.strip().fillna("")
+        keep = (text != "").to_numpy()
+        stats[src.name] = {
+            "path": str(src.path),
+            "rows_read": int(len(frame)),
+            "empty_texts_dropped": int((~keep).sum()),
+            "annotates": [x for x in labels if x in src.labels],
+        }
+        if not keep.any():
+            continue
+        frames.append(pd.DataFrame({"text": text[keep].to_numpy(dtype=object), "source": src.name}))
+        label_parts.append(y[keep])
+        mask_parts.append(m[keep])
+    if not frames:
+        raise CockatooError(
+            "every text is empty in every source: "
+            + ", ".join(f"{n} ({s['path']})" for n, s in stats.items())
+        )
+    frame = pd.concat(frames, ignore_index=True)
+    y, m = np.concatenate(label_parts), np.concatenate(mask_parts)
+    dup = frame.duplicated("text", keep="first").to_numpy()
+    for name in stats:
+        stats[name]["duplicates_dropped"] = int((dup & (frame["source"] == name).to_numpy()).sum())
+    keep = ~dup
+    frame = frame[keep].reset_index(drop=True)
+    y, m = y[keep], m[keep]
+    for name in stats:
+        stats[name]["rows_kept"] = int((frame["source"] == name).sum())
+    for j, label in enumerate(labels):
+        if not m[:, j].any():
+            log.warning("no source annotates label %s: it will be masked everywhere", label)
+    return frame, y, m, stats
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_indices(y: np.ndarray, m: np.ndarray, seed: int, val_frac: float,
+                  test_frac: float) -> dict[str, np.ndarray]:
+    """Seeded split, stratified on label combinations (unannotated counted as its own value).
+
+    Combinations too rare to reach every split are pooled, so they are still spread at random.
+    """
+    combo = (y.astype(np.int16) + 2 * (1 - m)).astype(np.int8)  # 0, 1, or 2 = unannotated
+    _, strata = np.unique(combo, axis=0, return_inverse=True)
+    strata = strata.reshape(-1)
+    counts = np.bincount(strata)
+    min_count = int(np.ceil(1 / min(val_frac, test_frac)))
+    strata = np.where(counts[strata] >= min_count, strata, -1)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for stratum in np.unique(strata):
+        idx = rng.permutation(np.flatnonzero(strata == stratum))
+        n_test = int(round(len(idx) * test_frac))
+        n_val = int(round(len(idx) * val_frac))
+        parts["test"].append(idx[:n_test])
+        parts["validation"].append(idx[n_test:n_test + n_val])
+        parts["train"].append(idx[n_test + n_val:])
+    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
+
+
+def _list_column(values: np.ndarray) -> pa.Array:
+    rows, width = values.shape
+    offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.int8()))
+
+
+def write_split(path: Path, frame: pd.DataFrame, y: np.ndarray, m: np.ndarray) -> None:
+    table = pa.table({
+        "text": pa.array(frame["text"].to_numpy(dtype=object), type=pa.string()),
+        "labels": _list_column(y),
+        "label_mask": _list_column(m),
+        "source": pa.array(frame["source"].to_numpy(dtype=object), type=pa.string()),
+    })
+    pq.write_table(table, path, compression="zstd")
+
+
+def class_weights(y: np.ndarray, m: np.ndarray, labels: list[str]) -> dict[str, float]:
+    """BCE pos_weight per label: negatives / positives among annotated train rows, capped."""
+    pos = (y * m).sum(axis=0).astype(float)
+    neg = ((1 - y) * m).sum(axis=0).astype(float)
+    weights = np.where(pos > 0, neg / np.maximum(pos, 1), POS_WEIGHT_CAP)
+    return {label: round(float(min(max(w, 1e-3), POS_WEIGHT_CAP)), 6) for label, w in zip(labels, weights)}
+
+
+def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0) -> dict:
+    """Write train/validation/test Parquet files and a manifest to `output`; return the manifest."""
+    labels = config.labels
+    frame, y, m, stats = load_rows(config)
+    if max_samples and len(frame) > max_samples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(frame), max_samples, replace=False))
+        frame, y, m = frame.iloc[keep].reset_index(drop=True), y[keep], m[keep]
+    split = split_indices(y, m, seed, config.validation_fraction, config.test_fraction)
+    manifest: dict = {"format_version": 1, "labels": labels, "seed": seed, "sources": stats,
+                      "splits": {}, "warnings": []}
+    with atomic_output_dir(output) as tmp:
+        for name, idx in split.items():
+            write_split(tmp / f"{name}.parquet", frame.iloc[idx], y[idx], m[idx])
+            manifest["splits"][name] = {
+                "rows": int(len(idx)),
+                "positives": dict(zip(labels, (y[idx] * m[idx]).sum(axis=0).tolist())),
+                "annotated": dict(zip(labels, m[idx].sum(axis=0).tolist())),
+            }
+        train = split["train"]
+        manifest["class_weights"] = class_weights(y[train], m[train], labels)
+        for label, count in manifest["splits"]["train"]["positives"].items():
+            if count == 0:
+                msg = f"active label {label} has no positive example in train"
+                log.warning(msg)
+                manifest["warnings"].append(msg)
+        files = [tmp / f"{s}.parquet" for s in SPLITS]
+        manifest["split_fingerprints"] = {s: sha256_files([f]) for s, f in zip(SPLITS, files)}
+        manifest["fingerprint"] = sha256_files(files)
+        write_json(tmp / MANIFEST, manifest)
+    log.info("prepared %s: %s", output,
+             ", ".join(f"{s} {manifest['splits'][s]['rows']} rows" for s in SPLITS))
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    from cockatoo_lib.fileio import read_json
+
+    manifest = read_json(Path(data_dir) / MANIFEST, "data manifest")
+    for key in ("labels", "splits", "fingerprint"):
+        if key not in manifest:
+            raise CockatooError(f"data manifest {Path(data_dir) / MANIFEST} lacks {key!r}")
+    return manifest

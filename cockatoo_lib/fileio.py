@@ -1,0 +1,62 @@
+"""Writing outputs so that a failed step leaves nothing half-written behind."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cockatoo_lib.errors import CockatooError
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; move it to `path` only if the block succeeds.
+
+    An existing non-empty `path` is refused rather than replaced: it may hold a user's work.
+    An existing empty folder (KFP creates artifact folders ahead) is replaced.
+    """
+    final = Path(path)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise CockatooError(f"output {final} already exists and is not empty; remove it or choose another")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            final.rmdir()
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CockatooError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CockatooError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+
+
+def sha256_files(paths: list[Path], root: Path | None = None) -> str:
+    """Hash file names (relative to root) and contents, in the given order."""
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(str(p.relative_to(root) if root else p.name).encode())
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

