@@ -27,6 +27,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise CockatooError(f"output {final} already exists and is not empty; remove it or choose another")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the output from other users and containers
     try:
         yield tmp
         if final.exists():

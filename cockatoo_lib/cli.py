@@ -1,0 +1,107 @@
+"""The `cockatoo` command line: every pipeline step, runnable on its own without KFP.
+
+Bad input prints one line (`error: ...`) and exits with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from cockatoo_lib.errors import CockatooError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train multi-label content-moderation classifiers.")
+
+MODEL_TYPE = typer.Option("deberta", "--model-type", "-m", help="deberta, modernbert, clip-vit, minilm")
+SET = typer.Option(None, "--set", "-s", help="override a plan setting: key=value (repeatable)")
+
+
+def _plan(model_type: str, overrides: list[str] | None, detect: bool = True):
+    from cockatoo_lib.registry import detect_hardware, parse_overrides, resolve_plan
+
+    return resolve_plan(model_type, parse_overrides(overrides or []),
+                        detect_hardware() if detect else None)
+
+
+@app.command()
+def plan(model_type: str = MODEL_TYPE, set_: list[str] = SET,
+         hardware: bool = typer.Option(False, "--hardware", help="apply this machine's adjustments")):
+    """Print the resolved settings for a model type."""
+    from cockatoo_lib.registry import plan_table
+
+    rows = plan_table(_plan(model_type, set_, detect=hardware))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+@app.command()
+def prepare(config: str = typer.Option(..., "--config", "-c", help="data config YAML or preset name"),
+            output: Path = typer.Option(..., "--output", "-o"),
+            seed: int = typer.Option(42, "--seed"),
+            max_samples: int = typer.Option(0, "--max-samples", help="0 = all rows"),
+            labels: str = typer.Option("", "--labels", help="comma-separated active labels")):
+    """Read, map, clean and split the data config's sources into Parquet files."""
+    from cockatoo_lib.data import load_data_config
+    from cockatoo_lib.data import prepare as run
+
+    active = [x.strip() for x in labels.split(",") if x.strip()]
+    manifest = run(load_data_config(config, active), output, seed=seed, max_samples=max_samples)
+    typer.echo(f"{output}: " + ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())
+               + f" rows; fingerprint {manifest['fingerprint'][:16]}")
+
+
+@app.command()
+def tokenize(data: Path = typer.Option(..., "--data", "-d"),
+             output: Path = typer.Option(..., "--output", "-o"),
+             model_type: str = MODEL_TYPE, set_: list[str] = SET,
+             cache_root: str = typer.Option(None, "--cache-root", help="folder, gs:// or s3:// URI")):
+    """Tokenize prepared splits for a model, through the per-model cache."""
+    from cockatoo_lib.tokenize import DEFAULT_CACHE_ROOT
+    from cockatoo_lib.tokenize import tokenize as run
+
+    info = run(data, _plan(model_type, set_, detect=False), output, cache_root or DEFAULT_CACHE_ROOT)
+    typer.echo(f"{output}: cache {'hit' if info['cache_hit'] else 'miss'} {info['cache_key']}")
+
+
+@app.command()
+def train(data: Path = typer.Option(..., "--data", "-d"),
+          tokenized: Path = typer.Option(..., "--tokenized", "-t"),
+          output: Path = typer.Option(..., "--output", "-o"),
+          model_type: str = MODEL_TYPE, set_: list[str] = SET):
+    """Fine-tune the model and tune per-label thresholds on validation."""
+    from cockatoo_lib.train import train as run
+
+    info = run(data, tokenized, _plan(model_type, set_), output)
+    typer.echo(f"{output}: best validation macro-F1 {info['best_validation_macro_f1']:.4f}")
+
+
+@app.command()
+def evaluate(model: Path = typer.Option(..., "--model"),
+             tokenized: Path = typer.Option(..., "--tokenized", "-t"),
+             data: Path = typer.Option(..., "--data", "-d"),
+             output: Path = typer.Option(..., "--output", "-o")):
+    """Score the test split; write metrics.json and report.html."""
+    from cockatoo_lib.evaluate import evaluate as run
+
+    results = run(model, tokenized, data, output)
+    typer.echo(f"{output}: test macro-F1 {results['macro_f1']:.4f} (tuned thresholds), "
+               f"{results['at_0.5']['macro_f1']:.4f} (0.5)")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        app()  # click itself reports usage errors, with exit code 2
+    except CockatooError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

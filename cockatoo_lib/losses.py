@@ -1,0 +1,38 @@
+"""Multi-label losses, computed per element and masked by `label_mask`.
+
+A row's loss is the mean over the labels its source annotates; rows with no annotated label
+add nothing. The batch loss is the mean over rows that have at least one annotated label.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _reduce(per_element: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(per_element.dtype)
+    per_row_count = mask.sum(dim=1)
+    per_row = (per_element * mask).sum(dim=1) / per_row_count.clamp(min=1)
+    rows = (per_row_count > 0).to(per_element.dtype)
+    return (per_row * rows).sum() / rows.sum().clamp(min=1)
+
+
+def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05,
+                    eps: float = 1e-8) -> torch.Tensor:
+    """ASL (Ridnik et al., 2021): focusing on hard examples, with easy negatives shifted away
+    by `clip`, so the many negatives of a multi-label task do not drown the positives."""
+    logits, targets = logits.float(), targets.float()
+    p = torch.sigmoid(logits)
+    p_neg = (p - clip).clamp(min=0) if clip > 0 else p
+    loss_pos = targets * torch.log(p.clamp(min=eps)) * (1 - p) ** gamma_pos
+    loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=eps)) * p_neg ** gamma_neg
+    return _reduce(-(loss_pos + loss_neg), mask)
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    per_element = F.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), pos_weight=pos_weight, reduction="none")
+    return _reduce(per_element, mask)

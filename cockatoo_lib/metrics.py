@@ -1,0 +1,78 @@
+"""Masked multi-label metrics. Only rows whose source annotates a label count for that label;
+labels with no positive among those rows have no support and are left out of macro averages."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+
+THRESHOLD_STEPS = 100
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def _counts(pred: np.ndarray, y: np.ndarray, m: np.ndarray):
+    """True positives, false positives, false negatives over annotated rows, summed over axis -2."""
+    pred, y, m = pred.astype(bool), y.astype(bool), m.astype(bool)
+    tp = (pred & y & m).sum(axis=-2)
+    fp = (pred & ~y & m).sum(axis=-2)
+    fn = (~pred & y & m).sum(axis=-2)
+    return tp, fp, fn
+
+
+def _f1(tp, fp, fn):
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def support(y: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return (y.astype(bool) & m.astype(bool)).sum(axis=0)
+
+
+def macro_f1(probs: np.ndarray, y: np.ndarray, m: np.ndarray, thresholds) -> float:
+    f1 = _f1(*_counts(probs >= np.asarray(thresholds), y, m))
+    supported = support(y, m) > 0
+    return float(f1[supported].mean()) if supported.any() else 0.0
+
+
+def sweep_thresholds(probs: np.ndarray, y: np.ndarray, m: np.ndarray,
+                     steps: int = THRESHOLD_STEPS) -> tuple[list[float], list[bool]]:
+    """Per label, the threshold in (0, 1) with the best F1 on these rows (ties: the lowest).
+    Labels with no positive keep 0.5; the second list says which labels were tuned."""
+    grid = np.linspace(0, 1, steps + 2)[1:-1]
+    pred = probs[:, None, :] >= grid[None, :, None]  # rows x thresholds x labels
+    tp, fp, fn = _counts(pred.transpose(1, 0, 2), y[None], m[None])  # thresholds x labels
+    f1 = _f1(tp, fp, fn)
+    tuned = support(y, m) > 0
+    best = np.where(tuned, grid[f1.argmax(axis=0)], 0.5)
+    return [round(float(t), 6) for t in best], tuned.tolist()
+
+
+def report(probs: np.ndarray, y: np.ndarray, m: np.ndarray, labels: list[str],
+           thresholds: list[float]) -> dict:
+    """Macro/micro F1 and per-label precision, recall, F1, support, ROC-AUC and PR-AUC."""
+    per_label, pred = {}, probs >= np.asarray(thresholds)
+    for j, label in enumerate(labels):
+        rows = m[:, j].astype(bool)
+        yj, pj, sj = y[rows, j], pred[rows, j], probs[rows, j]
+        p, r, f, _ = precision_recall_fscore_support(yj, pj, average="binary", zero_division=0)
+        both = len(np.unique(yj)) == 2
+        tp, fp, fn = _counts(pred[:, [j]], y[:, [j]], m[:, [j]])
+        per_label[label] = {
+            "precision": float(p), "recall": float(r), "f1": float(f),
+            "support": int(yj.sum()), "annotated": int(rows.sum()),
+            "roc_auc": float(roc_auc_score(yj, sj)) if both else None,
+            "pr_auc": float(average_precision_score(yj, sj)) if both else None,
+            "confusion_matrix": [[int(rows.sum() - tp[0] - fp[0] - fn[0]), int(fp[0])],
+                                 [int(fn[0]), int(tp[0])]],
+            "in_macro_average": bool(yj.sum() > 0),
+        }
+    tp, fp, fn = (c.sum() for c in _counts(pred, y, m))
+    return {
+        "macro_f1": macro_f1(probs, y, m, thresholds),
+        "micro_f1": float(_f1(tp, fp, fn)),
+        "labels_without_support": [x for x in labels if not per_label[x]["in_macro_average"]],
+        "per_label": per_label,
+    }

@@ -1,0 +1,168 @@
+"""Tokenization with a content-addressed cache per model.
+
+KFP caches on artifact IDs, not content, so a rerun upstream step makes KFP rerun this one;
+our cache makes that rerun cheap. Key = split fingerprints + tokenizer identity (name and a
+hash of its files) + max length + PREPROCESSING_VERSION. The cache root is any fsspec URI
+(a local folder, gs://, s3://). An entry counts only once its `entry.json` exists, and that
+file is written last, so a partial entry is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+
+from cockatoo_lib.data import SPLITS, read_manifest
+from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
+from cockatoo_lib.registry import Plan
+
+log = logging.getLogger(__name__)
+
+# Bump when the tokenized layout or the way texts become ids changes: old entries then miss.
+PREPROCESSING_VERSION = 1
+INFO = "tokenized.json"
+ENTRY_MARKER = "entry.json"
+DEFAULT_CACHE_ROOT = "~/.cache/cockatoo"
+
+
+def load_tokenizer(plan: Plan):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(plan.base_model)
+    except (OSError, ValueError) as exc:
+        raise CockatooError(
+            f"cannot load the tokenizer of {plan.model_type} from {plan.base_model}: "
+            f"{str(exc).splitlines()[0]} (offline? set base_model to a local folder)"
+        ) from None
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """Name plus a hash of the files the tokenizer saves: a changed vocab is a new identity."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        digest = sha256_files(files, root=Path(tmp))
+    # A local folder's path differs between machines; its contents (the digest) do not.
+    name = tokenizer.name_or_path
+    return f"{Path(name).name if Path(name).is_dir() else name}@{digest[:16]}"
+
+
+def cache_key(split_fingerprints: dict[str, str], identity: str, max_length: int) -> str:
+    material = json.dumps({"splits": split_fingerprints, "tokenizer": identity,
+                           "max_length": max_length, "version": PREPROCESSING_VERSION},
+                          sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def _tokenize_split(path: Path, tokenizer, max_length: int):
+    from datasets import Dataset
+
+    dataset = Dataset(pq.read_table(path, columns=["text", "labels", "label_mask"]))
+
+    def encode(batch):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        enc["truncated"] = [bool(e.overflowing) for e in enc.encodings]
+        return enc
+
+    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"],
+                       desc=f"tokenize {path.stem}")
+
+
+def _build_entry(data_dir: Path, tokenizer, max_length: int, dest: Path) -> dict:
+    from datasets import DatasetDict
+
+    start = time.perf_counter()
+    splits = {s: _tokenize_split(data_dir / f"{s}.parquet", tokenizer, max_length) for s in SPLITS}
+    truncated = {s: int(sum(d["truncated"])) for s, d in splits.items()}
+    DatasetDict({s: d.remove_columns("truncated") for s, d in splits.items()}).save_to_disk(str(dest))
+    return {"rows": {s: len(d) for s, d in splits.items()}, "truncated": truncated,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
+             cache_root: str = DEFAULT_CACHE_ROOT) -> dict:
+    """Tokenize the prepared splits into `output`, through the cache. Returns the info dict."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    tokenizer = load_tokenizer(plan)
+    identity = tokenizer_identity(tokenizer)
+    key = cache_key(manifest["split_fingerprints"], identity, plan.max_length)
+    fs, root = fsspec.core.url_to_fs(str(Path(cache_root).expanduser())
+                                     if "://" not in cache_root else cache_root)
+    entry = f"{root.rstrip('/')}/tokenized/{key}"
+    info = {"cache_key": key, "cache_root": cache_root, "model_type": plan.model_type,
+            "tokenizer": identity, "max_length": plan.max_length,
+            "labels": manifest["labels"], "data_fingerprint": manifest["fingerprint"],
+            "preprocessing_version": PREPROCESSING_VERSION}
+    with atomic_output_dir(output) as tmp:
+        stats = _read_entry(fs, entry, key)
+        if stats is not None:
+            log.info("tokenize: cache hit %s in %s", key, cache_root)
+            fs.get(entry + "/", str(tmp) + "/", recursive=True)
+            (tmp / ENTRY_MARKER).unlink()
+            info.update(stats, cache_hit=True)
+        else:
+            log.info("tokenize: cache miss %s; tokenizing with %s", key, identity)
+            stats = _build_entry(data_dir, tokenizer, plan.max_length, tmp)
+            _publish_entry(fs, entry, key, tmp, stats)
+            info.update(stats, cache_hit=False)
+        if any(stats["truncated"].values()):
+            log.info("tokenize: texts truncated at %d tokens: %s", plan.max_length, stats["truncated"])
+        write_json(tmp / INFO, info)
+    return info
+
+
+def _read_entry(fs, entry: str, key: str) -> dict | None:
+    marker = f"{entry}/{ENTRY_MARKER}"
+    if not fs.exists(marker):
+        if fs.exists(entry):
+            log.warning("tokenize: ignoring partial cache entry %s (no %s); rebuilding",
+                        entry, ENTRY_MARKER)
+            fs.rm(entry, recursive=True)
+        return None
+    try:
+        stats = json.loads(fs.cat_file(marker))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        stats = {}
+    if stats.get("cache_key") != key:
+        log.warning("tokenize: ignoring corrupt cache entry %s; rebuilding", entry)
+        fs.rm(entry, recursive=True)
+        return None
+    return stats
+
+
+def _publish_entry(fs, entry: str, key: str, built: Path, stats: dict) -> None:
+    """Copy a built entry into the cache under a temporary name, move it into place, then
+    write its marker."""
+    staging = f"{entry}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.makedirs(staging, exist_ok=True)
+        fs.put(str(built) + "/", staging + "/", recursive=True)
+        fs.mv(staging, entry, recursive=True)
+        fs.pipe_file(f"{entry}/{ENTRY_MARKER}", json.dumps({**stats, "cache_key": key}).encode())
+    except OSError as exc:
+        raise CockatooError(f"cannot write tokenization cache entry {entry}: {exc}") from None
+
+
+def load_tokenized(path: str | Path):
+    """The tokenized DatasetDict and its info."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    info = read_json(path / INFO, "tokenized info")
+    try:
+        return load_from_disk(str(path)), info
+    except FileNotFoundError as exc:
+        raise CockatooError(f"tokenized data {path} is incomplete: {exc}") from None
+

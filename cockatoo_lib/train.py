@@ -1,0 +1,183 @@
+"""Training with the Hugging Face Trainer. We override only the loss and the optimizer."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import EvalPrediction, Trainer, TrainingArguments
+
+from cockatoo_lib.data import read_manifest
+from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.fileio import atomic_output_dir, read_json, write_json
+from cockatoo_lib.losses import asymmetric_loss, masked_bce
+from cockatoo_lib.metrics import macro_f1, sigmoid, sweep_thresholds
+from cockatoo_lib.models import load_base_model
+from cockatoo_lib.optim import build_optimizer
+from cockatoo_lib.registry import Plan
+from cockatoo_lib.tokenize import load_tokenized, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MODEL_MANIFEST = "cockatoo.json"
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class PaddingCollator:
+    """Pads each batch to its own longest row (to a multiple of 8 on GPU, for tensor cores)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        width = -(-longest // self.multiple) * self.multiple
+        batch = {}
+        for key in TOKEN_KEYS:
+            if key not in features[0]:
+                continue
+            fill = self.pad_token_id if key == "input_ids" else 0
+            batch[key] = torch.tensor([list(f[key]) + [fill] * (width - len(f[key])) for f in features])
+        batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.float32)
+        batch["label_mask"] = torch.tensor([f["label_mask"] for f in features], dtype=torch.float32)
+        return batch
+
+
+class CockatooTrainer(Trainer):
+    # Our loss is a mean over the batch, so the Trainer must divide it for accumulation.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, plan: Plan, pos_weight: torch.Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan = plan
+        self.pos_weight = pos_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, mask = inputs.pop("labels"), inputs.pop("label_mask")
+        outputs = model(**inputs)
+        if self.plan.loss == "asl":
+            loss = asymmetric_loss(outputs.logits, labels, mask, self.plan.asl_gamma_neg,
+                                   self.plan.asl_gamma_pos, self.plan.asl_clip)
+        else:
+            pos_weight = self.pos_weight.to(outputs.logits.device) if self.pos_weight is not None else None
+            loss = masked_bce(outputs.logits, labels, mask, pos_weight)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(model or self.model, self.plan)
+        return self.optimizer
+
+
+def _compute_metrics(pred: EvalPrediction) -> dict[str, float]:
+    labels, mask = pred.label_ids
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    return {"f1": macro_f1(sigmoid(logits), labels, mask, 0.5)}
+
+
+def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=plan.batch_size,
+        per_device_eval_batch_size=plan.batch_size * 2,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        learning_rate=plan.learning_rate,
+        weight_decay=plan.weight_decay,
+        warmup_steps=plan.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        num_train_epochs=plan.num_epochs,
+        fp16=plan.fp16,
+        bf16=plan.bf16,
+        tf32=plan.tf32 if cuda else None,
+        activation_checkpointing=plan.gradient_checkpointing,
+        eval_strategy=plan.eval_strategy,
+        save_strategy=plan.eval_strategy,
+        logging_strategy=plan.eval_strategy,
+        load_best_model_at_end=True,
+        metric_for_best_model=plan.metric_for_best_model,
+        greater_is_better=True,
+        save_total_limit=plan.save_total_limit,
+        save_only_model=True,
+        dataloader_num_workers=plan.dataloader_num_workers,
+        train_sampling_strategy=plan.train_sampling_strategy,
+        length_column_name="length",
+        remove_unused_columns=False,  # label_mask is not a model input but the loss needs it
+        label_names=["labels", "label_mask"],
+        report_to="none",
+        seed=plan.seed,
+        use_cpu=not cuda,
+    )
+
+
+def train(data_dir: str | Path, tokenized_dir: str | Path, plan: Plan, output: str | Path) -> dict:
+    """Fine-tune, restore the best epoch, tune per-label thresholds on validation, save the model
+    folder (weights, tokenizer, cockatoo.json). Returns the model manifest."""
+    manifest = read_manifest(data_dir)
+    datasets, tok_info = load_tokenized(tokenized_dir)
+    labels = manifest["labels"]
+    if tok_info["labels"] != labels or tok_info["data_fingerprint"] != manifest["fingerprint"]:
+        raise CockatooError(f"tokenized data {tokenized_dir} was not made from {data_dir} "
+                            "(labels or data fingerprint differ); rerun tokenize")
+    if tok_info["model_type"] != plan.model_type or tok_info["max_length"] != plan.max_length:
+        raise CockatooError(
+            f"tokenized data {tokenized_dir} is for {tok_info['model_type']} at max_length "
+            f"{tok_info['max_length']}, not {plan.model_type} at {plan.max_length}; rerun tokenize")
+    cuda = torch.cuda.is_available()
+    tokenizer = load_tokenizer(plan)
+    model = load_base_model(plan, labels)
+    pos_weight = torch.tensor([manifest["class_weights"][x] for x in labels], dtype=torch.float32)
+
+    with atomic_output_dir(output) as tmp, tempfile.TemporaryDirectory() as work:
+        trainer = CockatooTrainer(
+            model=model,
+            args=training_arguments(plan, work, cuda),
+            data_collator=PaddingCollator(tokenizer.pad_token_id or 0, 8 if cuda else 1),
+            train_dataset=datasets["train"],
+            eval_dataset=datasets["validation"],
+            processing_class=tokenizer,
+            compute_metrics=_compute_metrics,
+            plan=plan,
+            pos_weight=pos_weight,
+        )
+        result = trainer.train()
+        best_f1 = trainer.state.best_metric
+        prediction = trainer.predict(datasets["validation"])
+        val_labels, val_mask = prediction.label_ids
+        thresholds, tuned = sweep_thresholds(sigmoid(prediction.predictions), val_labels, val_mask)
+        trainer.save_model(str(tmp))
+        model_manifest = {
+            "format_version": 1,
+            "model_type": plan.model_type,
+            "architecture": plan.architecture,
+            "base_model": plan.base_model,
+            "labels": labels,
+            "thresholds": dict(zip(labels, thresholds)),
+            "thresholds_tuned": dict(zip(labels, tuned)),
+            "max_length": plan.max_length,
+            "inference_max_length": plan.inference_max_length,
+            "plan": plan.model_dump(mode="json"),
+            "data_fingerprint": manifest["fingerprint"],
+            "tokenized_cache_key": tok_info["cache_key"],
+            "best_validation_macro_f1": float(best_f1) if best_f1 is not None else None,
+            "validation_macro_f1_tuned": macro_f1(sigmoid(prediction.predictions), val_labels,
+                                                  val_mask, thresholds),
+            "epochs": float(trainer.state.epoch or 0),
+            "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+            "train_samples_per_second": float(result.metrics.get("train_samples_per_second", 0.0)),
+        }
+        write_json(tmp / MODEL_MANIFEST, model_manifest)
+    log.info("trained %s: best validation macro-F1 %.4f after %.1f epochs; saved to %s",
+             plan.model_type, model_manifest["best_validation_macro_f1"] or 0.0,
+             model_manifest["epochs"], output)
+    return model_manifest
+
+
+def read_model_manifest(model_dir: str | Path) -> dict:
+    manifest = read_json(Path(model_dir) / MODEL_MANIFEST, "model manifest")
+    for key in ("model_type", "architecture", "labels", "thresholds"):
+        if key not in manifest:
+            raise CockatooError(f"model manifest {Path(model_dir) / MODEL_MANIFEST} lacks {key!r}")
+    return manifest
+
