@@ -160,11 +160,16 @@ def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: Path) -> 
     if pd.api.types.is_bool_dtype(values):
         return values.astype("float64")
     if not pd.api.types.is_numeric_dtype(values):
-        bad = values[values.notna()].iloc[0]
-        row = int(values[values.notna()].index[0]) + 1
-        raise CockatooError(
-            f"{where} holds {bad!r} (data row {row}); expected bool, 0/1 or a score in [0, 1]"
-        )
+        # An object column: bools with blanks, or numbers beside text. The first value that is
+        # neither a bool nor a number is what the user must fix.
+        is_bool = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(dtype=bool)
+        numbers = pd.to_numeric(values.where(~is_bool), errors="coerce")
+        bad = values.notna().to_numpy() & ~is_bool & numbers.isna().to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise CockatooError(f"{where} holds {values.iloc[row]!r} (data row {row + 1}); "
+                                "expected bool, 0/1 or a score in [0, 1]")
+        values = numbers.where(~is_bool, values.where(is_bool).astype("float64"))
     scores = values.astype("float64")
     if pd.api.types.is_integer_dtype(values) or _integral(scores):
         bad_mask = scores.notna() & ~scores.isin([0.0, 1.0])

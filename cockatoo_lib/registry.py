@@ -235,8 +235,10 @@ def _fit_to_hardware(plan: Plan, hw: Hardware) -> Plan:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Parse `key=value` strings from the command line. Values are YAML scalars
-    (`true`, `3`, `1e-5`, `adamw`); pydantic then checks their types against the plan."""
+    """Parse `key=value` strings from the command line. Values are JSON (`3`, `1e-5`, `true`),
+    else YAML scalars (`True`, `yes`), else strings; pydantic then checks their types."""
+    import json
+
     import yaml
 
     out: dict[str, Any] = {}
@@ -246,9 +248,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise CockatooError(f"override {pair!r} is not of the form key=value")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            out[key] = raw
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            try:
+                out[key] = yaml.safe_load(raw) if raw.strip() else raw
+            except yaml.YAMLError:
+                out[key] = raw
     return out
 
 

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run `cockatoo ARGS` in this process through the real entry point."""
+    from cockatoo_lib.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cockatoo", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one `error:` line the CLI printed; fails if there is none or a traceback."""
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def write_config(folder: Path, sources: list[dict], **extra) -> Path:
+    path = folder / "data.yaml"
+    path.write_text(yaml.safe_dump({"sources": sources, **extra}))
+    return path
