@@ -142,7 +142,7 @@ def jigsaw_rows(rng: random.Random, n: int) -> list[dict]:
 
 def toxicchat_rows(rng: random.Random, n: int) -> list[dict]:
     rows = []
-    for i in range(n):
+    for _ in range(n):
         r = rng.random()
         jail = r < 0.25
         toxic = jail or 0.25 <= r < 0.45

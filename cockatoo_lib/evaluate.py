@@ -30,7 +30,8 @@ REPORT_FILE = "report.html"
 def _batches(dataset, collator, batch_size: int):
     order = np.argsort(dataset["length"], kind="stable")  # similar lengths pad less
     for start in tqdm(range(0, len(order), batch_size), desc="evaluate", unit="batch"):
-        yield collator([dataset[int(i)] for i in order[start:start + batch_size]]), order[start:start + batch_size]
+        idx = order[start:start + batch_size]
+        yield collator([dataset[int(i)] for i in idx]), idx
 
 
 def evaluate(model_dir: str | Path, tokenized_dir: str | Path, data_dir: str | Path,

@@ -39,7 +39,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class CLIPClassifier(PreTrainedModel):
-    """CLIP embedding -> Linear(projection_dim, head_dim) -> ReLU -> Dropout(0.1) -> Linear(head_dim, labels)."""
+    """CLIP embedding -> Linear(projection_dim, head_dim) -> ReLU -> Dropout(0.1)
+    -> Linear(head_dim, labels)."""
 
     config_class = CLIPConfig
     base_model_prefix = "clip"

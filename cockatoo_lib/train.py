@@ -161,6 +161,8 @@ def train(data_dir: str | Path, tokenized_dir: str | Path, plan: Plan, output: s
             "data_fingerprint": manifest["fingerprint"],
             "tokenized_cache_key": tok_info["cache_key"],
             "best_validation_macro_f1": float(best_f1) if best_f1 is not None else None,
+            "validation_macro_f1_by_epoch": [
+                round(float(e["eval_f1"]), 6) for e in trainer.state.log_history if "eval_f1" in e],
             "validation_macro_f1_tuned": macro_f1(sigmoid(prediction.predictions), val_labels,
                                                   val_mask, thresholds),
             "epochs": float(trainer.state.epoch or 0),

@@ -49,8 +49,14 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
 def build_tiny_model(kind: str, tokenizer, folder: Path) -> Path:
     """Save a tiny random base model of `kind` with `tokenizer` into `folder`."""
     import torch
-    from transformers import (CLIPConfig, CLIPModel, DebertaV2Config, DebertaV2Model,
-                              ModernBertConfig, ModernBertModel)
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        DebertaV2Config,
+        DebertaV2Model,
+        ModernBertConfig,
+        ModernBertModel,
+    )
 
     torch.manual_seed(0)
     vocab = len(tokenizer)

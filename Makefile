@@ -1,0 +1,35 @@
+# Cockatoo pipelines. `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+REGISTRY ?= localhost:5000/cockatoo
+TAG ?= dev
+
+.PHONY: install demo test lint format clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 is pinned in pyproject.toml; on these machines pip takes its CPU build from
+# local disk. The virtualenv is rebuilt when the pinned dependencies change.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/cockatoo run --model-type minilm --data-config sample
+
+test: lint
+	$(PY) -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build runs .pytest_cache .ruff_cache

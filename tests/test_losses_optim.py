@@ -1,0 +1,112 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from cockatoo_lib.losses import asymmetric_loss, masked_bce
+from cockatoo_lib.models import load_base_model
+from cockatoo_lib.optim import build_optimizer, parameter_depths, parameter_groups
+from cockatoo_lib.registry import resolve_plan
+
+LABELS = ["scam", "violence", "toxicity"]
+
+
+@pytest.mark.parametrize("loss", [asymmetric_loss, masked_bce])
+def test_masked_labels_contribute_nothing(loss):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, requires_grad=True)
+    targets = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.float32)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.float32)
+    value = loss(logits, targets, mask)
+    value.backward()
+    assert (logits.grad[mask == 0] == 0).all()
+    assert (logits.grad[mask == 1] != 0).all()
+    # Changing what a masked element says changes nothing.
+    assert loss(logits.detach(), 1 - targets * mask, mask) != value.detach()
+    flipped = torch.where(mask == 1, targets, 1 - targets)
+    assert torch.isclose(loss(logits.detach(), flipped, mask), value.detach())
+
+
+def test_loss_averages_over_each_rows_annotated_labels():
+    logits = torch.zeros(2, 2)
+    targets = torch.ones(2, 2)
+    # Row 0 annotates one label, row 1 two: each row weighs the same.
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    per_element = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    assert torch.isclose(masked_bce(logits, targets, mask), per_element[0, 0])
+
+
+def test_bce_uses_pos_weight():
+    logits, targets, mask = torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2)
+    plain = masked_bce(logits, targets, mask)
+    weighted = masked_bce(logits, targets, mask, pos_weight=torch.tensor([3.0, 3.0]))
+    assert torch.isclose(weighted, 3 * plain)
+
+
+def test_asl_down_weights_easy_negatives():
+    targets, mask = torch.zeros(1, 1), torch.ones(1, 1)
+    easy, hard = torch.tensor([[-4.0]]), torch.tensor([[2.0]])
+    bce_ratio = masked_bce(easy, targets, mask) / masked_bce(hard, targets, mask)
+    asl_ratio = asymmetric_loss(easy, targets, mask) / asymmetric_loss(hard, targets, mask)
+    assert asl_ratio < bce_ratio / 100
+    # Negatives below the clip margin cost nothing at all.
+    assert asymmetric_loss(torch.tensor([[-5.0]]), targets, mask) == 0
+
+
+def _groups_by_name(model, plan):
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return {ids[id(p)]: (g["lr"], g["weight_decay"])
+            for g in parameter_groups(model, plan) for p in g["params"]}
+
+
+@pytest.mark.parametrize("model_type, layer, layers", [
+    ("deberta", "deberta.encoder.layer.{}.attention.self.query_proj.weight", 2),
+    ("modernbert", "model.layers.{}.attn.Wqkv.weight", 2),
+])
+def test_llrd_group_learning_rates(model_type, layer, layers, tiny_models):
+    plan = resolve_plan(model_type, {"base_model": str(tiny_models[model_type]), "use_llrd": True,
+                                     "learning_rate": 1e-4, "llrd_decay_factor": 0.5})
+    model = load_base_model(plan, LABELS)
+    groups = _groups_by_name(model, plan)
+    assert groups["classifier.weight"] == (1e-4, 0.01)  # head: full rate
+    assert groups["classifier.bias"] == (1e-4, 0.0)  # biases: no decay
+    for i in range(layers):  # top layer at depth 1, bottom layer at depth N
+        assert groups[layer.format(i)][0] == pytest.approx(1e-4 * 0.5 ** (layers - i))
+    embeddings = next(n for n in groups
+                      if "embeddings" in n and n.endswith("weight") and "norm" not in n.lower())
+    assert groups[embeddings][0] == pytest.approx(1e-4 * 0.5 ** (layers + 1))
+    norms = [n for n in groups if "norm" in n.lower() and n.endswith("weight")]
+    assert norms and all(groups[n][1] == 0.0 for n in norms)
+
+
+def test_llrd_covers_both_clip_towers(tiny_models):
+    plan = resolve_plan("clip-vit", {"base_model": str(tiny_models["clip-vit"]), "use_llrd": True})
+    model = load_base_model(plan, LABELS)
+    depths = parameter_depths(model)
+    for tower in ("text_model", "vision_model"):
+        assert depths[f"clip.{tower}.encoder.layers.1.mlp.fc1.weight"] == 1
+        assert depths[f"clip.{tower}.encoder.layers.0.mlp.fc1.weight"] == 2
+    assert depths["head.0.weight"] == 0 and depths["head.3.weight"] == 0
+    assert depths["clip.text_model.embeddings.token_embedding.weight"] == 3
+
+
+def test_without_llrd_every_group_has_the_plan_rate(tiny_models):
+    plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"])})
+    model = load_base_model(plan, LABELS)
+    assert {lr for lr, _ in _groups_by_name(model, plan).values()} == {2e-5}
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("adamw_8bit", bnb.optim.AdamW8bit), ("adamw", torch.optim.AdamW),
+    ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+def test_optimizers_step_on_cpu(name, cls, tiny_models):
+    plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"]), "optimizer": name})
+    model = load_base_model(plan, LABELS)
+    optimizer = build_optimizer(model, plan)
+    assert type(optimizer) is cls
+    before = model.classifier.weight.detach().clone()
+    model(input_ids=torch.randint(5, 100, (2, 8))).logits.sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.classifier.weight)
+    if name == "adamw_8bit":  # the big tensors' state really is 8-bit
+        state = optimizer.state[model.deberta.embeddings.word_embeddings.weight]
+        assert state["state1"].dtype == torch.uint8
