@@ -69,26 +69,26 @@ def tokenize(data: Path = typer.Option(..., "--data", "-d"),
 
 
 @app.command()
-def train(data: Path = typer.Option(..., "--data", "-d"),
+def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, to check against"),
           tokenized: Path = typer.Option(..., "--tokenized", "-t"),
           output: Path = typer.Option(..., "--output", "-o"),
           model_type: str = MODEL_TYPE, set_: list[str] = SET):
     """Fine-tune the model and tune per-label thresholds on validation."""
     from cockatoo_lib.train import train as run
 
-    info = run(data, tokenized, _plan(model_type, set_), output)
+    info = run(tokenized, _plan(model_type, set_), output, data_dir=data)
     typer.echo(f"{output}: best validation macro-F1 {info['best_validation_macro_f1']:.4f}")
 
 
 @app.command()
 def evaluate(model: Path = typer.Option(..., "--model"),
              tokenized: Path = typer.Option(..., "--tokenized", "-t"),
-             data: Path = typer.Option(..., "--data", "-d"),
+             data: Path = typer.Option(None, "--data", "-d", help="prepared data, to check against"),
              output: Path = typer.Option(..., "--output", "-o")):
     """Score the test split; write metrics.json and report.html."""
     from cockatoo_lib.evaluate import evaluate as run
 
-    results = run(model, tokenized, data, output)
+    results = run(model, tokenized, output, data_dir=data)
     typer.echo(f"{output}: test macro-F1 {results['macro_f1']:.4f} (tuned thresholds), "
                f"{results['at_0.5']['macro_f1']:.4f} (0.5)")
 

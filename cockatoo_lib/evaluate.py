@@ -13,13 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cockatoo_lib.data import read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, write_json
-from cockatoo_lib.metrics import report, sigmoid
+from cockatoo_lib.metrics import label_confusion, report, sigmoid
 from cockatoo_lib.models import load_trained_model, predict_logits
 from cockatoo_lib.tokenize import load_tokenized
-from cockatoo_lib.train import PaddingCollator, read_model_manifest
+from cockatoo_lib.train import PaddingCollator, check_same_data, read_model_manifest
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +33,11 @@ def _batches(dataset, collator, batch_size: int):
         yield collator([dataset[int(i)] for i in idx]), idx
 
 
-def evaluate(model_dir: str | Path, tokenized_dir: str | Path, data_dir: str | Path,
-             output: str | Path, split: str = "test") -> dict:
+def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Path,
+             data_dir: str | Path | None = None, split: str = "test") -> dict:
     model_info = read_model_manifest(model_dir)
-    data_manifest = read_manifest(data_dir)
     datasets, tok_info = load_tokenized(tokenized_dir)
+    check_same_data(tok_info, tokenized_dir, data_dir)
     labels = model_info["labels"]
     if tok_info["labels"] != labels:
         raise CockatooError(f"tokenized data {tokenized_dir} has labels {tok_info['labels']}, "
@@ -72,10 +71,11 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, data_dir: str | P
         "split": split,
         "rows": len(dataset),
         "labels": labels,
-        "data_fingerprint": data_manifest["fingerprint"],
+        "data_fingerprint": tok_info["data_fingerprint"],
         "at_0.5": report(probs, y, m, labels, [0.5] * len(labels)),
         "at_tuned_thresholds": report(probs, y, m, labels, tuned),
         "thresholds": dict(zip(labels, tuned)),
+        "label_confusion": label_confusion(probs, y, m, tuned),
     }
     results["macro_f1"] = results["at_tuned_thresholds"]["macro_f1"]
     results["micro_f1"] = results["at_tuned_thresholds"]["micro_f1"]

@@ -76,3 +76,12 @@ def report(probs: np.ndarray, y: np.ndarray, m: np.ndarray, labels: list[str],
         "labels_without_support": [x for x in labels if not per_label[x]["in_macro_average"]],
         "per_label": per_label,
     }
+
+
+def label_confusion(probs: np.ndarray, y: np.ndarray, m: np.ndarray, thresholds) -> list[list[int]]:
+    """Multi-label confusion: cell [i][j] counts rows truly positive for label i and predicted
+    positive for label j, among rows annotating both. The diagonal is each label's true
+    positives; off-diagonal cells show which labels the model mixes up."""
+    pred = (probs >= np.asarray(thresholds)) & m.astype(bool)
+    truth = y.astype(bool) & m.astype(bool)
+    return (truth.T.astype(np.int64) @ pred.astype(np.int64)).tolist()

@@ -92,33 +92,36 @@ def _build_entry(data_dir: Path, tokenizer, max_length: int, dest: Path) -> dict
 
 def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
              cache_root: str = DEFAULT_CACHE_ROOT) -> dict:
-    """Tokenize the prepared splits into `output`, through the cache. Returns the info dict."""
+    """Tokenize the prepared splits into `output`, through the cache. Returns the info dict,
+    whose `cache_uri` names the cache entry: a complete tokenized folder of its own."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     tokenizer = load_tokenizer(plan)
     identity = tokenizer_identity(tokenizer)
     key = cache_key(manifest["split_fingerprints"], identity, plan.max_length)
-    fs, root = fsspec.core.url_to_fs(str(Path(cache_root).expanduser())
-                                     if "://" not in cache_root else cache_root)
+    fs, root = fsspec.core.url_to_fs(cache_root if "://" in cache_root
+                                     else str(Path(cache_root).expanduser()))
     entry = f"{root.rstrip('/')}/tokenized/{key}"
-    info = {"cache_key": key, "cache_root": cache_root, "model_type": plan.model_type,
-            "tokenizer": identity, "max_length": plan.max_length,
-            "labels": manifest["labels"], "data_fingerprint": manifest["fingerprint"],
+    # Everything train and evaluate need travels with the entry, so they can read it alone.
+    info = {"cache_key": key, "model_type": plan.model_type, "tokenizer": identity,
+            "max_length": plan.max_length, "labels": manifest["labels"],
+            "class_weights": manifest["class_weights"], "data_fingerprint": manifest["fingerprint"],
             "preprocessing_version": PREPROCESSING_VERSION}
     with atomic_output_dir(output) as tmp:
         stats = _read_entry(fs, entry, key)
-        if stats is not None:
+        hit = stats is not None
+        if hit:
             log.info("tokenize: cache hit %s in %s", key, cache_root)
             fs.get(entry + "/", str(tmp) + "/", recursive=True)
             (tmp / ENTRY_MARKER).unlink()
-            info.update(stats, cache_hit=True)
         else:
             log.info("tokenize: cache miss %s; tokenizing with %s", key, identity)
             stats = _build_entry(data_dir, tokenizer, plan.max_length, tmp)
+            write_json(tmp / INFO, {**info, **stats})
             _publish_entry(fs, entry, key, tmp, stats)
-            info.update(stats, cache_hit=False)
         if any(stats["truncated"].values()):
             log.info("tokenize: texts truncated at %d tokens: %s", plan.max_length, stats["truncated"])
+        info.update(stats, cache_hit=hit, cache_uri=fs.unstrip_protocol(entry))
         write_json(tmp / INFO, info)
     return info
 

@@ -111,15 +111,23 @@ def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArgum
     )
 
 
-def train(data_dir: str | Path, tokenized_dir: str | Path, plan: Plan, output: str | Path) -> dict:
-    """Fine-tune, restore the best epoch, tune per-label thresholds on validation, save the model
-    folder (weights, tokenizer, cockatoo.json). Returns the model manifest."""
+def check_same_data(tok_info: dict, tokenized_dir, data_dir) -> None:
+    """Refuse tokenized data that was not made from the given prepared data."""
+    if data_dir is None:
+        return
     manifest = read_manifest(data_dir)
-    datasets, tok_info = load_tokenized(tokenized_dir)
-    labels = manifest["labels"]
-    if tok_info["labels"] != labels or tok_info["data_fingerprint"] != manifest["fingerprint"]:
+    if tok_info["labels"] != manifest["labels"] or tok_info["data_fingerprint"] != manifest["fingerprint"]:
         raise CockatooError(f"tokenized data {tokenized_dir} was not made from {data_dir} "
                             "(labels or data fingerprint differ); rerun tokenize")
+
+
+def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
+          data_dir: str | Path | None = None) -> dict:
+    """Fine-tune, restore the best epoch, tune per-label thresholds on validation, save the model
+    folder (weights, tokenizer, cockatoo.json). Returns the model manifest."""
+    datasets, tok_info = load_tokenized(tokenized_dir)
+    check_same_data(tok_info, tokenized_dir, data_dir)
+    labels = tok_info["labels"]
     if tok_info["model_type"] != plan.model_type or tok_info["max_length"] != plan.max_length:
         raise CockatooError(
             f"tokenized data {tokenized_dir} is for {tok_info['model_type']} at max_length "
@@ -127,7 +135,7 @@ def train(data_dir: str | Path, tokenized_dir: str | Path, plan: Plan, output: s
     cuda = torch.cuda.is_available()
     tokenizer = load_tokenizer(plan)
     model = load_base_model(plan, labels)
-    pos_weight = torch.tensor([manifest["class_weights"][x] for x in labels], dtype=torch.float32)
+    pos_weight = torch.tensor([tok_info["class_weights"][x] for x in labels], dtype=torch.float32)
 
     with atomic_output_dir(output) as tmp, tempfile.TemporaryDirectory() as work:
         trainer = CockatooTrainer(
@@ -158,7 +166,7 @@ def train(data_dir: str | Path, tokenized_dir: str | Path, plan: Plan, output: s
             "max_length": plan.max_length,
             "inference_max_length": plan.inference_max_length,
             "plan": plan.model_dump(mode="json"),
-            "data_fingerprint": manifest["fingerprint"],
+            "data_fingerprint": tok_info["data_fingerprint"],
             "tokenized_cache_key": tok_info["cache_key"],
             "best_validation_macro_f1": float(best_f1) if best_f1 is not None else None,
             "validation_macro_f1_by_epoch": [

@@ -91,3 +91,13 @@ def test_bad_model_settings_fail_before_any_work(args, message, small_data, tmp_
                            capsys, monkeypatch)
     assert code == 2 and message in error_line(err)
     assert not out.exists()
+
+
+def test_cache_entry_is_a_complete_tokenized_folder(small_data, plan, tmp_path):
+    """The pipeline hands train the cache entry itself, so it must stand alone."""
+    info = tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
+    assert info["cache_uri"] == f"file://{tmp_path}/cache/tokenized/{info['cache_key']}"
+    datasets, entry_info = load_tokenized(info["cache_uri"].removeprefix("file://"))
+    assert len(datasets["train"]) == info["rows"]["train"]
+    assert entry_info["class_weights"] and entry_info["labels"] == info["labels"]
+    assert entry_info["data_fingerprint"] == info["data_fingerprint"]

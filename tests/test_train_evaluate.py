@@ -30,7 +30,7 @@ def test_each_architecture_trains_saves_and_loads_back(model_type, tiny_models, 
     plan = resolve_plan(model_type, {**FAST, "base_model": str(tiny_models[model_type]),
                                      "use_llrd": model_type == "modernbert"})
     tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
-    info = train(small_data, tmp_path / "tok", plan, tmp_path / "model")
+    info = train(tmp_path / "tok", plan, tmp_path / "model", data_dir=small_data)
     saved = {p.name for p in (tmp_path / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "cockatoo.json"} <= saved
     assert not any(name.startswith("checkpoint") for name in saved)
@@ -52,7 +52,7 @@ def test_each_architecture_trains_saves_and_loads_back(model_type, tiny_models, 
 def test_best_epoch_is_restored(small_data, tiny_models, tmp_path):
     plan = resolve_plan("deberta", {**FAST, "num_epochs": 3, "base_model": str(tiny_models["deberta"])})
     tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
-    info = train(small_data, tmp_path / "tok", plan, tmp_path / "model")
+    info = train(tmp_path / "tok", plan, tmp_path / "model", data_dir=small_data)
     by_epoch = info["validation_macro_f1_by_epoch"]
     assert len(by_epoch) == 3
     assert info["best_validation_macro_f1"] == pytest.approx(max(by_epoch), abs=1e-6)

@@ -1,0 +1,87 @@
+"""One function per pipeline step, as the KFP components call them: plain values and paths in,
+the metadata a user should see in the KFP UI out. Knows nothing of KFP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.registry import Plan, detect_hardware, resolve_plan
+
+
+def step_plan(model_type: str, overrides: dict[str, Any], base_model: str = "",
+              detect: bool = False) -> Plan:
+    """The run's plan; `base_model`, when given, replaces the registry's model id or path."""
+    overrides = dict(overrides or {})
+    if base_model:
+        overrides["base_model"] = base_model
+    return resolve_plan(model_type, overrides, detect_hardware() if detect else None)
+
+
+def prepare_step(data_config: str, labels: list[str], seed: int, max_samples: int,
+                 model_type: str, overrides: dict, base_model: str, output: str) -> dict:
+    from cockatoo_lib.data import load_data_config, prepare
+
+    step_plan(model_type, overrides, base_model)  # a bad model type or override fails here, first
+    manifest = prepare(load_data_config(data_config, labels), output, seed=seed,
+                       max_samples=max_samples)
+    meta = {f"{split}_rows": v["rows"] for split, v in manifest["splits"].items()}
+    return {**meta, "fingerprint": manifest["fingerprint"], "labels": manifest["labels"],
+            "warnings": manifest["warnings"]}
+
+
+def tokenize_step(data_dir: str, model_type: str, overrides: dict, base_model: str,
+                  cache_root: str, output: str, output_uri: str) -> dict:
+    from cockatoo_lib.tokenize import DEFAULT_CACHE_ROOT, tokenize
+
+    cache_root = cache_root or DEFAULT_CACHE_ROOT
+    if "://" in output_uri and "://" not in cache_root:
+        # Steps on a cluster run in separate pods: a local cache folder would die with this one.
+        raise CockatooError(f"tokenized_cache_root {cache_root!r} is a local folder, but this step runs "
+                            f"on a cluster (its output is {output_uri}); set it to a bucket URI "
+                            "such as gs://BUCKET/cockatoo-cache or s3://BUCKET/cockatoo-cache")
+    info = tokenize(data_dir, step_plan(model_type, overrides, base_model), output, cache_root)
+    return {"cache_hit": info["cache_hit"], "cache_key": info["cache_key"],
+            "cache_uri": local_path(info["cache_uri"]), "rows": info["rows"], "truncated": info["truncated"],
+            "tokenizer": info["tokenizer"], "max_length": info["max_length"]}
+
+
+def local_path(uri: str) -> str:
+    """A local path for a file:// URI, or the path as it is."""
+    return uri.removeprefix("file://")
+
+
+def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model: str,
+               output: str) -> dict:
+    from cockatoo_lib.train import train
+
+    info = train(local_path(tokenized_dir), step_plan(model_type, overrides, base_model, detect=True),
+                 output)
+    return {"model_type": info["model_type"], "base_model": info["base_model"],
+            "best_validation_macro_f1": info["best_validation_macro_f1"], "epochs": info["epochs"],
+            "labels": info["labels"], "thresholds": info["thresholds"]}
+
+
+def evaluate_step(model_dir: str, tokenized_dir: str, output: str) -> dict:
+    from cockatoo_lib.evaluate import evaluate
+
+    return evaluate(model_dir, local_path(tokenized_dir), output)
+
+
+def kfp_metrics(results: dict) -> tuple[dict[str, float], list[list[int]]]:
+    """Scalars for KFP's Metrics artifact and the label confusion matrix."""
+    tuned = results["at_tuned_thresholds"]
+    scalars = {"test_macro_f1": results["macro_f1"], "test_micro_f1": results["micro_f1"],
+               "test_macro_f1_at_0_5": results["at_0.5"]["macro_f1"]}
+    for label, row in tuned["per_label"].items():
+        scalars[f"f1_{label}"] = row["f1"]
+        if row["pr_auc"] is not None:
+            scalars[f"pr_auc_{label}"] = row["pr_auc"]
+    return {k: round(float(v), 6) for k, v in scalars.items()}, results["label_confusion"]
+
+
+def report_path(evaluation_dir: str) -> Path:
+    from cockatoo_lib.evaluate import REPORT_FILE
+
+    return Path(evaluation_dir) / REPORT_FILE

@@ -1,0 +1,126 @@
+"""The full `cockatoo` command line: the library's step commands plus the pipeline commands
+(run locally, compile, submit, schedule). Lives here because those need kfp."""
+
+import sys
+from pathlib import Path
+
+import typer
+
+from cockatoo_lib.cli import SET, app
+from cockatoo_lib.cli import main as _library_main
+
+PARAM = typer.Option(None, "--param", "-p", help="pipeline parameter name=value (repeatable)")
+REGISTRY = typer.Option(None, "--image-registry", help="registry of the cockatoo-cpu/-cuda images")
+TAG = typer.Option(None, "--image-tag", help="tag of the images")
+
+
+def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu",
+             node_selector=None, toleration=None, cache_root="", gpus=1):
+    from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
+    from pipelines.cockatoo_train import Cluster
+
+    selectors = dict(_pair(s, "--node-selector") for s in node_selector or [])
+    tolerations = [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}
+                   for k, v in (_pair(t, "--toleration") for t in toleration or [])]
+    return Cluster(images=Images(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG),
+                   accelerator_type=accelerator_type, node_selector=selectors,
+                   tolerations=tolerations, cache_root=cache_root, gpus=gpus)
+
+
+def _pair(text: str, option: str) -> tuple[str, str]:
+    from cockatoo_lib.errors import CockatooError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise CockatooError(f"{option} {text!r} is not of the form key=value")
+    return key, value
+
+
+def _params(model_type, set_, params):
+    from cockatoo_lib.registry import parse_overrides
+    from pipelines.runner import parse_params
+
+    values = parse_params(params or [])
+    if model_type:
+        values["model_type"] = model_type
+    if set_:
+        values["overrides"] = {**values.get("overrides", {}), **parse_overrides(set_)}
+    return values
+
+
+@app.command()
+def run(model_type: str = typer.Option(None, "--model-type", "-m"),
+        data_config: str = typer.Option(None, "--data-config", "-c", help="preset name or YAML path"),
+        set_: list[str] = SET, param: list[str] = PARAM,
+        output_root: Path = typer.Option(Path("runs"), "--output-root", help="kfp.local pipeline root")):
+    """Run the whole pipeline locally with kfp.local (prepare, tokenize, train, evaluate)."""
+    import time
+
+    from pipelines.runner import run_local
+
+    params = _params(model_type, set_, param)
+    if data_config:
+        params["data_config"] = data_config
+    start = time.perf_counter()
+    result = run_local(params, output_root.resolve())
+    typer.echo(f"\nmodel:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}")
+    typer.echo(f"test macro-F1: {result['test_macro_f1']:.4f} at tuned thresholds "
+               f"({result['test_macro_f1_at_0_5']:.4f} at 0.5); "
+               f"pipeline took {time.perf_counter() - start:.0f} s")
+
+
+@app.command(name="compile")
+def compile_(output: Path = typer.Option(Path("cockatoo-train.yaml"), "--output", "-o"),
+             image_registry: str = REGISTRY, image_tag: str = TAG,
+             accelerator_type: str = typer.Option("nvidia.com/gpu", "--accelerator-type"),
+             gpus: int = typer.Option(1, "--gpus", help="default of the gpus run parameter"),
+             node_selector: list[str] = typer.Option(None, "--node-selector", help="label=value"),
+             toleration: list[str] = typer.Option(None, "--toleration", help="key=value (NoSchedule)"),
+             cache_root: str = typer.Option("", "--cache-root",
+                                            help="default tokenized_cache_root, e.g. gs://bucket/cache")):
+    """Compile the pipeline to a KFP YAML package."""
+    from pipelines.runner import compile_pipeline
+
+    cluster = _cluster(image_registry, image_tag, accelerator_type, node_selector, toleration,
+                       cache_root, gpus)
+    path = compile_pipeline(output, cluster)
+    typer.echo(f"compiled {path} (images {cluster.images.cpu}, {cluster.images.cuda})")
+
+
+@app.command()
+def submit(host: str = typer.Option(..., "--host", help="KFP API URL, e.g. http://localhost:8080"),
+           experiment: str = typer.Option("cockatoo", "--experiment"),
+           model_type: str = typer.Option(None, "--model-type", "-m"),
+           set_: list[str] = SET, param: list[str] = PARAM,
+           run_name: str = typer.Option(None, "--run-name"),
+           image_registry: str = REGISTRY, image_tag: str = TAG):
+    """Compile the pipeline and start a run on a KFP cluster; prints the run's URL."""
+    from pipelines.runner import submit as run_submit
+
+    url = run_submit(host, _params(model_type, set_, param), experiment,
+                     _cluster(image_registry, image_tag), run_name)
+    typer.echo(url)
+
+
+@app.command()
+def schedule(host: str = typer.Option(..., "--host"),
+             cron: str = typer.Option(..., "--cron", help="six fields, seconds first: '0 0 3 * * 1'"),
+             experiment: str = typer.Option("cockatoo", "--experiment"),
+             name: str = typer.Option("cockatoo-weekly-retrain", "--name"),
+             model_type: str = typer.Option(None, "--model-type", "-m"),
+             set_: list[str] = SET, param: list[str] = PARAM,
+             image_registry: str = REGISTRY, image_tag: str = TAG):
+    """Create a recurring run (one at a time, no catch-up); prints its URL."""
+    from pipelines.runner import schedule as run_schedule
+
+    url = run_schedule(host, cron, _params(model_type, set_, param), experiment,
+                       _cluster(image_registry, image_tag), name)
+    typer.echo(url)
+
+
+def main() -> None:
+    _library_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

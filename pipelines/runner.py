@@ -1,0 +1,162 @@
+"""Compile the pipeline, run it locally with kfp.local, and talk to a KFP cluster."""
+
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler
+
+from cockatoo_lib.errors import CockatooError
+from pipelines.cockatoo_train import PIPELINE_NAME, Cluster, build_pipeline
+
+_CRON_ITEM = r"(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?"  # *, 5, 1-5, MON-FRI, */15
+CRON_FIELD = re.compile(rf"^{_CRON_ITEM}(,{_CRON_ITEM})*$")
+
+
+def compile_pipeline(output: str | Path, cluster: Cluster = Cluster()) -> Path:
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(cluster), str(output))
+    return output
+
+
+def pipeline_inputs() -> dict[str, Any]:
+    """The pipeline's parameters and their defaults, from the pipeline itself."""
+    spec = build_pipeline().component_spec
+    return {name: spec.default for name, spec in spec.inputs.items()}
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` run parameters. Values are JSON where they parse (lists, dicts, numbers),
+    else strings. Unknown names are refused with the list of valid ones."""
+    valid = pipeline_inputs()
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise CockatooError(f"parameter {pair!r} is not of the form name=value")
+        if key not in valid:
+            raise CockatooError(f"unknown pipeline parameter {key!r}; valid: {', '.join(valid)}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Fail before anything runs: a bad model type or override, or a missing data config."""
+    from cockatoo_lib.data import load_data_config
+    from cockatoo_lib.steps import step_plan
+
+    defaults = pipeline_inputs()
+    values = {**defaults, **params}
+    if not isinstance(values["overrides"], dict):
+        raise CockatooError(f"parameter overrides must be a JSON object, got {values['overrides']!r}")
+    step_plan(values["model_type"], values["overrides"], values["base_model"])
+    if "://" not in values["data_config"]:
+        load_data_config(values["data_config"], values["labels"] or None)
+
+
+def check_cron(cron: str) -> None:
+    """KFP's cron has six fields, seconds first: '0 0 3 * * 1' is Mondays at 03:00."""
+    fields = cron.split()
+    if len(fields) != 6 or not all(CRON_FIELD.match(f) for f in fields):
+        raise CockatooError(
+            f"invalid cron {cron!r}: KFP expects six fields, seconds first "
+            "(second minute hour day-of-month month day-of-week), e.g. '0 0 3 * * 1'")
+
+
+# ------------------------------------------------------------------------ local
+
+
+def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, Any]:
+    """Run the whole pipeline with kfp.local's SubprocessRunner in this Python environment."""
+    from kfp import local
+
+    check_params(params)
+    # The runner starts each step with `python3` from PATH: make that this interpreter, whose
+    # environment has cockatoo_lib and kfp installed.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=False)
+    task = build_pipeline(Cluster(for_local=True))(**params)
+    if not task.outputs:
+        raise CockatooError(f"the local run failed; the failing step's log is above ({pipeline_root})")
+    model, evaluation = task.outputs["model"], task.outputs["evaluation"]
+    from cockatoo_lib.evaluate import METRICS_FILE, REPORT_FILE
+
+    metrics = json.loads((Path(evaluation.path) / METRICS_FILE).read_text())
+    return {"model": model.path, "metrics": str(Path(evaluation.path) / METRICS_FILE),
+            "report": str(Path(evaluation.path) / REPORT_FILE), "test_macro_f1": metrics["macro_f1"],
+            "test_macro_f1_at_0_5": metrics["at_0.5"]["macro_f1"]}
+
+
+# ---------------------------------------------------------------------- cluster
+
+
+def kfp_client(host: str):
+    """A kfp.Client; a bearer token comes from KF_PIPELINES_TOKEN, else kfp's own lookup
+    (kube config, in-cluster service account token)."""
+    import kfp
+
+    try:
+        return kfp.Client(host=host, existing_token=os.environ.get("KF_PIPELINES_TOKEN") or None)
+    except Exception as exc:  # noqa: BLE001 - urllib3 and kfp_server_api raise many kinds
+        raise CockatooError(f"cannot reach KFP at {host}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    text = str(getattr(exc, "reason", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _compiled(cluster: Cluster, folder: str) -> str:
+    return str(compile_pipeline(Path(folder) / f"{PIPELINE_NAME}.yaml", cluster))
+
+
+def _experiment_id(client, name: str) -> str:
+    try:
+        return client.get_experiment(experiment_name=name).experiment_id
+    except ValueError:  # kfp raises ValueError when no experiment has that name
+        return client.create_experiment(name).experiment_id
+
+
+def submit(host: str, params: dict[str, Any], experiment: str, cluster: Cluster,
+           run_name: str | None = None) -> str:
+    """Compile, create a run, return its URL."""
+    check_params(params)
+    client = kfp_client(host)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            result = client.create_run_from_pipeline_package(
+                _compiled(cluster, folder), arguments=params, experiment_name=experiment,
+                run_name=run_name)
+        except CockatooError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CockatooError(f"KFP at {host} refused the run: {_reason(exc)}") from None
+    return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
+
+
+def schedule(host: str, cron: str, params: dict[str, Any], experiment: str, cluster: Cluster,
+             name: str) -> str:
+    """Create a recurring run: one at a time, no catch-up of missed runs. Returns its URL."""
+    check_cron(cron)
+    check_params(params)
+    client = kfp_client(host)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            run = client.create_recurring_run(
+                experiment_id=_experiment_id(client, experiment), job_name=name,
+                cron_expression=cron, max_concurrency=1, no_catchup=True, params=params,
+                pipeline_package_path=_compiled(cluster, folder), enabled=True)
+        except CockatooError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CockatooError(f"KFP at {host} refused the recurring run: {_reason(exc)}") from None
+    return f"{host.rstrip('/')}/#/recurringrun/details/{run.recurring_run_id}"
