@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 REGISTRY ?= localhost:5000/cockatoo
 TAG ?= dev
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format golden compile images clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ test: lint
 
 lint: install
 	$(BIN)/ruff check .
+
+# Regenerate the compiled pipeline the golden-file test compares against.
+golden: install
+	$(BIN)/cockatoo compile --output tests/golden/cockatoo-train.yaml
+
+compile: install
+	$(BIN)/cockatoo compile --output build/cockatoo-train.yaml --image-registry $(REGISTRY) --image-tag $(TAG)
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -8,7 +8,7 @@ import yaml
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """Run `cockatoo ARGS` in this process through the real entry point."""
-    from cockatoo_lib.cli import main
+    from pipelines.cli import main  # the console script: library and pipeline commands
 
     monkeypatch.setattr(sys, "argv", ["cockatoo", *map(str, args)])
     code = 0

@@ -1,0 +1,231 @@
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_kfp import FakeKFP
+from google.protobuf import json_format
+from helpers import error_line, run_cli
+from kfp import dsl
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from components import evaluate, prepare_data, tokenize, train
+from pipelines.cockatoo_train import Cluster
+from pipelines.runner import compile_pipeline, pipeline_inputs, run_local
+
+GOLDEN = Path(__file__).parent / "golden" / "cockatoo-train.yaml"
+PARAMETERS = {"model_type", "data_config", "labels", "overrides", "base_model", "seed",
+              "max_train_samples", "tokenized_cache_root", "gpus"}
+FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
+
+
+def _docs(path):
+    pipeline, platform = yaml.safe_load_all(Path(path).read_text())
+    return (json_format.ParseDict(pipeline, pipeline_spec_pb2.PipelineSpec()),
+            json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec()))
+
+
+def test_compiled_pipeline_matches_the_golden_file(tmp_path):
+    compiled = compile_pipeline(tmp_path / "p.yaml").read_text()
+    assert compiled == GOLDEN.read_text(), "the compiled pipeline changed: review, then `make golden`"
+
+
+def test_compiled_yaml_is_a_pipeline_spec_with_resources_caching_and_secrets():
+    spec, platform = _docs(GOLDEN)
+    assert spec.pipeline_info.name == "cockatoo-train"
+    assert set(spec.root.input_definitions.parameters) == PARAMETERS
+    assert spec.root.input_definitions.parameters["model_type"].default_value.string_value == "deberta"
+    tasks = spec.root.dag.tasks
+    assert set(tasks) >= {"prepare-data", "tokenize", "train", "evaluate"}
+    schedule = tasks["prepare-data"].inputs.parameters["schedule_time"].runtime_value.constant
+    assert schedule.string_value == dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER
+    importer = next(t for n, t in tasks.items() if n.startswith("importer"))
+    assert importer.component_ref.name.startswith("comp-importer")
+    assert "importer" in str(tasks["train"].inputs.artifacts["tokenized"])
+    executors = spec.deployment_spec.fields["executors"].struct_value.fields
+    by_step = {name.removeprefix("exec-"): json_format.MessageToDict(v.struct_value)["container"]
+               for name, v in executors.items() if "importer" not in name}
+    for step, container in by_step.items():
+        assert container["resources"]["cpuRequest"] > 0 and container["resources"]["memoryRequest"] > 0
+        assert container["image"].endswith("cockatoo-cuda:0.1.0" if step == "train" else "cockatoo-cpu:0.1.0")
+        assert "pip install" not in json.dumps(container)  # nothing installed at pod start
+    assert by_step["train"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    configs = json_format.MessageToDict(platform)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for config in configs.values():
+        assert config["secretAsEnv"][0]["keyToEnv"] == [{"secretKey": "token", "envVar": "HF_TOKEN"}]
+    for step in ("exec-train", "exec-tokenize"):
+        assert configs[step]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+        assert configs[step]["emptyDirMounts"][0]["medium"] == "Memory"
+
+
+def test_compile_command_sets_images_accelerator_and_placement(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p.yaml"
+    code, _, err = run_cli(["compile", "-o", out, "--image-registry", "europe-docker.pkg.dev/p/r",
+                            "--image-tag", "1.2.3", "--accelerator-type", "nvidia-tesla-a100",
+                            "--gpus", "2", "--node-selector", "pool=gpu", "--toleration", "gpu=true"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    text = out.read_text()
+    assert "europe-docker.pkg.dev/p/r/cockatoo-cuda:1.2.3" in text
+    assert "europe-docker.pkg.dev/p/r/cockatoo-cpu:1.2.3" in text
+    spec, platform = _docs(out)
+    assert spec.root.input_definitions.parameters["gpus"].default_value.number_value == 2
+    train_config = json_format.MessageToDict(platform)["platforms"]["kubernetes"]["deploymentSpec"][
+        "executors"]["exec-train"]
+    assert train_config["nodeSelector"]["labels"] == {"pool": "gpu"}
+    assert train_config["tolerations"][0] == {"key": "gpu", "operator": "Equal", "value": "true",
+                                              "effect": "NoSchedule"}
+
+
+# ------------------------------------------------------------------ components
+
+
+def test_components_run_through_python_func(tiny_models, tmp_path):
+    base = str(tiny_models["deberta"])
+    data = dsl.Dataset(uri=str(tmp_path / "data"))
+    prepare_data.python_func(data_config="sample", labels=[], seed=1, max_samples=300,
+                             model_type="deberta", overrides=FAST, base_model=base,
+                             schedule_time="2026-11-23T03:00:00Z", data=data)
+    assert data.metadata["train_rows"] + data.metadata["validation_rows"] + data.metadata["test_rows"] == 300
+    assert len(data.metadata["fingerprint"]) == 64
+
+    tokenized = dsl.Dataset(uri=str(tmp_path / "tok"))
+    out = tokenize.python_func(data=data, model_type="deberta", overrides=FAST, base_model=base,
+                               cache_root=str(tmp_path / "cache"), tokenized=tokenized)
+    assert tokenized.metadata["cache_hit"] is False and tokenized.metadata["cache_key"]
+    assert out.cache_uri == str(tmp_path / "cache" / "tokenized" / tokenized.metadata["cache_key"])
+
+    entry = dsl.Dataset(uri=out.cache_uri)
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    train.python_func(tokenized=entry, model_type="deberta", overrides=FAST, base_model=base, model=model)
+    assert model.metadata["model_type"] == "deberta" and model.metadata["epochs"] == 1
+    assert 0 <= model.metadata["best_validation_macro_f1"] <= 1
+
+    outputs = {"evaluation": dsl.Artifact(uri=str(tmp_path / "eval")),
+               "metrics": dsl.Metrics(uri=str(tmp_path / "metrics")),
+               "classification_metrics": dsl.ClassificationMetrics(uri=str(tmp_path / "cm")),
+               "report": dsl.HTML(uri=str(tmp_path / "report.html"))}
+    evaluate.python_func(model=model, tokenized=entry, **outputs)
+    assert set(outputs["metrics"].metadata) >= {"test_macro_f1", "test_micro_f1", "f1_scam"}
+    matrix = outputs["classification_metrics"].metadata["confusionMatrix"]
+    assert [s["displayName"] for s in matrix["annotationSpecs"]][0] == "scam"
+    assert Path(outputs["report"].path).read_text().startswith("<!doctype html>")
+    assert outputs["evaluation"].metadata["test_macro_f1"] == pytest.approx(
+        outputs["metrics"].metadata["test_macro_f1"], abs=1e-6)
+
+
+def test_bad_model_type_fails_the_first_step_listing_valid_values(tmp_path):
+    from cockatoo_lib.errors import CockatooError
+
+    with pytest.raises(CockatooError, match="unknown model type 'gpt'; valid: deberta, modernbert"):
+        prepare_data.python_func(data_config="sample", labels=[], seed=1, max_samples=0,
+                                 model_type="gpt", overrides={}, base_model="", schedule_time="",
+                                 data=dsl.Dataset(uri=str(tmp_path / "data")))
+    assert not (tmp_path / "data").exists()
+
+
+def test_tokenize_on_a_cluster_refuses_a_local_cache_root(small_data, tmp_path):
+    from cockatoo_lib.errors import CockatooError
+
+    output = dsl.Dataset(uri="gs://bucket/run/tokenize/tokenized")
+    with pytest.raises(CockatooError, match="local folder, but this step runs on a cluster"):
+        tokenize.python_func(data=dsl.Dataset(uri=str(small_data)), model_type="minilm",
+                             overrides={}, base_model="", cache_root="", tokenized=output)
+
+
+# ------------------------------------------------------------------ local runs
+
+
+def test_local_run_of_the_whole_pipeline(tiny_models, tmp_path):
+    result = run_local({"model_type": "modernbert", "base_model": str(tiny_models["modernbert"]),
+                        "max_train_samples": 300, "overrides": FAST,
+                        "tokenized_cache_root": str(tmp_path / "cache")}, tmp_path / "root")
+    assert (Path(result["model"]) / "cockatoo.json").exists()
+    assert 0 <= result["test_macro_f1"] <= 1
+    assert Path(result["report"]).read_text().startswith("<!doctype html>")
+
+
+def test_compiled_yaml_loaded_from_file_runs_locally(tiny_models, tmp_path):
+    from kfp import components, local
+
+    path = compile_pipeline(tmp_path / "local.yaml", Cluster(for_local=True))
+    pipeline = components.load_component_from_file(str(path))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    task = pipeline(model_type="deberta", base_model=str(tiny_models["deberta"]),
+                    max_train_samples=300, overrides=FAST,
+                    tokenized_cache_root=str(tmp_path / "cache"))
+    assert (Path(task.outputs["model"].path) / "cockatoo.json").exists()
+    metrics = json.loads((Path(task.outputs["evaluation"].path) / "metrics.json").read_text())
+    assert metrics["model_type"] == "deberta"
+
+
+def test_run_command_checks_parameters_before_running(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(["run", "-m", "bert", "--output-root", tmp_path], capsys, monkeypatch)
+    assert code == 2 and "unknown model type 'bert'" in error_line(err)
+    code, _, err = run_cli(["run", "-m", "minilm", "--set", "epochs=2", "--output-root", tmp_path],
+                           capsys, monkeypatch)
+    assert code == 2 and "unknown plan setting 'epochs'" in error_line(err)
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ cluster
+
+
+def test_submit_creates_a_run_with_the_pipeline_and_its_parameters(capsys, monkeypatch):
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", "secret-token")
+    with FakeKFP() as fake:
+        code, out, err = run_cli(["submit", "--host", fake.url, "--experiment", "moderation",
+                                  "--model-type", "modernbert", "--set", "batch_size=4",
+                                  "--param", "seed=7", "--param", 'labels=["scam","toxicity"]'],
+                                 capsys, monkeypatch)
+        assert code == 0, err
+        (run,) = fake.runs
+        assert re.search(rf"{fake.url}/#/runs/details/[0-9a-f-]+$", out.strip())
+    spec = run.pipeline_spec["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == "cockatoo-train"
+    assert set(run.runtime_config.parameters) <= set(spec["root"]["inputDefinitions"]["parameters"])
+    assert run.runtime_config.parameters == {"model_type": "modernbert", "seed": 7,
+                                             "labels": ["scam", "toxicity"],
+                                             "overrides": {"batch_size": 4}}
+    assert fake.experiments[run.experiment_id]["display_name"] == "moderation"
+    assert {r["authorization"] for r in fake.requests} == {"Bearer secret-token"}
+
+
+def test_schedule_creates_a_recurring_run_one_at_a_time_without_catch_up(capsys, monkeypatch):
+    with FakeKFP() as fake:
+        code, out, err = run_cli(["schedule", "--host", fake.url, "--cron", "0 0 3 * * 1",
+                                  "--model-type", "deberta"], capsys, monkeypatch)
+        assert code == 0, err
+        (recurring,) = fake.recurring_runs
+    assert recurring.trigger.cron_schedule.cron == "0 0 3 * * 1"
+    assert int(recurring.max_concurrency) == 1 and recurring.no_catchup is True  # int64: a JSON string
+    assert recurring.runtime_config.parameters == {"model_type": "deberta"}
+    assert recurring.pipeline_spec["pipeline_spec"]["root"]["dag"]["tasks"]["prepare-data"]
+    assert "/#/recurringrun/details/" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["schedule", "--cron", "0 3 * * 1"], "invalid cron '0 3 \\* \\* 1': KFP expects six fields"),
+    (["submit", "--param", "learning_rate=1e-5"],
+     "unknown pipeline parameter 'learning_rate'; valid: model_type"),
+    (["submit", "--model-type", "bert"], "unknown model type 'bert'"),
+])
+def test_cluster_commands_check_input_before_contacting_the_server(args, message, capsys, monkeypatch):
+    with FakeKFP() as fake:
+        code, _, err = run_cli([args[0], "--host", fake.url, *args[1:]], capsys, monkeypatch)
+        assert code == 2 and re.search(message, error_line(err))
+        assert fake.requests == []
+
+
+def test_unreachable_host_is_one_line(capsys, monkeypatch):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, _, err = run_cli(["submit", "--host", f"http://127.0.0.1:{port}"], capsys, monkeypatch)
+    assert code == 2 and f"cannot reach KFP at http://127.0.0.1:{port}" in error_line(err)
+
+
+def test_pipeline_inputs_are_the_documented_parameters():
+    assert set(pipeline_inputs()) == PARAMETERS
