@@ -26,6 +26,7 @@ test: lint
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/hadolint images/cpu/Dockerfile images/cuda/Dockerfile
 
 # Regenerate the compiled pipeline the golden-file test compares against.
 golden: install
@@ -33,6 +34,13 @@ golden: install
 
 compile: install
 	$(BIN)/cockatoo compile --output build/cockatoo-train.yaml --image-registry $(REGISTRY) --image-tag $(TAG)
+
+# Build and push both images (needs a Docker engine), then compile against them.
+images:
+	docker build -f images/cpu/Dockerfile -t $(REGISTRY)/cockatoo-cpu:$(TAG) .
+	docker build -f images/cuda/Dockerfile -t $(REGISTRY)/cockatoo-cuda:$(TAG) .
+	docker push $(REGISTRY)/cockatoo-cpu:$(TAG)
+	docker push $(REGISTRY)/cockatoo-cuda:$(TAG)
 
 format: install
 	$(BIN)/ruff check --fix .
