@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 REGISTRY ?= localhost:5000/cockatoo
 TAG ?= dev
 
-.PHONY: install demo test lint format golden compile images clean
+.PHONY: install demo test lint bench format golden compile images clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test: lint
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/hadolint images/cpu/Dockerfile images/cuda/Dockerfile
+
+# Benchmarks (B1-B3 on this machine): writes docs/benchmarks.md.
+bench: install
+	$(PY) -m bench.harness
 
 # Regenerate the compiled pipeline the golden-file test compares against.
 golden: install
