@@ -182,7 +182,8 @@ def bench_tokenization(rows: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         pd.DataFrame({"text": _texts(rows), "label": np.arange(rows) % 2}).to_parquet(work / "rows.parquet")
-        (work / "data.yaml").write_text("sources: [{name: s, path: rows.parquet, labels: {scam: label}}]\n")
+        (work / "data.yaml").write_text(
+            "labels: [scam]\nsources: [{name: s, path: rows.parquet, labels: {scam: label}}]\n")
         prepare(load_data_config(str(work / "data.yaml")), work / "data")
         for i in range(repeats):
             cache = str(work / f"cache{i}")

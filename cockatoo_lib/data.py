@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, sha256_files, write_json
+from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -359,8 +359,6 @@ def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples:
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    from cockatoo_lib.fileio import read_json
-
     manifest = read_json(Path(data_dir) / MANIFEST, "data manifest")
     for key in ("labels", "splits", "fingerprint"):
         if key not in manifest:

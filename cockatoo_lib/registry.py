@@ -258,11 +258,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def plan_table(plan: Plan) -> list[tuple[str, str]]:
-    rows = [(name, _fmt(getattr(plan, name))) for name in Plan.model_fields if name != "adjustments"]
-    rows.insert(rows.index(("gradient_accumulation_steps", _fmt(plan.gradient_accumulation_steps))) + 1,
-                ("effective_batch_size", str(plan.effective_batch_size)))
-    rows.extend(("adjustment", note) for note in plan.adjustments)
-    return rows
+    rows = []
+    for name in Plan.model_fields:
+        if name != "adjustments":
+            rows.append((name, _fmt(getattr(plan, name))))
+        if name == "gradient_accumulation_steps":
+            rows.append(("effective_batch_size", str(plan.effective_batch_size)))
+    return rows + [("adjustment", note) for note in plan.adjustments]
 
 
 def _fmt(value: Any) -> str:

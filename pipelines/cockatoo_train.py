@@ -1,7 +1,8 @@
 """The `cockatoo-train` pipeline: prepare -> tokenize -> train -> evaluate.
 
 Caching (KFP keys its cache on parameter values and upstream artifact IDs):
-- prepare takes the run's schedule time, so a scheduled run always reads its sources afresh;
+- prepare is never cached (and takes the run's schedule time), so every run reads its
+  sources afresh;
 - tokenize reruns whenever prepare did, but hits our content cache (seconds, not minutes);
 - train and evaluate read the tokenized data through an importer of the cache entry's URI,
   which names the data by content: when data and plan are unchanged, KFP reuses them.
@@ -82,6 +83,9 @@ def build_pipeline(cluster: Cluster = Cluster()):
             model_type=model_type, overrides=overrides, base_model=base_model,
             schedule_time=schedule_time)
         _configure(prepare, "prepare", cluster.images.cpu, cluster)
+        # Sources may change under the same URI: always read them afresh. (The schedule time
+        # alone would do where the backend resolves its placeholder; not every backend does.)
+        prepare.set_caching_options(False)
 
         tok = tokenize(data=prepare.outputs["data"], model_type=model_type, overrides=overrides,
                        base_model=base_model, cache_root=tokenized_cache_root)

@@ -41,6 +41,8 @@ def test_compiled_yaml_is_a_pipeline_spec_with_resources_caching_and_secrets():
     assert set(tasks) >= {"prepare-data", "tokenize", "train", "evaluate"}
     schedule = tasks["prepare-data"].inputs.parameters["schedule_time"].runtime_value.constant
     assert schedule.string_value == dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER
+    assert not tasks["prepare-data"].caching_options.enable_cache
+    assert all(tasks[t].caching_options.enable_cache for t in ("tokenize", "train", "evaluate"))
     importer = next(t for n, t in tasks.items() if n.startswith("importer"))
     assert importer.component_ref.name.startswith("comp-importer")
     assert "importer" in str(tasks["train"].inputs.artifacts["tokenized"])
