@@ -8,9 +8,11 @@ never filled with 0: a zero would teach the model that those rows are negatives.
 from __future__ import annotations
 
 import logging
+import posixpath
 from pathlib import Path
 from typing import Literal
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -55,13 +57,30 @@ class LabelMapping(BaseModel):
 
 
 class Source(BaseModel):
+    """One data set: a file (local path, gs:// or s3:// URI; gzip too) or a Hugging Face Hub
+    data set (`hub`: its id or a local folder in hub layout)."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    path: str
+    path: str | None = None
+    hub: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    revision: str | None = None
     format: Literal["csv", "jsonl", "json", "parquet"] | None = None
     text_column: str = "text"
     labels: dict[str, LabelMapping] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> Source:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' and 'hub'")
+        return self
+
+    @property
+    def where(self) -> str:
+        return self.path if self.path is not None else f"hub:{self.hub}"
 
     @field_validator("labels")
     @classmethod
@@ -79,7 +98,7 @@ class DataConfig(BaseModel):
     sources: list[Source] = Field(min_length=1)
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
-    base_dir: Path = Field(default=Path("."), exclude=True)
+    base_dir: str = Field(default=".", exclude=True)  # a folder or URI; relative paths start here
 
     @field_validator("labels")
     @classmethod
@@ -93,67 +112,109 @@ class DataConfig(BaseModel):
 
 
 def load_data_config(ref: str, labels: list[str] | None = None) -> DataConfig:
-    """Load a data config from a YAML path or a preset name (a file in cockatoo_lib/presets)."""
-    path = Path(ref)
-    if not path.suffix and (PRESETS_DIR / f"{ref}.yaml").is_file():
-        path = PRESETS_DIR / f"{ref}.yaml"
-    if not path.is_file():
-        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-        raise CockatooError(f"data config {ref} not found (not a file, nor a preset: {', '.join(presets)})")
+    """Load a data config from a YAML path or URI, or a preset name (cockatoo_lib/presets)."""
+    if "://" not in ref and not Path(ref).suffix and (PRESETS_DIR / f"{ref}.yaml").is_file():
+        ref = str(PRESETS_DIR / f"{ref}.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = _open(ref, "data config").read().decode()
+    except CockatooError:
+        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise CockatooError(f"data config {ref} not found (not a file, nor a preset: "
+                            f"{', '.join(presets)})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CockatooError(f"data config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise CockatooError(f"data config {ref} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise CockatooError(f"data config {path} must be a mapping with a 'sources' list")
+        raise CockatooError(f"data config {ref} must be a mapping with a 'sources' list")
     if labels:
         raw["labels"] = list(labels)
     try:
-        return DataConfig(**raw, base_dir=path.parent)
+        return DataConfig(**raw, base_dir=posixpath.dirname(ref) if "://" in ref else str(Path(ref).parent))
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise CockatooError(f"data config {path}: {where}: {err['msg']}") from None
+        raise CockatooError(f"data config {ref}: {where}: {err['msg']}") from None
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def _source_path(src: Source, base_dir: Path) -> Path:
-    path = Path(src.path).expanduser()
-    return path if path.is_absolute() else base_dir / path
+def _source_path(src: Source, base_dir: str) -> str:
+    if "://" in src.path or Path(src.path).expanduser().is_absolute():
+        return src.path if "://" in src.path else str(Path(src.path).expanduser())
+    return posixpath.join(base_dir, src.path) if "://" in base_dir else str(Path(base_dir) / src.path)
 
 
-def read_source(src: Source, base_dir: Path) -> pd.DataFrame:
-    path = _source_path(src, base_dir)
-    fmt = src.format or FORMATS.get(path.suffix.lower())
+def _open(uri: str, what: str):
+    """Open a local path or fsspec URI for reading (gzip by suffix), with one-line errors."""
+    try:
+        return fsspec.open(uri, "rb", compression="infer").open()
+    except FileNotFoundError as exc:
+        detail = str(exc).strip()
+        reason = f" ({detail})" if detail and detail not in uri else ""
+        raise CockatooError(f"{what}: not found: {uri}{reason}") from None
+    except PermissionError:
+        raise CockatooError(f"{what}: no permission to read {uri}") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise CockatooError(f"{what}: cannot open {uri}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _format(src: Source, uri: str) -> str:
+    name = uri.lower()
+    for compressed in (".gz", ".gzip"):
+        name = name.removesuffix(compressed)
+    suffix = posixpath.splitext(name)[1]
+    fmt = src.format or FORMATS.get(suffix)
     if fmt is None:
         raise CockatooError(
-            f"source {src.name}: cannot tell the format of {path} from its suffix "
-            f"{path.suffix or '(none)'}; use one of {', '.join(FORMATS)} or set 'format'"
-        )
-    if not path.is_file():
-        raise CockatooError(f"source {src.name}: file not found: {path}")
+            f"source {src.name}: cannot tell the format of {uri} from its suffix "
+            f"{suffix or '(none)'}; use one of {', '.join(FORMATS)} or set 'format'")
+    return fmt
+
+
+def _read_hub(src: Source) -> pd.DataFrame:
+    import datasets
+
     try:
-        if fmt == "csv":
-            frame = pd.read_csv(path)
-        elif fmt == "jsonl":
-            frame = pd.read_json(path, lines=True)
-        elif fmt == "json":
-            frame = pd.read_json(path)
-        else:
-            frame = pd.read_parquet(path)
-    except pd.errors.EmptyDataError:
-        raise CockatooError(f"source {src.name}: {path} is empty") from None
-    except Exception as exc:  # readers raise many types; all mean "not this format"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CockatooError(f"source {src.name}: cannot read {path} as {fmt}: {first}") from None
+        data = datasets.load_dataset(src.hub, src.hub_config, split=src.split, revision=src.revision)
+    except Exception as exc:  # noqa: BLE001 - network, auth and layout errors all land here
+        raise CockatooError(
+            f"source {src.name}: cannot load hub data set {src.hub} (split {src.split}): "
+            f"{str(exc).strip().splitlines()[0][:200]}; point 'path' at a local copy, or set "
+            "HF_HUB_OFFLINE=1 to read it from the local Hugging Face cache") from None
+    return data.to_pandas()
+
+
+def read_source(src: Source, base_dir: str) -> pd.DataFrame:
+    if src.hub is not None:
+        frame = _read_hub(src)
+        if frame.empty:
+            raise CockatooError(f"source {src.name}: hub data set {src.hub} has no rows")
+        return frame
+    uri = _source_path(src, base_dir)
+    fmt = _format(src, uri)
+    with _open(uri, f"source {src.name}") as handle:
+        try:
+            if fmt == "csv":
+                frame = pd.read_csv(handle)
+            elif fmt == "jsonl":
+                frame = pd.read_json(handle, lines=True)
+            elif fmt == "json":
+                frame = pd.read_json(handle)
+            else:
+                frame = pd.read_parquet(handle)
+        except pd.errors.EmptyDataError:
+            raise CockatooError(f"source {src.name}: {uri} is empty") from None
+        except Exception as exc:  # readers raise many types; all mean "not this format"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CockatooError(f"source {src.name}: cannot read {uri} as {fmt}: {first}") from None
     if frame.empty:
-        raise CockatooError(f"source {src.name}: {path} has no rows")
+        raise CockatooError(f"source {src.name}: {uri} has no rows")
     return frame
 
 
-def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: Path) -> pd.Series:
+def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: str) -> pd.Series:
     """A label column as float scores in [0, 1] (NaN where the row is not annotated)."""
     values = frame[column]
     where = f"source {src.name} ({path}), column {column!r}"
@@ -194,7 +255,7 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def map_labels(frame: pd.DataFrame, src: Source, path: Path,
+def map_labels(frame: pd.DataFrame, src: Source, path: str,
                labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Return (labels, mask) arrays of shape (rows, len(labels)), int8."""
     n = len(frame)
@@ -231,7 +292,7 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     labels = config.labels
     frames, label_parts, mask_parts, stats = [], [], [], {}
     for src in config.sources:
-        path = _source_path(src, config.base_dir)
+        path = src.where if src.hub is not None else _source_path(src, config.base_dir)
         frame = read_source(src, config.base_dir)
         if src.text_column not in frame.columns:
             raise CockatooError(
@@ -242,7 +303,7 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
         text = frame[src.text_column].astype("string").str.strip().fillna("")
         keep = (text != "").to_numpy()
         stats[src.name] = {
-            "path": str(src.path),
+            "path": src.where,
             "rows_read": int(len(frame)),
             "empty_texts_dropped": int((~keep).sum()),
             "annotates": [x for x in labels if x in src.labels],

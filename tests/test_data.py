@@ -131,7 +131,7 @@ def _csv(tmp_path, frame, name="d.csv"):
 
 
 BAD_INPUTS = {
-    "missing file": (lambda p: "nothere.csv", {"scam": "label"}, "file not found: .*nothere.csv"),
+    "missing file": (lambda p: "nothere.csv", {"scam": "label"}, "not found: .*nothere.csv"),
     "unknown suffix": (lambda p: (p / "d.txt").write_text("text,label\na,1\n") and "d.txt",
                        {"scam": "label"}, r"cannot tell the format of .*d\.txt"),
     "text column missing": (lambda p: _csv(p, pd.DataFrame({"body": ["a"], "label": [1]})),

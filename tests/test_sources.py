@@ -1,0 +1,162 @@
+"""Sources in buckets (against local emulators), gzip files, Hub data sets, and files that
+are not what their suffix says. No network: every server here listens on loopback."""
+
+import gzip
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import error_line, run_cli, write_config
+
+from cockatoo_lib.data import load_data_config, prepare
+
+BIN = Path(sys.executable).parent
+ROWS = pd.DataFrame({"text": [f"row {i}" for i in range(20)], "label": [i % 2 for i in range(20)]})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(command: list[str], port: int):
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{command[0]} did not start on port {port}")
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """gcp-storage-emulator on loopback; gcsfs finds it through STORAGE_EMULATOR_HOST."""
+    port = _free_port()
+    process = _serve([str(BIN / "gcp-storage-emulator"), "start", "--host=127.0.0.1",
+                      f"--port={port}", "--in-memory"], port)
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    # gcsfs otherwise probes each bucket over gRPC, which the emulator does not serve.
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    import fsspec
+
+    fs = fsspec.filesystem("gs", token="anon")
+    fs.mkdir("cockatoo-data")
+    yield fs
+    process.kill()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on loopback; s3fs finds it through AWS_ENDPOINT_URL."""
+    port = _free_port()
+    process = _serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cockatoo-data")
+    yield fs
+    process.kill()
+
+
+def _prepare(config, out):
+    return prepare(load_data_config(str(config)), out)
+
+
+def test_gzip_csv_and_jsonl_sources(tmp_path):
+    with gzip.open(tmp_path / "a.csv.gz", "wt") as fh:
+        ROWS.to_csv(fh, index=False)
+    ROWS.to_json(tmp_path / "b.jsonl.gz", orient="records", lines=True, compression="gzip")
+    config = write_config(tmp_path, [
+        {"name": "a", "path": "a.csv.gz", "labels": {"scam": "label"}},
+        {"name": "b", "path": "b.jsonl.gz", "labels": {"toxicity": "label"}}])
+    manifest = _prepare(config, tmp_path / "out")
+    assert manifest["sources"]["a"]["rows_read"] == 20 and manifest["sources"]["b"]["rows_read"] == 20
+
+
+@pytest.mark.parametrize("store", ["gcs", "s3"])
+def test_bucket_sources_and_a_config_in_a_bucket(store, request, tmp_path):
+    fs, scheme = request.getfixturevalue(store), {"gcs": "gs", "s3": "s3"}[store]
+    with fs.open("cockatoo-data/rows.parquet", "wb") as fh:
+        ROWS.to_parquet(fh)
+    with fs.open("cockatoo-data/config.yaml", "w") as fh:  # relative paths start at the config
+        fh.write("labels: [scam]\nsources: [{name: b, path: rows.parquet, labels: {scam: label}}]\n")
+    config = load_data_config(f"{scheme}://cockatoo-data/config.yaml")
+    manifest = prepare(config, tmp_path / "out")
+    assert manifest["sources"]["b"] == {"path": "rows.parquet", "rows_read": 20, "empty_texts_dropped": 0,
+                                        "annotates": ["scam"], "duplicates_dropped": 0, "rows_kept": 20}
+
+
+@pytest.mark.parametrize("store, uri, message", [
+    ("gcs", "gs://cockatoo-data/missing.csv", "not found: gs://cockatoo-data/missing.csv"),
+    ("gcs", "gs://no-such-bucket/x.csv", "not found: gs://no-such-bucket/x.csv"),
+    ("s3", "s3://cockatoo-data/missing.csv", "not found: s3://cockatoo-data/missing.csv"),
+    ("s3", "s3://no-such-bucket/x.csv", "not found: s3://no-such-bucket/x.csv.*bucket does not exist"),
+])
+def test_missing_object_or_bucket_is_one_line(store, uri, message, request, tmp_path, capsys, monkeypatch):
+    request.getfixturevalue(store)
+    config = write_config(tmp_path, [{"name": "b", "path": uri, "labels": {"scam": "label"}}])
+    code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
+    import re
+
+    assert code == 2 and re.search(message, error_line(err))
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_source_from_a_local_folder_in_hub_layout(tmp_path):
+    (tmp_path / "hubset" / "data").mkdir(parents=True)
+    ROWS.iloc[:15].to_parquet(tmp_path / "hubset" / "data" / "train-00000-of-00001.parquet")
+    ROWS.iloc[15:].to_parquet(tmp_path / "hubset" / "data" / "test-00000-of-00001.parquet")
+    config = write_config(tmp_path, [{"name": "h", "hub": str(tmp_path / "hubset"), "split": "train",
+                                      "labels": {"scam": "label"}}])
+    manifest = _prepare(config, tmp_path / "out")
+    assert manifest["sources"]["h"]["rows_read"] == 15
+    assert manifest["sources"]["h"]["path"] == f"hub:{tmp_path / 'hubset'}"
+
+
+def test_unreachable_hub_data_set_says_how_to_work_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = write_config(tmp_path, [{"name": "h", "hub": "cockatoo-test/does-not-exist",
+                                      "labels": {"scam": "label"}}])
+    code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
+    line = error_line(err)
+    assert code == 2 and "cannot load hub data set cockatoo-test/does-not-exist" in line
+    assert "point 'path' at a local copy" in line and "HF_HUB_OFFLINE" in line
+
+
+BROKEN = {
+    "corrupt parquet": ("d.parquet", b"PAR1 this is not parquet", r"cannot read .*d\.parquet as parquet"),
+    "ragged csv": ("d.csv", b"text,label\na,1\nb,0,extra\n",
+                   r"cannot read .*d\.csv as csv: .*Expected 2 fields in line 3, saw 3"),
+    "json neither array nor lines": ("d.json", b'{"text": "a", "label": 1}\n{"text": "b"}',
+                                     r"cannot read .*d\.json as json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_files_are_one_line_errors(case, tmp_path, capsys, monkeypatch):
+    name, content, pattern = BROKEN[case]
+    (tmp_path / name).write_bytes(content)
+    config = write_config(tmp_path, [{"name": "d", "path": name, "labels": {"scam": "label"}}])
+    code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
+    import re
+
+    assert code == 2 and re.search(pattern, error_line(err)), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_needs_exactly_one_location(tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path, [{"name": "d", "path": "a.csv", "hub": "x/y", "labels": {"scam": "l"}}])
+    code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 2 and "give exactly one of 'path' and 'hub'" in error_line(err)
