@@ -37,13 +37,24 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 
 
 class LabelMapping(BaseModel):
-    """How one label is read from a source: one column, or several merged."""
+    """How one label is read from a source. Kinds:
+    - one column or several merged (`column` / `columns`, `merge`): bool, 0/1, or a score in
+      [0, 1] (an ordinal score too, once scaled) compared with `threshold`;
+    - a multi-class column (`values`): positive where the column holds one of these values;
+    - a tag-list column (`tags`): positive where the row's list holds one of these tags; with
+      integer tag ids, `tag_names` gives the name of each id.
+    Values a mapping does not expect are errors, unless `unexpected: mask` leaves such rows
+    unannotated for this label."""
 
     model_config = ConfigDict(extra="forbid")
 
     columns: list[str] = Field(min_length=1)
     merge: Literal["or", "and", "max", "mean"] = "or"
     threshold: float = Field(default=0.5, gt=0, lt=1)
+    values: list[int | str] | None = Field(default=None, min_length=1)
+    tags: list[str | int] | None = Field(default=None, min_length=1)
+    tag_names: list[str] | None = None
+    unexpected: Literal["error", "mask"] = "error"
 
     @model_validator(mode="before")
     @classmethod
@@ -54,6 +65,18 @@ class LabelMapping(BaseModel):
             value = dict(value)
             value["columns"] = [value.pop("column")]
         return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> LabelMapping:
+        if self.values is not None and self.tags is not None:
+            raise ValueError("give 'values' (a multi-class column) or 'tags' (a tag list), not both")
+        if (self.values is not None or self.tags is not None) and len(self.columns) != 1:
+            raise ValueError("'values' and 'tags' read exactly one column")
+        if self.tag_names is not None:
+            unknown = [t for t in self.tags or [] if t not in self.tag_names]
+            if self.tags is None or unknown:
+                raise ValueError(f"tags {unknown or ''} are not among tag_names")
+        return self
 
 
 class Source(BaseModel):
@@ -214,36 +237,62 @@ def read_source(src: Source, base_dir: str) -> pd.DataFrame:
     return frame
 
 
-def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: str) -> pd.Series:
+def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: str,
+                  unexpected: str = "error") -> pd.Series:
     """A label column as float scores in [0, 1] (NaN where the row is not annotated)."""
     values = frame[column]
-    where = f"source {src.name} ({path}), column {column!r}"
     if pd.api.types.is_bool_dtype(values):
         return values.astype("float64")
-    if not pd.api.types.is_numeric_dtype(values):
+    if pd.api.types.is_numeric_dtype(values):
+        scores = values.astype("float64")
+        if pd.api.types.is_integer_dtype(values) or _integral(scores):
+            bad = scores.notna() & ~scores.isin([0.0, 1.0])
+            expected = "a binary label column holds only 0 and 1"
+        else:
+            bad = scores.notna() & ((scores < 0) | (scores > 1))
+            expected = "a score must lie in [0, 1]"
+        bad = bad.to_numpy()
+    else:
         # An object column: bools with blanks, or numbers beside text. The first value that is
         # neither a bool nor a number is what the user must fix.
         is_bool = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(dtype=bool)
         numbers = pd.to_numeric(values.where(~is_bool), errors="coerce")
         bad = values.notna().to_numpy() & ~is_bool & numbers.isna().to_numpy()
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise CockatooError(f"{where} holds {values.iloc[row]!r} (data row {row + 1}); "
-                                "expected bool, 0/1 or a score in [0, 1]")
-        values = numbers.where(~is_bool, values.where(is_bool).astype("float64"))
-    scores = values.astype("float64")
-    if pd.api.types.is_integer_dtype(values) or _integral(scores):
-        bad_mask = scores.notna() & ~scores.isin([0.0, 1.0])
-        expected = "a binary label column holds only 0 and 1"
-    else:
-        bad_mask = scores.notna() & ((scores < 0) | (scores > 1))
-        expected = "a score must lie in [0, 1]"
-    if bad_mask.any():
-        row = int(np.flatnonzero(bad_mask.to_numpy())[0])
-        raise CockatooError(
-            f"{where} holds {_num(scores.iloc[row])} (data row {row + 1}); {expected}"
-        )
-    return scores
+        scores = numbers.where(~is_bool, values.where(is_bool).astype("float64"))
+        expected = "expected bool, 0/1 or a score in [0, 1]"
+    return _unexpected(scores, bad, values, expected, src, path, column, unexpected)
+
+
+def _unexpected(scores: pd.Series, bad: np.ndarray, raw: pd.Series, expected: str, src: Source,
+                path: str, column: str, policy: str) -> pd.Series:
+    """Raise on the first unexpected value, or (policy `mask`) leave those rows unannotated."""
+    if not bad.any():
+        return scores
+    if policy == "mask":
+        return scores.mask(bad)
+    row = int(np.flatnonzero(bad)[0])
+    value = raw.iloc[row]
+    shown = _num(value) if isinstance(value, float | np.floating | int | np.integer) else repr(value)
+    raise CockatooError(f"source {src.name} ({path}), column {column!r} holds {shown} "
+                        f"(data row {row + 1}); {expected}")
+
+
+def _class_hits(frame: pd.DataFrame, mapping: LabelMapping, src: Source, path: str) -> pd.Series:
+    """1.0 / 0.0 / NaN for a multi-class or tag-list mapping."""
+    column = mapping.columns[0]
+    values = frame[column]
+    if mapping.values is not None:
+        return values.isin(mapping.values).astype("float64").mask(values.isna())
+    wanted = set(mapping.tags)
+    if mapping.tag_names is not None:  # integer ids in the data, names in the config
+        wanted = {mapping.tag_names.index(t) for t in wanted}
+    is_list = values.map(lambda v: isinstance(v, list | tuple | np.ndarray)).to_numpy(dtype=bool)
+    exploded = values.where(is_list).explode()
+    hits = exploded.isin(wanted).groupby(level=0).any().astype("float64")
+    hits = hits.reindex(values.index).mask(~is_list)
+    bad = values.notna().to_numpy() & ~is_list
+    return _unexpected(hits, bad, values, "a tag column holds a list of tags per row",
+                       src, path, column, mapping.unexpected)
 
 
 def _integral(scores: pd.Series) -> bool:
@@ -271,7 +320,11 @@ def map_labels(frame: pd.DataFrame, src: Source, path: str,
                     f"source {src.name} ({path}): label column {col!r} for {label} not found; "
                     f"columns: {', '.join(map(str, frame.columns))}"
                 )
-        scores = pd.concat([_label_scores(frame, c, src, path) for c in mapping.columns], axis=1)
+        if mapping.values is not None or mapping.tags is not None:
+            scores = _class_hits(frame, mapping, src, path).to_frame()
+        else:
+            scores = pd.concat([_label_scores(frame, c, src, path, mapping.unexpected)
+                                for c in mapping.columns], axis=1)
         annotated = scores.notna().any(axis=1).to_numpy()
         if mapping.merge in ("max", "mean"):
             merged = scores.max(axis=1) if mapping.merge == "max" else scores.mean(axis=1)

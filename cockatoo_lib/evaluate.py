@@ -109,7 +109,7 @@ def render_report(results: dict, probs: np.ndarray, y: np.ndarray, m: np.ndarray
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
     f1_plot = _png(fig)
     plt.close(fig)
 

@@ -177,3 +177,55 @@ def test_prepare_refuses_a_non_empty_output(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["prepare", "-c", "sample", "-o", out], capsys, monkeypatch)
     assert code == 2 and "already exists and is not empty" in error_line(err)
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def _mapped(tmp_path, frame, labels, active):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    frame.to_json(tmp_path / "d.jsonl", orient="records", lines=True)  # JSON holds mixed types
+    config = write_config(tmp_path, [{"name": "d", "path": "d.jsonl", "labels": labels}], labels=active)
+    prepare(load_data_config(str(config)), tmp_path / "out")
+    rows = _all_rows(tmp_path / "out").set_index("text").sort_index()
+    return np.stack(rows["labels"].to_numpy()).tolist(), np.stack(rows["label_mask"].to_numpy()).tolist()
+
+
+def test_multi_class_and_tag_list_mappings(tmp_path):
+    frame = pd.DataFrame({
+        "text": ["a", "b", "c", "d"],
+        "emotion": [3, 0, 3, None],                                  # class id 3 means anger
+        "tags": [["insult", "spam"], [], ["threat"], None],          # tag names
+        "ids": [[0], [2], [0, 1], [1]],                              # tag ids, names below
+    })
+    y, m = _mapped(tmp_path, frame, {
+        "toxicity": {"column": "emotion", "values": [3]},
+        "harassment": {"column": "tags", "tags": ["insult"]},
+        "violence": {"column": "tags", "tags": ["threat"]},
+        "scam": {"column": "ids", "tags": ["phishing"], "tag_names": ["phishing", "malware", "benign"]},
+    }, ["toxicity", "harassment", "violence", "scam"])
+    assert y == [[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 1, 1], [0, 0, 0, 0]]
+    assert m == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]]  # missing values: unannotated
+
+
+def test_unexpected_values_are_masked_only_when_the_mapping_says_so(tmp_path):
+    frame = pd.DataFrame({"text": ["a", "b", "c"], "label": [1, 2, 0], "tags": [["x"], "x", ["y"]]})
+    y, m = _mapped(tmp_path, frame, {"scam": {"column": "label", "unexpected": "mask"},
+                                     "toxicity": {"column": "tags", "tags": ["x"], "unexpected": "mask"}},
+                   ["scam", "toxicity"])
+    assert y == [[1, 1], [0, 0], [0, 0]] and m == [[1, 1], [0, 0], [1, 1]]
+    from cockatoo_lib.errors import CockatooError
+
+    message = r"column 'tags' holds 'x' \(data row 2\); a tag column holds a list"
+    with pytest.raises(CockatooError, match=message):
+        _mapped(tmp_path / "again", frame, {"toxicity": {"column": "tags", "tags": ["x"]}}, ["toxicity"])
+
+
+def test_mapping_kinds_are_checked_in_the_config(tmp_path):
+    from cockatoo_lib.errors import CockatooError
+
+    for mapping, message in [
+        ({"column": "c", "values": [1], "tags": ["a"]}, "not both"),
+        ({"columns": ["a", "b"], "values": [1]}, "exactly one column"),
+        ({"column": "c", "tags": ["nope"], "tag_names": ["a"]}, "not among tag_names"),
+    ]:
+        config = write_config(tmp_path, [{"name": "d", "path": "d.csv", "labels": {"scam": mapping}}])
+        with pytest.raises(CockatooError, match=message):
+            load_data_config(str(config))
