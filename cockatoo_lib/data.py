@@ -119,6 +119,11 @@ class DataConfig(BaseModel):
 
     labels: list[str] = Field(default_factory=lambda: list(DEFAULT_LABELS), min_length=1)
     sources: list[Source] = Field(min_length=1)
+    # Duplicates are found on normalized text (case and runs of whitespace ignored):
+    # keep_all keeps every row; keep_first the first copy; merge_labels the first copy with
+    # the labels of all copies (a label positive in any annotated copy is positive);
+    # drop_conflicts drops every copy of a text whose copies disagree, else keeps the first.
+    dedup: Literal["keep_all", "keep_first", "merge_labels", "drop_conflicts"] = "keep_first"
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     base_dir: str = Field(default=".", exclude=True)  # a folder or URI; relative paths start here
@@ -373,10 +378,12 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
         )
     frame = pd.concat(frames, ignore_index=True)
     y, m = np.concatenate(label_parts), np.concatenate(mask_parts)
-    dup = frame.duplicated("text", keep="first").to_numpy()
+    keep, y, m, dup, conflict = deduplicate(frame["text"], y, m, config.dedup)
+    source = frame["source"].to_numpy()
     for name in stats:
-        stats[name]["duplicates_dropped"] = int((dup & (frame["source"] == name).to_numpy()).sum())
-    keep = ~dup
+        here = source == name
+        stats[name].update(duplicates=int((dup & here).sum()), conflicts=int((conflict & here).sum()),
+                           duplicates_dropped=int((~keep & here).sum()))
     frame = frame[keep].reset_index(drop=True)
     y, m = y[keep], m[keep]
     for name in stats:
@@ -385,6 +392,28 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
         if not m[:, j].any():
             log.warning("no source annotates label %s: it will be masked everywhere", label)
     return frame, y, m, stats
+
+
+def normalize_text(text: pd.Series) -> pd.Series:
+    return text.str.lower().str.replace(r"\s+", " ", regex=True)
+
+
+def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str):
+    """Returns (rows to keep, labels, mask, is-duplicate, in-conflict), vectorized.
+
+    A row is a duplicate when its normalized text appeared before; its group is in conflict
+    when one label is annotated positive in one copy and negative in another."""
+    codes, _ = pd.factorize(normalize_text(text))
+    first = ~pd.Series(codes).duplicated().to_numpy()
+    grouped = pd.DataFrame(np.hstack([y * m, (1 - y) * m, m])).groupby(codes).transform("max").to_numpy()
+    width = y.shape[1]
+    positive, negative, annotated = (grouped[:, i * width:(i + 1) * width] for i in range(3))
+    conflict = (positive & negative).any(axis=1)
+    if policy == "merge_labels":
+        y, m = positive.astype(np.int8), annotated.astype(np.int8)
+    keep = {"keep_all": np.ones(len(text), bool), "keep_first": first, "merge_labels": first,
+            "drop_conflicts": first & ~conflict}[policy]
+    return keep, y, m, ~first, conflict
 
 
 # --------------------------------------------------------------------------- splitting

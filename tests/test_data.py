@@ -229,3 +229,30 @@ def test_mapping_kinds_are_checked_in_the_config(tmp_path):
         config = write_config(tmp_path, [{"name": "d", "path": "d.csv", "labels": {"scam": mapping}}])
         with pytest.raises(CockatooError, match=message):
             load_data_config(str(config))
+
+
+@pytest.mark.parametrize("policy, texts, labels, masks, dropped", [
+    ("keep_all", ["Hello  World", "hello world", "other", "spam"], None, None, 0),
+    ("keep_first", ["Hello  World", "other", "spam"], [[1, 0], [0, 0], [1, 1]], None, 3),
+    ("merge_labels", ["Hello  World", "other", "spam"], [[1, 0], [0, 0], [1, 1]],
+     [[1, 1], [1, 1], [1, 1]], 3),
+    ("drop_conflicts", ["other", "spam"], [[0, 0], [1, 1]], None, 4),
+])
+def test_dedup_policies(policy, texts, labels, masks, dropped, tmp_path):
+    # Rows 1-3 are one text (case and whitespace differ); copies 1 and 2 disagree on scam.
+    frame = pd.DataFrame({"text": ["Hello  World", "hello world", "HELLO world", "other", "spam", "Spam"],
+                          "a": [1, 0, 1, 0, 1, 1], "b": [0, 0, None, 0, 1, 1]})
+    frame.to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    source = {"name": "d", "path": "d.jsonl", "labels": {"scam": "a", "toxicity": "b"}}
+    config = write_config(tmp_path, [source], labels=["scam", "toxicity"], dedup=policy)
+    manifest = prepare(load_data_config(str(config)), tmp_path / "out")
+    stats = manifest["sources"]["d"]
+    assert (stats["duplicates"], stats["conflicts"], stats["duplicates_dropped"]) == (3, 3, dropped)
+    rows = _all_rows(tmp_path / "out").set_index("text").loc[texts] if policy != "keep_all" else None
+    if policy == "keep_all":
+        assert stats["rows_kept"] == 6
+        return
+    assert sorted(_all_rows(tmp_path / "out")["text"]) == sorted(texts)
+    assert np.stack(rows["labels"].to_numpy()).tolist() == labels
+    if masks:
+        assert np.stack(rows["label_mask"].to_numpy()).tolist() == masks
