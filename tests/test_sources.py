@@ -94,8 +94,9 @@ def test_bucket_sources_and_a_config_in_a_bucket(store, request, tmp_path):
         fh.write("labels: [scam]\nsources: [{name: b, path: rows.parquet, labels: {scam: label}}]\n")
     config = load_data_config(f"{scheme}://cockatoo-data/config.yaml")
     manifest = prepare(config, tmp_path / "out")
-    assert manifest["sources"]["b"] == {"path": "rows.parquet", "rows_read": 20, "empty_texts_dropped": 0,
-                                        "annotates": ["scam"], "duplicates_dropped": 0, "rows_kept": 20}
+    assert manifest["sources"]["b"] == {
+        "path": "rows.parquet", "rows_read": 20, "empty_texts_dropped": 0, "annotates": ["scam"],
+        "duplicates": 0, "conflicts": 0, "duplicates_dropped": 0, "rows_kept": 20}
 
 
 @pytest.mark.parametrize("store, uri, message", [
