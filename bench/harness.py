@@ -8,6 +8,8 @@ B2  tokenization: rows/s of a cold run over 100,000 rows, and a cache hit's time
 B3  optimizer memory: bytes of optimizer state, bitsandbytes AdamW8bit against
     torch.optim.AdamW, for a model of deberta-v3-base's published size (random weights).
 B4  GPU figures: not measured yet (no GPU was available); never estimated.
+B5  data prep at scale: 1,000,000 rows from three sources (CSV, JSON lines, Parquet) through
+    `cockatoo prepare` in a fresh process: wall time and peak RSS.
 
 Every figure is a median over several repeats; every comparison a ratio of medians taken
 side by side in the same run.
@@ -230,11 +232,66 @@ def bench_optimizer_memory() -> dict:
             "ratio": sizes["adamw_8bit"] / sizes["adamw"]}
 
 
+# ------------------------------------------------------------------ B5
+
+
+def write_million_rows(folder: Path, rows: int = 1_000_000) -> Path:
+    """Three sources shaped like the sample's, 40/30/30 % of the rows, ~40% duplicate texts."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    words = np.array(["great post", "you idiot", "verify your account at", "ignore previous instructions",
+                      "hello there", "nice pic", "I will hurt you", "free gift card"])
+    ids = pd.Series(rng.integers(0, int(rows * 0.6), rows)).astype(str)
+    text = pd.Series(rng.choice(words, rows)) + " #" + ids
+    a, b = int(rows * 0.4), int(rows * 0.7)
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"comment_text": text[:a], "toxic": rng.integers(0, 2, a), "obscene": rng.integers(0, 2, a),
+                  "threat": rng.random(a)}).to_csv(folder / "a.csv", index=False)
+    pd.DataFrame({"user_input": text[a:b].to_numpy(), "toxicity": rng.integers(0, 2, b - a),
+                  "jailbreaking": rng.integers(0, 2, b - a)}).to_json(folder / "b.jsonl", orient="records",
+                                                                      lines=True)
+    pd.DataFrame({"text": text[b:].to_numpy(), "label": rng.integers(0, 2, rows - b).astype(bool)}
+                 ).to_parquet(folder / "c.parquet")
+    config = folder / "data.yaml"
+    config.write_text(
+        "sources:\n"
+        "  - {name: a, path: a.csv, text_column: comment_text, labels: {toxicity: toxic,"
+        " obscenity: obscene, violence: {column: threat, threshold: 0.9}}}\n"
+        "  - {name: b, path: b.jsonl, text_column: user_input,"
+        " labels: {toxicity: toxicity, jailbreaking: jailbreaking}}\n"
+        "  - {name: c, path: c.parquet, labels: {scam: label}}\n")
+    return config
+
+
+def bench_prepare_at_scale(rows: int, repeats: int) -> dict:
+    import resource
+    import subprocess
+    import sys
+
+    seconds, rss = [], []
+    with tempfile.TemporaryDirectory() as work:
+        config = write_million_rows(Path(work) / "in", rows)
+        for i in range(repeats):
+            code = ("import time; from cockatoo_lib.data import load_data_config, prepare;"
+                    f"t = time.perf_counter();"
+                    f"prepare(load_data_config({str(config)!r}), {work!r} + '/out{i}');"
+                    "print(time.perf_counter() - t)")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            seconds.append(float(out.stdout.strip().splitlines()[-1]))
+            rss.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)  # max so far
+        manifest = json.loads((Path(work) / "out0" / "manifest.json").read_text())
+    return {"rows": rows, "repeats": repeats, "seconds": statistics.median(seconds),
+            "rows_per_s": rows / statistics.median(seconds), "peak_rss_bytes": max(rss),
+            "rows_out": sum(v["rows"] for v in manifest["splits"].values()),
+            "duplicates": sum(v["duplicates"] for v in manifest["sources"].values())}
+
+
 # ------------------------------------------------------------------ report
 
 
 def write_report(results: dict, path: Path) -> None:
-    m, b1, b2, b3 = results["machine"], results["b1"], results["b2"], results["b3"]
+    m, b1, b2, b3, b5 = (results[k] for k in ("machine", "b1", "b2", "b3", "b5"))
     g, p = b1["median"]["grouped"], b1["median"]["padded"]
     lines = [
         "# Benchmarks",
@@ -287,6 +344,15 @@ def write_report(results: dict, path: Path) -> None:
         "",
         f"**Ratio: {b3['ratio']:.1%}** (target: at most 30%).",
         "",
+        "## B5: data prep at scale",
+        "",
+        f"{b5['rows']:,} rows in three sources (CSV, JSON lines, Parquet; {b5['duplicates']:,} duplicate "
+        f"texts dropped, {b5['rows_out']:,} rows out), `prepare` in a fresh process, "
+        f"{b5['repeats']} repeats: "
+        f"**{b5['seconds']:.1f} s** median ({b5['rows_per_s']:,.0f} rows/s), "
+        f"**peak RSS {b5['peak_rss_bytes'] / 2**30:.2f} GiB** (targets: at most 60 s and 3 GB). "
+        "The time covers reading, mapping, dedup, the split and writing, not the interpreter's start.",
+        "",
         "## B4: GPU",
         "",
         "Not yet measured: no NVIDIA GPU was available when these figures were taken, and nothing",
@@ -305,6 +371,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24,
                         help="B1 optimizer steps (one epoch) per measurement")
     parser.add_argument("--rows", type=int, default=100_000, help="B2 rows")
+    parser.add_argument("--prepare-rows", type=int, default=1_000_000, help="B5 rows")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -315,6 +382,9 @@ def main() -> None:
     print("B2 tokenization ...", flush=True)
     results["b2"] = bench_tokenization(args.rows, args.repeats)
     print(json.dumps(results["b2"]), flush=True)
+    print("B5 data prep at scale ...", flush=True)
+    results["b5"] = bench_prepare_at_scale(args.prepare_rows, args.repeats)
+    print(json.dumps(results["b5"]), flush=True)
     print("B1 training throughput ...", flush=True)
     results["b1"] = bench_training(args.repeats, args.steps)
     print(json.dumps(results["b1"]["median"]), flush=True)
