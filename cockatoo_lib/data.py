@@ -50,7 +50,9 @@ class LabelMapping(BaseModel):
 
     columns: list[str] = Field(min_length=1)
     merge: Literal["or", "and", "max", "mean"] = "or"
-    threshold: float = Field(default=0.5, gt=0, lt=1)
+    threshold: float = 0.5
+    # The valid range of a score that does not lie in [0, 1] (e.g. an IRT score).
+    range: tuple[float, float] | None = None
     values: list[int | str] | None = Field(default=None, min_length=1)
     tags: list[str | int] | None = Field(default=None, min_length=1)
     tag_names: list[str] | None = None
@@ -68,6 +70,9 @@ class LabelMapping(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> LabelMapping:
+        low, high = self.range or (0.0, 1.0)
+        if not low < self.threshold < high:
+            raise ValueError(f"threshold {self.threshold} must lie strictly inside ({low:g}, {high:g})")
         if self.values is not None and self.tags is not None:
             raise ValueError("give 'values' (a multi-class column) or 'tags' (a tag list), not both")
         if (self.values is not None or self.tags is not None) and len(self.columns) != 1:
@@ -93,6 +98,9 @@ class Source(BaseModel):
     revision: str | None = None
     format: Literal["csv", "jsonl", "json", "parquet"] | None = None
     text_column: str = "text"
+    # When several rows describe one item (one row per annotator, say): the column naming the
+    # item. Its rows become one, numeric columns averaged, the others taken from the first row.
+    item_column: str | None = None
     labels: dict[str, LabelMapping] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -243,14 +251,17 @@ def read_source(src: Source, base_dir: str) -> pd.DataFrame:
 
 
 def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: str,
-                  unexpected: str = "error") -> pd.Series:
-    """A label column as float scores in [0, 1] (NaN where the row is not annotated)."""
+                  unexpected: str = "error", score_range: tuple[float, float] | None = None) -> pd.Series:
+    """A label column as float scores, in [0, 1] unless a range is given (NaN: not annotated)."""
     values = frame[column]
     if pd.api.types.is_bool_dtype(values):
         return values.astype("float64")
     if pd.api.types.is_numeric_dtype(values):
         scores = values.astype("float64")
-        if pd.api.types.is_integer_dtype(values) or _integral(scores):
+        if score_range is not None:
+            bad = scores.notna() & ((scores < score_range[0]) | (scores > score_range[1]))
+            expected = f"this score must lie in [{score_range[0]:g}, {score_range[1]:g}]"
+        elif pd.api.types.is_integer_dtype(values) or _integral(scores):
             bad = scores.notna() & ~scores.isin([0.0, 1.0])
             expected = "a binary label column holds only 0 and 1"
         else:
@@ -328,7 +339,7 @@ def map_labels(frame: pd.DataFrame, src: Source, path: str,
         if mapping.values is not None or mapping.tags is not None:
             scores = _class_hits(frame, mapping, src, path).to_frame()
         else:
-            scores = pd.concat([_label_scores(frame, c, src, path, mapping.unexpected)
+            scores = pd.concat([_label_scores(frame, c, src, path, mapping.unexpected, mapping.range)
                                 for c in mapping.columns], axis=1)
         annotated = scores.notna().any(axis=1).to_numpy()
         if mapping.merge in ("max", "mean"):
@@ -357,12 +368,16 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
                 f"source {src.name} ({path}): text column {src.text_column!r} not found; "
                 f"columns: {', '.join(map(str, frame.columns))}"
             )
+        rows_read = len(frame)
+        if src.item_column is not None:
+            frame = one_row_per_item(frame, src, path)
         y, m = map_labels(frame, src, path, labels)
         text = frame[src.text_column].astype("string").str.strip().fillna("")
         keep = (text != "").to_numpy()
         stats[src.name] = {
             "path": src.where,
-            "rows_read": int(len(frame)),
+            "rows_read": int(rows_read),
+            "items": int(len(frame)),
             "empty_texts_dropped": int((~keep).sum()),
             "annotates": [x for x in labels if x in src.labels],
         }
@@ -392,6 +407,15 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
         if not m[:, j].any():
             log.warning("no source annotates label %s: it will be masked everywhere", label)
     return frame, y, m, stats
+
+
+def one_row_per_item(frame: pd.DataFrame, src: Source, path: str) -> pd.DataFrame:
+    if src.item_column not in frame.columns:
+        raise CockatooError(f"source {src.name} ({path}): item column {src.item_column!r} not found; "
+                            f"columns: {', '.join(map(str, frame.columns))}")
+    numeric = frame.select_dtypes(include=["number", "bool"]).columns.drop(src.item_column, errors="ignore")
+    how = {c: ("mean" if c in numeric else "first") for c in frame.columns if c != src.item_column}
+    return frame.groupby(src.item_column, sort=False).agg(how).reset_index()
 
 
 def normalize_text(text: pd.Series) -> pd.Series:
