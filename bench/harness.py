@@ -272,12 +272,13 @@ def bench_prepare_at_scale(rows: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         config = write_million_rows(Path(work) / "in", rows)
         for i in range(repeats):
-            # The child reports its own peak: RUSAGE_CHILDREN could carry the high-water mark
-            # of this (large) benchmark process into a forked child.
-            code = ("import resource, time; from cockatoo_lib.data import load_data_config, prepare;"
+            # The child reports its own peak as VmHWM, which belongs to its address space: getrusage's
+            # maxrss survives exec and would carry this (large) process's mark into the child.
+            code = ("import re, time; from cockatoo_lib.data import load_data_config, prepare;"
                     f"t = time.perf_counter();"
                     f"prepare(load_data_config({str(config)!r}), {work!r} + '/out{i}');"
-                    "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+                    "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1);"
+                    "print(time.perf_counter() - t, hwm)")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             took, peak_kib = out.stdout.strip().splitlines()[-1].split()
             seconds.append(float(took))

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
+from cockatoo_lib.rebalance import Rebalance, rebalance
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ DEFAULT_LABELS = ("scam", "violence", "harassment", "hate_speech", "toxicity", "
 SPLITS = ("train", "validation", "test")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 MANIFEST = "manifest.json"
-POS_WEIGHT_CAP = 10.0
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
@@ -132,6 +132,7 @@ class DataConfig(BaseModel):
     # the labels of all copies (a label positive in any annotated copy is positive);
     # drop_conflicts drops every copy of a text whose copies disagree, else keeps the first.
     dedup: Literal["keep_all", "keep_first", "merge_labels", "drop_conflicts"] = "keep_first"
+    rebalance: Rebalance = Field(default_factory=Rebalance)
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     base_dir: str = Field(default=".", exclude=True)  # a folder or URI; relative paths start here
@@ -483,14 +484,6 @@ def write_split(path: Path, frame: pd.DataFrame, y: np.ndarray, m: np.ndarray) -
     pq.write_table(table, path, compression="zstd")
 
 
-def class_weights(y: np.ndarray, m: np.ndarray, labels: list[str]) -> dict[str, float]:
-    """BCE pos_weight per label: negatives / positives among annotated train rows, capped."""
-    pos = (y * m).sum(axis=0).astype(float)
-    neg = ((1 - y) * m).sum(axis=0).astype(float)
-    weights = np.where(pos > 0, neg / np.maximum(pos, 1), POS_WEIGHT_CAP)
-    return {label: round(float(min(max(w, 1e-3), POS_WEIGHT_CAP)), 6) for label, w in zip(labels, weights)}
-
-
 def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0) -> dict:
     """Write train/validation/test Parquet files and a manifest to `output`; return the manifest."""
     labels = config.labels
@@ -499,6 +492,8 @@ def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples:
         keep = np.sort(np.random.default_rng(seed).choice(len(frame), max_samples, replace=False))
         frame, y, m = frame.iloc[keep].reset_index(drop=True), y[keep], m[keep]
     split = split_indices(y, m, seed, config.validation_fraction, config.test_fraction)
+    train_rows, balance = rebalance(y[split["train"]], m[split["train"]], labels, config.rebalance, seed)
+    split["train"] = split["train"][train_rows]
     manifest: dict = {"format_version": 1, "labels": labels, "seed": seed, "sources": stats,
                       "splits": {}, "warnings": []}
     with atomic_output_dir(output) as tmp:
@@ -509,8 +504,8 @@ def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples:
                 "positives": dict(zip(labels, (y[idx] * m[idx]).sum(axis=0).tolist())),
                 "annotated": dict(zip(labels, m[idx].sum(axis=0).tolist())),
             }
-        train = split["train"]
-        manifest["class_weights"] = class_weights(y[train], m[train], labels)
+        manifest["rebalance"] = balance
+        manifest["class_weights"] = balance["pos_weight"]  # BCE's pos_weight
         for label, count in manifest["splits"]["train"]["positives"].items():
             if count == 0:
                 msg = f"active label {label} has no positive example in train"

@@ -10,8 +10,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _reduce(per_element: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _reduce(per_element: torch.Tensor, mask: torch.Tensor,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`weights`, one per label, scale each label's term (rebalancing by reweighting)."""
     mask = mask.to(per_element.dtype)
+    if weights is not None:
+        per_element = per_element * weights.to(per_element.device, per_element.dtype)
     per_row_count = mask.sum(dim=1)
     per_row = (per_element * mask).sum(dim=1) / per_row_count.clamp(min=1)
     rows = (per_row_count > 0).to(per_element.dtype)
@@ -20,7 +24,7 @@ def _reduce(per_element: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                     gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05,
-                    eps: float = 1e-8) -> torch.Tensor:
+                    eps: float = 1e-8, weights: torch.Tensor | None = None) -> torch.Tensor:
     """ASL (Ridnik et al., 2021): focusing on hard examples, with easy negatives shifted away
     by `clip`, so the many negatives of a multi-label task do not drown the positives."""
     logits, targets = logits.float(), targets.float()
@@ -28,11 +32,11 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     p_neg = (p - clip).clamp(min=0) if clip > 0 else p
     loss_pos = targets * torch.log(p.clamp(min=eps)) * (1 - p) ** gamma_pos
     loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=eps)) * p_neg ** gamma_neg
-    return _reduce(-(loss_pos + loss_neg), mask)
+    return _reduce(-(loss_pos + loss_neg), mask, weights)
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+               pos_weight: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     per_element = F.binary_cross_entropy_with_logits(
         logits.float(), targets.float(), pos_weight=pos_weight, reduction="none")
-    return _reduce(per_element, mask)
+    return _reduce(per_element, mask, weights)

@@ -28,7 +28,7 @@ from cockatoo_lib.registry import Plan
 log = logging.getLogger(__name__)
 
 # Bump when the tokenized layout or the way texts become ids changes: old entries then miss.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2  # 2: label loss weights and learning-rate scale travel along
 INFO = "tokenized.json"
 ENTRY_MARKER = "entry.json"
 DEFAULT_CACHE_ROOT = "~/.cache/cockatoo"
@@ -106,6 +106,8 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
     info = {"cache_key": key, "model_type": plan.model_type, "tokenizer": identity,
             "max_length": plan.max_length, "labels": manifest["labels"],
             "class_weights": manifest["class_weights"], "data_fingerprint": manifest["fingerprint"],
+            "loss_weights": manifest["rebalance"]["loss_weights"],
+            "learning_rate_scale": manifest["rebalance"]["learning_rate_scale"],
             "preprocessing_version": PREPROCESSING_VERSION}
     with atomic_output_dir(output) as tmp:
         stats = _read_entry(fs, entry, key)

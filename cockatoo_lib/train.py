@@ -50,20 +50,22 @@ class CockatooTrainer(Trainer):
     # Our loss is a mean over the batch, so the Trainer must divide it for accumulation.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, plan: Plan, pos_weight: torch.Tensor | None = None, **kwargs):
+    def __init__(self, *args, plan: Plan, pos_weight: torch.Tensor | None = None,
+                 loss_weights: torch.Tensor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.plan = plan
         self.pos_weight = pos_weight
+        self.loss_weights = loss_weights
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, mask = inputs.pop("labels"), inputs.pop("label_mask")
         outputs = model(**inputs)
         if self.plan.loss == "asl":
             loss = asymmetric_loss(outputs.logits, labels, mask, self.plan.asl_gamma_neg,
-                                   self.plan.asl_gamma_pos, self.plan.asl_clip)
+                                   self.plan.asl_gamma_pos, self.plan.asl_clip, weights=self.loss_weights)
         else:
             pos_weight = self.pos_weight.to(outputs.logits.device) if self.pos_weight is not None else None
-            loss = masked_bce(outputs.logits, labels, mask, pos_weight)
+            loss = masked_bce(outputs.logits, labels, mask, pos_weight, weights=self.loss_weights)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
@@ -132,10 +134,18 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
         raise CockatooError(
             f"tokenized data {tokenized_dir} is for {tok_info['model_type']} at max_length "
             f"{tok_info['max_length']}, not {plan.model_type} at {plan.max_length}; rerun tokenize")
+    scale = tok_info["learning_rate_scale"]
+    if scale != 1.0:  # the data's label weights are in a risky band (see cockatoo_lib.rebalance)
+        note = f"learning rate × {scale:g} for the reweighted loss: {plan.learning_rate:g} -> " \
+               f"{plan.learning_rate * scale:g}"
+        log.warning(note)
+        plan = plan.model_copy(update={"learning_rate": plan.learning_rate * scale,
+                                       "adjustments": plan.adjustments + (note,)})
     cuda = torch.cuda.is_available()
     tokenizer = load_tokenizer(plan)
     model = load_base_model(plan, labels)
     pos_weight = torch.tensor([tok_info["class_weights"][x] for x in labels], dtype=torch.float32)
+    loss_weights = torch.tensor([tok_info["loss_weights"][x] for x in labels])
 
     with atomic_output_dir(output) as tmp, tempfile.TemporaryDirectory() as work:
         trainer = CockatooTrainer(
@@ -148,6 +158,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             compute_metrics=_compute_metrics,
             plan=plan,
             pos_weight=pos_weight,
+            loss_weights=loss_weights,
         )
         result = trainer.train()
         best_f1 = trainer.state.best_metric
