@@ -25,8 +25,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve(command: list[str], port: int):
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _serve(command: list[str], port: int, env: dict | None = None):
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -161,3 +161,28 @@ def test_source_needs_exactly_one_location(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path, [{"name": "d", "path": "a.csv", "hub": "x/y", "labels": {"scam": "l"}}])
     code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
     assert code == 2 and "give exactly one of 'path' and 'hub'" in error_line(err)
+
+
+def test_object_without_permission_is_one_line(s3, tmp_path, capsys, monkeypatch):
+    """moto enforcing authentication after two setup calls: our reader's key is refused."""
+    import boto3
+    import s3fs
+
+    port = _free_port()
+    process = _serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port,
+                     env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"})
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="locked")
+        client.put_object(Bucket="locked", Key="d.csv", Body=b"text,label\na,1\n")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()  # instances remember their endpoint
+        source = {"name": "b", "path": "s3://locked/d.csv", "labels": {"scam": "label"}}
+        config = write_config(tmp_path, [source])
+        code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
+        assert code == 2 and "source b: no permission to read s3://locked/d.csv" in error_line(err)
+        assert not (tmp_path / "out").exists()
+    finally:
+        process.kill()
+        s3fs.S3FileSystem.clear_instance_cache()
