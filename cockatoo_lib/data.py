@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
+from cockatoo_lib.images import image_digests, load_image_column
 from cockatoo_lib.rebalance import Rebalance, rebalance
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ class Source(BaseModel):
     revision: str | None = None
     format: Literal["csv", "jsonl", "json", "parquet"] | None = None
     text_column: str = "text"
+    # Optional: a column holding an image per row (see cockatoo_lib.images for what it may
+    # hold). Rows with and without images may mix; a row with an image may have no text.
+    image_column: str | None = None
     # When several rows describe one item (one row per annotator, say): the column naming the
     # item. Its rows become one, numeric columns averaged, the others taken from the first row.
     item_column: str | None = None
@@ -133,9 +137,16 @@ class DataConfig(BaseModel):
     # drop_conflicts drops every copy of a text whose copies disagree, else keeps the first.
     dedup: Literal["keep_all", "keep_first", "merge_labels", "drop_conflicts"] = "keep_first"
     rebalance: Rebalance = Field(default_factory=Rebalance)
+    # A missing or corrupt image: `error` stops with the row and path; `drop` drops the row
+    # and counts it in the manifest.
+    bad_images: Literal["error", "drop"] = "error"
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     base_dir: str = Field(default=".", exclude=True)  # a folder or URI; relative paths start here
+
+    @property
+    def has_images(self) -> bool:
+        return any(src.image_column is not None for src in self.sources)
 
     @field_validator("labels")
     @classmethod
@@ -358,43 +369,55 @@ def map_labels(frame: pd.DataFrame, src: Source, path: str,
 
 
 def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict]:
-    """Read, map and clean every source. Returns (frame with text/source, labels, mask, stats)."""
+    """Read, map and clean every source. Returns (frame with text/source and, when any source
+    has images, image bytes; labels, mask, stats)."""
     labels = config.labels
     frames, label_parts, mask_parts, stats = [], [], [], {}
     for src in config.sources:
         path = src.where if src.hub is not None else _source_path(src, config.base_dir)
         frame = read_source(src, config.base_dir)
-        if src.text_column not in frame.columns:
-            raise CockatooError(
-                f"source {src.name} ({path}): text column {src.text_column!r} not found; "
-                f"columns: {', '.join(map(str, frame.columns))}"
-            )
+        for kind, column in (("text", src.text_column), ("image", src.image_column)):
+            if column is not None and column not in frame.columns:
+                raise CockatooError(
+                    f"source {src.name} ({path}): {kind} column {column!r} not found; "
+                    f"columns: {', '.join(map(str, frame.columns))}"
+                )
         rows_read = len(frame)
         if src.item_column is not None:
             frame = one_row_per_item(frame, src, path)
         y, m = map_labels(frame, src, path, labels)
         text = frame[src.text_column].astype("string").str.strip().fillna("")
-        keep = (text != "").to_numpy()
-        stats[src.name] = {
-            "path": src.where,
-            "rows_read": int(rows_read),
-            "items": int(len(frame)),
-            "empty_texts_dropped": int((~keep).sum()),
-            "annotates": [x for x in labels if x in src.labels],
-        }
+        has_text = (text != "").to_numpy()
+        stats[src.name] = {"path": src.where, "rows_read": int(rows_read), "items": int(len(frame))}
+        images, has_image, bad = None, np.zeros(len(frame), bool), np.zeros(len(frame), bool)
+        if src.image_column is not None:
+            # Relative image paths start at the source file's folder (the config's for hub sets).
+            folder = config.base_dir if src.hub is not None else _parent(path)
+            column = load_image_column(frame[src.image_column], folder, src.name, path,
+                                       src.image_column, config.bad_images)
+            images, bad = column.images, column.bad
+            has_image = np.array([x is not None for x in images], dtype=bool)
+            stats[src.name].update(column.stats)
+        keep = (has_text | has_image) & ~bad
+        stats[src.name].update(empty_rows_dropped=int((~has_text & ~has_image & ~bad).sum()),
+                               annotates=[x for x in labels if x in src.labels])
         if not keep.any():
             continue
-        frames.append(pd.DataFrame({"text": text[keep].to_numpy(dtype=object), "source": src.name}))
+        part = pd.DataFrame({"text": text[keep].to_numpy(dtype=object), "source": src.name})
+        if config.has_images:
+            part["image"] = images[keep] if images is not None else None
+        frames.append(part)
         label_parts.append(y[keep])
         mask_parts.append(m[keep])
     if not frames:
         raise CockatooError(
-            "every text is empty in every source: "
+            "every row is empty (no text, no image) in every source: "
             + ", ".join(f"{n} ({s['path']})" for n, s in stats.items())
         )
     frame = pd.concat(frames, ignore_index=True)
     y, m = np.concatenate(label_parts), np.concatenate(mask_parts)
-    keep, y, m, dup, conflict = deduplicate(frame["text"], y, m, config.dedup)
+    images = frame["image"] if config.has_images else None
+    keep, y, m, dup, conflict = deduplicate(frame["text"], y, m, config.dedup, images)
     source = frame["source"].to_numpy()
     for name in stats:
         here = source == name
@@ -410,6 +433,10 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     return frame, y, m, stats
 
 
+def _parent(uri: str) -> str:
+    return posixpath.dirname(uri) if "://" in uri else str(Path(uri).parent)
+
+
 def one_row_per_item(frame: pd.DataFrame, src: Source, path: str) -> pd.DataFrame:
     if src.item_column not in frame.columns:
         raise CockatooError(f"source {src.name} ({path}): item column {src.item_column!r} not found; "
@@ -423,12 +450,17 @@ def normalize_text(text: pd.Series) -> pd.Series:
     return text.str.lower().str.replace(r"\s+", " ", regex=True)
 
 
-def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str):
+def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
+                images: pd.Series | None = None):
     """Returns (rows to keep, labels, mask, is-duplicate, in-conflict), vectorized.
 
-    A row is a duplicate when its normalized text appeared before; its group is in conflict
-    when one label is annotated positive in one copy and negative in another."""
-    codes, _ = pd.factorize(normalize_text(text))
+    A row is a duplicate when its normalized text (and image, if any) appeared before; its
+    group is in conflict when one label is annotated positive in one copy and negative in
+    another. Two different images with the same caption are not duplicates."""
+    key = normalize_text(text)
+    if images is not None:
+        key = key + "\x00" + pd.Series(image_digests(images), index=key.index)
+    codes, _ = pd.factorize(key)
     first = ~pd.Series(codes).duplicated().to_numpy()
     grouped = pd.DataFrame(np.hstack([y * m, (1 - y) * m, m])).groupby(codes).transform("max").to_numpy()
     width = y.shape[1]
@@ -475,13 +507,15 @@ def _list_column(values: np.ndarray) -> pa.Array:
 
 
 def write_split(path: Path, frame: pd.DataFrame, y: np.ndarray, m: np.ndarray) -> None:
-    table = pa.table({
+    columns = {
         "text": pa.array(frame["text"].to_numpy(dtype=object), type=pa.string()),
         "labels": _list_column(y),
         "label_mask": _list_column(m),
         "source": pa.array(frame["source"].to_numpy(dtype=object), type=pa.string()),
-    })
-    pq.write_table(table, path, compression="zstd")
+    }
+    if "image" in frame:  # encoded image bytes as the source had them; null: no image
+        columns["image"] = pa.array(frame["image"].to_numpy(dtype=object), type=pa.binary())
+    pq.write_table(pa.table(columns), path, compression="zstd")
 
 
 def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0) -> dict:
@@ -501,9 +535,14 @@ def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples:
             write_split(tmp / f"{name}.parquet", frame.iloc[idx], y[idx], m[idx])
             manifest["splits"][name] = {
                 "rows": int(len(idx)),
+                **({"images": int(frame["image"].iloc[idx].notna().sum())} if config.has_images else {}),
                 "positives": dict(zip(labels, (y[idx] * m[idx]).sum(axis=0).tolist())),
                 "annotated": dict(zip(labels, m[idx].sum(axis=0).tolist())),
             }
+        if config.has_images:
+            manifest["images"] = {"column": "image", "bad_images": config.bad_images,
+                                  "dropped": sum(s.get("images_missing", 0) + s.get("images_corrupt", 0)
+                                                 for s in stats.values())}
         manifest["rebalance"] = balance
         manifest["class_weights"] = balance["pos_weight"]  # BCE's pos_weight
         for label, count in manifest["splits"]["train"]["positives"].items():

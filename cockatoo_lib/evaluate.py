@@ -54,7 +54,7 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id or 0
-    collator = PaddingCollator(pad_id)
+    collator = PaddingCollator(pad_id, pixels=tok_info.get("images"))
     batch_size = model_info.get("plan", {}).get("batch_size", 16) * 2
     logits, order = [], []
     for batch, idx in _batches(dataset, collator, batch_size):

@@ -49,12 +49,19 @@ class CLIPClassifier(PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, has_image=None,
                 **_):
-        text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        embedding = text.pooler_output
-        if pixel_values is not None and has_image is not None and bool(has_image.any()):
-            image = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
-            with_image = has_image.to(embedding.dtype).unsqueeze(-1)
-            embedding = embedding * (1 - with_image) + (embedding + image) / 2 * with_image
+        """Text embedding per row, averaged with the image embedding in the rows that have an
+        image (`has_image`; all rows when it is not given). Only those rows go through the
+        vision tower."""
+        embedding = self.clip.get_text_features(input_ids=input_ids,
+                                                attention_mask=attention_mask).pooler_output
+        if pixel_values is not None:
+            if has_image is None:
+                has_image = torch.ones(len(pixel_values), dtype=torch.bool, device=pixel_values.device)
+            if has_image.any():
+                image = self.clip.get_image_features(pixel_values=pixel_values[has_image]).pooler_output
+                per_row = embedding.new_zeros(embedding.shape)
+                per_row[has_image] = image.to(embedding.dtype)
+                embedding = torch.where(has_image.unsqueeze(-1), (embedding + per_row) / 2, embedding)
         return SequenceClassifierOutput(logits=self.head(embedding))
 
 

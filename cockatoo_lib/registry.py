@@ -65,6 +65,10 @@ class Plan(BaseModel):
     def effective_batch_size(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps
 
+    @property
+    def reads_images(self) -> bool:
+        return self.architecture == "clip"
+
     @model_validator(mode="after")
     def _check(self) -> Plan:
         if self.fp16 and self.bf16:

@@ -5,6 +5,9 @@ our cache makes that rerun cheap. Key = split fingerprints + tokenizer identity 
 hash of its files) + max length + PREPROCESSING_VERSION. The cache root is any fsspec URI
 (a local folder, gs://, s3://). An entry counts only once its `entry.json` exists, and that
 file is written last, so a partial entry is never read.
+
+For a model that reads images (CLIP), rows with an image also get cached pixels: see
+cockatoo_lib.images for their storage.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pyarrow.parquet as pq
 from cockatoo_lib.data import SPLITS, read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
+from cockatoo_lib.images import IMAGE_BACKEND, PIXEL_COLUMN, load_image_processor, pixel_spec, to_pixels
 from cockatoo_lib.registry import Plan
 
 log = logging.getLogger(__name__)
@@ -46,15 +50,24 @@ def load_tokenizer(plan: Plan):
         ) from None
 
 
-def tokenizer_identity(tokenizer) -> str:
-    """Name plus a hash of the files the tokenizer saves: a changed vocab is a new identity."""
+def load_processors(plan: Plan):
+    """The tokenizer, and the image processor for a model that reads images (else None)."""
+    return load_tokenizer(plan), load_image_processor(plan.base_model) if plan.reads_images else None
+
+
+def tokenizer_identity(tokenizer, image_processor=None) -> str:
+    """Name plus a hash of the files the tokenizer (and image processor) save: a changed vocab
+    or image size is a new identity."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
         files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
         digest = sha256_files(files, root=Path(tmp))
     # A local folder's path differs between machines; its contents (the digest) do not.
     name = tokenizer.name_or_path
-    return f"{Path(name).name if Path(name).is_dir() else name}@{digest[:16]}"
+    images = f"+images({IMAGE_BACKEND})" if image_processor is not None else ""
+    return f"{Path(name).name if Path(name).is_dir() else name}{images}@{digest[:16]}"
 
 
 def cache_key(split_fingerprints: dict[str, str], identity: str, max_length: int) -> str:
@@ -64,10 +77,12 @@ def cache_key(split_fingerprints: dict[str, str], identity: str, max_length: int
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
-def _tokenize_split(path: Path, tokenizer, max_length: int):
-    from datasets import Dataset
+def _tokenize_split(path: Path, tokenizer, max_length: int, image_processor, work: Path):
+    from datasets import Dataset, Features, Value
 
-    dataset = Dataset(pq.read_table(path, columns=["text", "labels", "label_mask"]))
+    with_images = image_processor is not None and "image" in pq.read_schema(path).names
+    columns = ["text", "labels", "label_mask"] + (["image"] if with_images else [])
+    dataset = Dataset(pq.read_table(path, columns=columns))
 
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
@@ -75,19 +90,50 @@ def _tokenize_split(path: Path, tokenizer, max_length: int):
         enc["truncated"] = [bool(e.overflowing) for e in enc.encodings]
         return enc
 
-    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"],
-                       desc=f"tokenize {path.stem}")
+    dataset = dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"],
+                          desc=f"tokenize {path.stem}")
+    if not with_images:
+        return dataset, 0.0
+    features = Features({**{k: v for k, v in dataset.features.items() if k != "image"},
+                         PIXEL_COLUMN: Value("binary")})
+    # Written to a file in small batches: pixels take 150 kB per image, too much to hold.
+    start = time.perf_counter()
+    dataset = dataset.map(lambda batch: {PIXEL_COLUMN: to_pixels(batch["image"], image_processor)},
+                          batched=True, batch_size=64, writer_batch_size=256, remove_columns=["image"],
+                          features=features, cache_file_name=str(work / f"{path.stem}-pixels.arrow"),
+                          desc=f"images {path.stem}")
+    return dataset, time.perf_counter() - start
 
 
-def _build_entry(data_dir: Path, tokenizer, max_length: int, dest: Path) -> dict:
+def _build_entry(data_dir: Path, tokenizer, image_processor, max_length: int, dest: Path) -> dict:
     from datasets import DatasetDict
 
     start = time.perf_counter()
-    splits = {s: _tokenize_split(data_dir / f"{s}.parquet", tokenizer, max_length) for s in SPLITS}
-    truncated = {s: int(sum(d["truncated"])) for s, d in splits.items()}
-    DatasetDict({s: d.remove_columns("truncated") for s, d in splits.items()}).save_to_disk(str(dest))
-    return {"rows": {s: len(d) for s, d in splits.items()}, "truncated": truncated,
-            "seconds": round(time.perf_counter() - start, 3)}
+    with tempfile.TemporaryDirectory() as work:
+        splits, image_seconds = {}, 0.0
+        for split in SPLITS:
+            splits[split], seconds = _tokenize_split(data_dir / f"{split}.parquet", tokenizer, max_length,
+                                                     image_processor, Path(work))
+            image_seconds += seconds
+        truncated = {s: int(sum(d["truncated"])) for s, d in splits.items()}
+        stats = {"rows": {s: len(d) for s, d in splits.items()}, "truncated": truncated}
+        if any(PIXEL_COLUMN in d.column_names for d in splits.values()):
+            stats["images"] = _image_stats(splits, image_processor, image_seconds)
+        DatasetDict({s: d.remove_columns("truncated") for s, d in splits.items()}).save_to_disk(str(dest))
+    stats["seconds"] = round(time.perf_counter() - start, 3)
+    return stats
+
+
+def _image_stats(splits, image_processor, seconds: float) -> dict:
+    columns = {s: d.data.column(PIXEL_COLUMN) for s, d in splits.items()}  # splits share a schema
+    rows = {s: len(c) - c.null_count for s, c in columns.items()}
+    stored = sum(c.nbytes for c in columns.values())
+    total = sum(rows.values())
+    return {"rows": rows, **pixel_spec(image_processor),
+            "storage": "uint8, channels first, after resize and center crop; the collator rescales "
+                       "and normalizes",
+            "mib_per_1000_images": round(stored / max(total, 1) * 1000 / 2**20, 2),
+            "seconds_per_1000_images": round(seconds / max(total, 1) * 1000, 2)}
 
 
 def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
@@ -96,8 +142,8 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
     whose `cache_uri` names the cache entry: a complete tokenized folder of its own."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    tokenizer = load_tokenizer(plan)
-    identity = tokenizer_identity(tokenizer)
+    tokenizer, image_processor = load_processors(plan)
+    identity = tokenizer_identity(tokenizer, image_processor)
     key = cache_key(manifest["split_fingerprints"], identity, plan.max_length)
     fs, root = fsspec.core.url_to_fs(cache_root if "://" in cache_root
                                      else str(Path(cache_root).expanduser()))
@@ -118,11 +164,16 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
             (tmp / ENTRY_MARKER).unlink()
         else:
             log.info("tokenize: cache miss %s; tokenizing with %s", key, identity)
-            stats = _build_entry(data_dir, tokenizer, plan.max_length, tmp)
+            stats = _build_entry(data_dir, tokenizer, image_processor, plan.max_length, tmp)
             write_json(tmp / INFO, {**info, **stats})
             _publish_entry(fs, entry, key, tmp, stats)
         if any(stats["truncated"].values()):
             log.info("tokenize: texts truncated at %d tokens: %s", plan.max_length, stats["truncated"])
+        if "images" in stats:
+            log.info("tokenize: pixels cached for %s images (%.1f MiB per 1,000)",
+                     stats["images"]["rows"], stats["images"]["mib_per_1000_images"])
+        elif "images" in manifest and not plan.reads_images:
+            log.warning("tokenize: %s reads text only; the data's images are not used", plan.model_type)
         info.update(stats, cache_hit=hit, cache_uri=fs.unstrip_protocol(entry))
         write_json(tmp / INFO, info)
     return info

@@ -12,12 +12,13 @@ from transformers import EvalPrediction, Trainer, TrainingArguments
 from cockatoo_lib.data import read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, read_json, write_json
+from cockatoo_lib.images import PIXEL_COLUMN, collate_pixels
 from cockatoo_lib.losses import asymmetric_loss, masked_bce
 from cockatoo_lib.metrics import macro_f1, sigmoid, sweep_thresholds
 from cockatoo_lib.models import load_base_model
 from cockatoo_lib.optim import build_optimizer
 from cockatoo_lib.registry import Plan
-from cockatoo_lib.tokenize import load_tokenized, load_tokenizer
+from cockatoo_lib.tokenize import load_processors, load_tokenized
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,14 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class PaddingCollator:
-    """Pads each batch to its own longest row (to a multiple of 8 on GPU, for tensor cores)."""
+    """Pads each batch to its own longest row (to a multiple of 8 on GPU, for tensor cores).
+    With `pixels` (the tokenized info's `images`), it also turns cached pixels into
+    pixel_values and has_image for the rows that have an image."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, pixels: dict | None = None):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
+        self.pixels = pixels
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -43,6 +47,8 @@ class PaddingCollator:
             batch[key] = torch.tensor([list(f[key]) + [fill] * (width - len(f[key])) for f in features])
         batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.float32)
         batch["label_mask"] = torch.tensor([f["label_mask"] for f in features], dtype=torch.float32)
+        if self.pixels is not None and PIXEL_COLUMN in features[0]:
+            batch.update(collate_pixels([f[PIXEL_COLUMN] for f in features], self.pixels))
         return batch
 
 
@@ -142,7 +148,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
         plan = plan.model_copy(update={"learning_rate": plan.learning_rate * scale,
                                        "adjustments": plan.adjustments + (note,)})
     cuda = torch.cuda.is_available()
-    tokenizer = load_tokenizer(plan)
+    tokenizer, image_processor = load_processors(plan)
     model = load_base_model(plan, labels)
     pos_weight = torch.tensor([tok_info["class_weights"][x] for x in labels], dtype=torch.float32)
     loss_weights = torch.tensor([tok_info["loss_weights"][x] for x in labels])
@@ -151,7 +157,8 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
         trainer = CockatooTrainer(
             model=model,
             args=training_arguments(plan, work, cuda),
-            data_collator=PaddingCollator(tokenizer.pad_token_id or 0, 8 if cuda else 1),
+            data_collator=PaddingCollator(tokenizer.pad_token_id or 0, 8 if cuda else 1,
+                                          tok_info.get("images")),
             train_dataset=datasets["train"],
             eval_dataset=datasets["validation"],
             processing_class=tokenizer,
@@ -166,6 +173,8 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
         val_labels, val_mask = prediction.label_ids
         thresholds, tuned = sweep_thresholds(sigmoid(prediction.predictions), val_labels, val_mask)
         trainer.save_model(str(tmp))
+        if image_processor is not None:  # whatever serves the model needs only this folder
+            image_processor.save_pretrained(str(tmp))
         model_manifest = {
             "format_version": 1,
             "model_type": plan.model_type,
@@ -179,6 +188,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             "plan": plan.model_dump(mode="json"),
             "data_fingerprint": tok_info["data_fingerprint"],
             "tokenized_cache_key": tok_info["cache_key"],
+            "train_images": tok_info.get("images", {}).get("rows", {}).get("train", 0),
             "best_validation_macro_f1": float(best_f1) if best_f1 is not None else None,
             "validation_macro_f1_by_epoch": [
                 round(float(e["eval_f1"]), 6) for e in trainer.state.log_history if "eval_f1" in e],

@@ -73,8 +73,11 @@ def build_tiny_model(kind: str, tokenizer, folder: Path) -> Path:
     elif kind == "clip":
         model = CLIPModel(CLIPConfig(
             text_config=dict(vocab_size=vocab, max_position_embeddings=77, **TINY, **ids),
-            vision_config=dict(image_size=32, patch_size=8, **TINY),
+            vision_config=dict(image_size=224, patch_size=32, **TINY),
             projection_dim=24))
+        from transformers.models.clip import CLIPImageProcessorPil
+
+        CLIPImageProcessorPil().save_pretrained(folder)  # CLIP's defaults: 224 x 224
     else:
         raise ValueError(kind)
     model.save_pretrained(folder)

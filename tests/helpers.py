@@ -32,3 +32,22 @@ def write_config(folder: Path, sources: list[dict], **extra) -> Path:
     path = folder / "data.yaml"
     path.write_text(yaml.safe_dump({"sources": sources, **extra}))
     return path
+
+
+def make_image(path_or_none, seed: int, size=(64, 48), fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """A small generated image (a gradient plus noise, like a photo only in how it encodes);
+    written to `path_or_none` when given. Returns its encoded bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.linspace(0, 255, w)[None, :, None] * rng.random(3) + rng.normal(0, 20, (h, w, 3))
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    if path_or_none is not None:
+        Path(path_or_none).write_bytes(buffer.getvalue())
+    return buffer.getvalue()

@@ -107,7 +107,7 @@ def test_cleaning_strips_drops_empty_and_duplicates(tmp_path):
     assert sorted(rows["text"]) == ["bye", "hello"]
     assert rows.set_index("text").loc["hello", "labels"][0] == 1  # the first copy is kept
     stats = manifest["sources"]["d"]
-    assert (stats["empty_texts_dropped"], stats["duplicates_dropped"], stats["rows_kept"]) == (3, 1, 2)
+    assert (stats["empty_rows_dropped"], stats["duplicates_dropped"], stats["rows_kept"]) == (3, 1, 2)
 
 
 def test_label_without_positives_in_train_is_a_warning(tmp_path, caplog):

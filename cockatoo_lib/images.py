@@ -1,0 +1,229 @@
+"""Images for CLIP: reading a source's image column, turning images into cached pixels, and
+collating those pixels into model inputs.
+
+A source's image column may hold, per row, nothing (a text-only row), raw image bytes (a
+Parquet binary column), a Hugging Face `Image` value ({"bytes", "path"}), or a reference: a
+local path (relative to the source file's folder), a gs:// or s3:// URI, or an http(s) URL.
+Prepare fetches every image and decodes it once, so the prepared splits hold the images'
+bytes: a split's fingerprint then covers the images themselves (a changed image behind an
+unchanged URL is new data), and later steps need no access to the original locations.
+
+Cached pixels are the image processor's output before rescaling and normalization: uint8,
+channels first, after resize and center crop. That is a quarter of float32's size and loses
+nothing, since the processor resizes in uint8 too; the collator applies the processor's
+rescale factor, mean and std per batch, which costs less than a millisecond.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from cockatoo_lib.errors import CockatooError
+
+log = logging.getLogger(__name__)
+
+PIXEL_COLUMN = "pixel_values"
+# Image processors are loaded with the PIL backend everywhere: its output does not depend on
+# whether torchvision happens to be installed, so a cache entry means the same pixels on
+# every machine.
+IMAGE_BACKEND = "pil"
+
+
+def workers() -> int:
+    return min(16, 4 * len(os.sched_getaffinity(0)))
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class ImageColumn:
+    """One source's images: bytes per row (None: no image) and the rows to drop."""
+
+    images: np.ndarray  # object: bytes or None
+    bad: np.ndarray  # bool: missing or corrupt, to drop (policy `drop`)
+    stats: dict = field(default_factory=dict)
+
+
+class _Missing(Exception):
+    pass
+
+
+def _reference(value, folder: str) -> bytes | str | None:
+    """Bytes, a URI/path to fetch, or None for a row without an image."""
+    if isinstance(value, dict):  # a Hugging Face Image value
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value) if len(value) else None
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        if "://" in value:
+            return value
+        local = Path(value).expanduser()
+        if local.is_absolute():
+            return str(local)
+        return posixpath.join(folder, value) if "://" in folder else str(Path(folder) / value)
+    raise TypeError(type(value).__name__)
+
+
+def _fetch(uri: str) -> bytes:
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise _Missing("not found") from None
+    except IsADirectoryError:
+        raise _Missing("is a folder") from None
+
+
+def check_image(data: bytes) -> str | None:
+    """Why these bytes are not a usable image, or None when they are."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # a full decode: verify() misses truncated files
+    except UnidentifiedImageError:
+        return "not an image file"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def _load_one(ref: bytes | str) -> tuple[bytes | None, str | None, bool]:
+    """(bytes, problem, missing). Errors other than a missing file (no permission, a host
+    that does not answer) are not the row's fault, so they propagate."""
+    data = ref
+    if isinstance(ref, str):
+        try:
+            data = _fetch(ref)
+        except _Missing as exc:
+            return None, str(exc), True
+    problem = check_image(data)
+    return (None, problem, False) if problem else (data, None, False)
+
+
+def load_image_column(values: pd.Series, folder: str, source: str, where: str,
+                      column: str, policy: str) -> ImageColumn:
+    """Fetch and decode-check every image of one source. A missing or corrupt image is an
+    error naming the row and the path, unless `policy` is `drop`."""
+    refs = []
+    for row, value in enumerate(values.tolist()):
+        try:
+            refs.append(_reference(value, folder))
+        except TypeError as exc:
+            raise CockatooError(f"source {source} ({where}), column {column!r}, data row {row + 1}: "
+                                f"holds a {exc}; expected a path, URI, URL or image bytes") from None
+    present = [i for i, r in enumerate(refs) if r is not None]
+    images = np.full(len(refs), None, dtype=object)
+    bad = np.zeros(len(refs), dtype=bool)
+    stats = {"images": 0, "images_missing": 0, "images_corrupt": 0}
+
+    def load(i):
+        try:
+            return _load_one(refs[i])
+        except Exception as exc:  # noqa: BLE001 - permission, network: name the image, stop
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CockatooError(f"source {source} ({where}), column {column!r}, data row {i + 1}: "
+                                f"cannot read image {refs[i]}: {detail}") from None
+
+    with ThreadPoolExecutor(workers()) as pool:
+        results = tqdm(pool.map(load, present), total=len(present), desc=f"images {source}",
+                       unit="img", disable=len(present) < 1000)
+        for i, (data, problem, missing) in zip(present, results):
+            if problem is None:
+                images[i] = data
+                stats["images"] += 1
+                continue
+            shown = refs[i] if isinstance(refs[i], str) else "(image bytes in the column)"
+            message = (f"source {source} ({where}), column {column!r}, data row {i + 1}: image "
+                       f"{shown} {problem if missing else 'cannot be decoded: ' + problem}")
+            if policy != "drop":
+                raise CockatooError(message + "; fix it, or set bad_images: drop in the data config")
+            if not bad.any():
+                log.warning("%s; dropping such rows (bad_images: drop)", message)
+            bad[i] = True
+            stats["images_missing" if missing else "images_corrupt"] += 1
+    return ImageColumn(images, bad, stats)
+
+
+def image_digests(images) -> list[str]:
+    """A content hash per image ("" for none), so duplicates are found on text and image."""
+    return ["" if data is None else hashlib.sha256(data).hexdigest() for data in images]
+
+
+# --------------------------------------------------------------------------- tokenize
+
+
+def load_image_processor(base_model: str):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(base_model, backend=IMAGE_BACKEND)
+    except (OSError, ValueError) as exc:
+        raise CockatooError(f"cannot load the image processor of {base_model}: "
+                            f"{str(exc).strip().splitlines()[0]} (offline? set base_model to a local folder)"
+                            ) from None
+
+
+def pixel_spec(processor) -> dict:
+    """What the collator needs to turn cached uint8 pixels into the processor's output."""
+    crop = processor.crop_size if processor.do_center_crop else processor.size
+    return {"shape": [3, crop["height"], crop["width"]], "dtype": "uint8",
+            "rescale_factor": float(processor.rescale_factor) if processor.do_rescale else 1.0,
+            "image_mean": list(processor.image_mean) if processor.do_normalize else [0.0] * 3,
+            "image_std": list(processor.image_std) if processor.do_normalize else [1.0] * 3}
+
+
+def to_pixels(images: list[bytes | None], processor) -> list[bytes | None]:
+    """Encoded images -> uint8 channels-first pixels (as bytes), resized and cropped."""
+    from PIL import Image, ImageOps
+
+    present = [i for i, data in enumerate(images) if data is not None]
+    out: list[bytes | None] = [None] * len(images)
+    if not present:
+        return out
+
+    def one(i):
+        with Image.open(io.BytesIO(images[i])) as image:
+            upright = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+            pixels = processor(upright, do_rescale=False, do_normalize=False,
+                               return_tensors="np")["pixel_values"][0]
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).tobytes()
+
+    with ThreadPoolExecutor(workers()) as pool:
+        for i, data in zip(present, pool.map(one, present)):
+            out[i] = data
+    return out
+
+
+def collate_pixels(values: list[bytes | None], spec: dict) -> dict[str, torch.Tensor]:
+    """pixel_values (normalized) and has_image for a batch; nothing if no row has an image."""
+    has_image = torch.tensor([v is not None for v in values])
+    if not has_image.any():
+        return {}
+    raw = np.zeros((len(values), *spec["shape"]), dtype=np.uint8)
+    for i, data in enumerate(values):
+        if data is not None:
+            raw[i] = np.frombuffer(data, dtype=np.uint8).reshape(spec["shape"])
+    mean = torch.tensor(spec["image_mean"]).view(-1, 1, 1)
+    std = torch.tensor(spec["image_std"]).view(-1, 1, 1)
+    pixels = (torch.from_numpy(raw).float() * spec["rescale_factor"] - mean) / std
+    return {PIXEL_COLUMN: pixels, "has_image": has_image}
