@@ -411,8 +411,8 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
         mask_parts.append(m[keep])
     if not frames:
         raise CockatooError(
-            "every row is empty (no text, no image) in every source: "
-            + ", ".join(f"{n} ({s['path']})" for n, s in stats.items())
+            f"every text is empty{' and no row has an image' if config.has_images else ''} in every "
+            "source: " + ", ".join(f"{n} ({s['path']})" for n, s in stats.items())
         )
     frame = pd.concat(frames, ignore_index=True)
     y, m = np.concatenate(label_parts), np.concatenate(mask_parts)

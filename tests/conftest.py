@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import BIN, free_port, make_image, serve, write_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -119,3 +120,64 @@ def small_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small") / "data"
     prepare(load_data_config(str(SAMPLE_CONFIG)), out, max_samples=400)
     return out
+
+
+@pytest.fixture(scope="session")
+def image_data(tmp_path_factory):
+    """240 rows, two thirds with an image (JPEG, PNG, grayscale, odd sizes), a third text-only,
+    some captions longer than CLIP's 77 tokens; the label depends on text and image colour."""
+    import pandas as pd
+
+    from cockatoo_lib.data import load_data_config, prepare
+
+    root = tmp_path_factory.mktemp("images")
+    (root / "img").mkdir()
+    rows = []
+    for i in range(240):
+        image = None
+        if i % 3:
+            fmt, mode = [("JPEG", "RGB"), ("PNG", "RGB"), ("JPEG", "L")][i % 3]
+            image = f"img/{i}.{fmt.lower()}"
+            make_image(root / image, i, size=(40 + 7 * (i % 50), 30 + 11 * (i % 30)), fmt=fmt, mode=mode)
+        words = ("free money click now " if i % 2 else "a cat on a warm sofa ") * (1 + (i % 7) * 4)
+        rows.append({"caption": f"post {i}: {words}", "scam": i % 2, "image": image})
+    pd.DataFrame(rows).to_csv(root / "posts.csv", index=False)
+    config = write_config(root, [{"name": "posts", "path": "posts.csv", "image_column": "image",
+                                  "text_column": "caption", "labels": {"scam": "scam"}}], labels=["scam"])
+    prepare(load_data_config(str(config)), root / "data")
+    return root  # data.yaml, posts.csv, img/, and data/ (prepared)
+
+
+# ------------------------------------------------------------------ storage emulators
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """gcp-storage-emulator on loopback; gcsfs finds it through STORAGE_EMULATOR_HOST."""
+    port = free_port()
+    process = serve([str(BIN / "gcp-storage-emulator"), "start", "--host=127.0.0.1",
+                     f"--port={port}", "--in-memory"], port)
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    # gcsfs otherwise probes each bucket over gRPC, which the emulator does not serve.
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    import fsspec
+
+    fs = fsspec.filesystem("gs", token="anon")
+    fs.mkdir("cockatoo-data")
+    yield fs
+    process.kill()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on loopback; s3fs finds it through AWS_ENDPOINT_URL."""
+    port = free_port()
+    process = serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cockatoo-data")
+    yield fs
+    process.kill()

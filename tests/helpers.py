@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
+
+BIN = Path(sys.executable).parent
 
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
@@ -51,3 +56,23 @@ def make_image(path_or_none, seed: int, size=(64, 48), fmt: str = "JPEG", mode: 
     if path_or_none is not None:
         Path(path_or_none).write_bytes(buffer.getvalue())
     return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(command: list[str], port: int, env: dict | None = None):
+    """Start a server process and wait until it accepts connections on loopback `port`."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{command[0]} did not start on port {port}")

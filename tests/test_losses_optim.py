@@ -79,14 +79,20 @@ def test_llrd_group_learning_rates(model_type, layer, layers, tiny_models):
 
 
 def test_llrd_covers_both_clip_towers(tiny_models):
-    plan = resolve_plan("clip-vit", {"base_model": str(tiny_models["clip-vit"]), "use_llrd": True})
+    plan = resolve_plan("clip-vit", {"base_model": str(tiny_models["clip-vit"]), "use_llrd": True,
+                                     "learning_rate": 1e-4, "llrd_decay_factor": 0.5})
     model = load_base_model(plan, LABELS)
     depths = parameter_depths(model)
-    for tower in ("text_model", "vision_model"):
+    groups = _groups_by_name(model, plan)
+    for tower in ("text_model", "vision_model"):  # each tower counted on its own
         assert depths[f"clip.{tower}.encoder.layers.1.mlp.fc1.weight"] == 1
         assert depths[f"clip.{tower}.encoder.layers.0.mlp.fc1.weight"] == 2
-    assert depths["head.0.weight"] == 0 and depths["head.3.weight"] == 0
+        assert groups[f"clip.{tower}.encoder.layers.1.mlp.fc1.weight"][0] == pytest.approx(5e-5)
+        assert groups[f"clip.{tower}.encoder.layers.0.self_attn.q_proj.weight"][0] == pytest.approx(2.5e-5)
+    for name in ("head.0.weight", "head.3.weight", "head.3.bias"):  # the head at full rate
+        assert depths[name] == 0 and groups[name][0] == 1e-4
     assert depths["clip.text_model.embeddings.token_embedding.weight"] == 3
+    assert groups["clip.vision_model.embeddings.patch_embedding.weight"][0] == pytest.approx(1.25e-5)
 
 
 def test_without_llrd_every_group_has_the_plan_rate(tiny_models):

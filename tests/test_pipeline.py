@@ -11,6 +11,7 @@ from helpers import error_line, run_cli
 from kfp import dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from cockatoo_lib.train import read_model_manifest
 from components import evaluate, prepare_data, tokenize, train
 from pipelines.cockatoo_train import Cluster
 from pipelines.runner import compile_pipeline, pipeline_inputs, run_local
@@ -147,6 +148,19 @@ def test_local_run_of_the_whole_pipeline(tiny_models, tmp_path):
     assert (Path(result["model"]) / "cockatoo.json").exists()
     assert 0 <= result["test_macro_f1"] <= 1
     assert Path(result["report"]).read_text().startswith("<!doctype html>")
+
+
+def test_local_run_of_clip_with_images(tiny_models, image_data, tmp_path):
+    result = run_local({"model_type": "clip-vit", "base_model": str(tiny_models["clip-vit"]),
+                        "data_config": str(image_data / "data.yaml"), "overrides": FAST,
+                        "tokenized_cache_root": str(tmp_path / "cache")}, tmp_path / "root")
+    model = read_model_manifest(result["model"])
+    assert model["model_type"] == "clip-vit" and model["labels"] == ["scam"] and model["train_images"] > 0
+    assert (Path(result["model"]) / "preprocessor_config.json").exists()
+    (entry,) = (tmp_path / "cache" / "tokenized").iterdir()
+    assert json.loads((entry / "entry.json").read_text())["images"]["shape"] == [3, 224, 224]
+    metrics = json.loads(Path(result["metrics"]).read_text())
+    assert metrics["model_type"] == "clip-vit" and 0 <= result["test_macro_f1"] <= 1
 
 
 def test_compiled_yaml_loaded_from_file_runs_locally(tiny_models, tmp_path):

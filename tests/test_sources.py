@@ -3,71 +3,14 @@ are not what their suffix says. No network: every server here listens on loopbac
 
 import gzip
 import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import error_line, run_cli, write_config
+from helpers import BIN, error_line, free_port, run_cli, serve, write_config
 
 from cockatoo_lib.data import load_data_config, prepare
 
-BIN = Path(sys.executable).parent
 ROWS = pd.DataFrame({"text": [f"row {i}" for i in range(20)], "label": [i % 2 for i in range(20)]})
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve(command: list[str], port: int, env: dict | None = None):
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"{command[0]} did not start on port {port}")
-
-
-@pytest.fixture(scope="session")
-def gcs():
-    """gcp-storage-emulator on loopback; gcsfs finds it through STORAGE_EMULATOR_HOST."""
-    port = _free_port()
-    process = _serve([str(BIN / "gcp-storage-emulator"), "start", "--host=127.0.0.1",
-                      f"--port={port}", "--in-memory"], port)
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    # gcsfs otherwise probes each bucket over gRPC, which the emulator does not serve.
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-    import fsspec
-
-    fs = fsspec.filesystem("gs", token="anon")
-    fs.mkdir("cockatoo-data")
-    yield fs
-    process.kill()
-
-
-@pytest.fixture(scope="session")
-def s3():
-    """moto's S3 server on loopback; s3fs finds it through AWS_ENDPOINT_URL."""
-    port = _free_port()
-    process = _serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    import fsspec
-
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("cockatoo-data")
-    yield fs
-    process.kill()
 
 
 def _prepare(config, out):
@@ -168,8 +111,8 @@ def test_object_without_permission_is_one_line(s3, tmp_path, capsys, monkeypatch
     import boto3
     import s3fs
 
-    port = _free_port()
-    process = _serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port,
+    port = free_port()
+    process = serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port,
                      env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"})
     try:
         endpoint = f"http://127.0.0.1:{port}"
