@@ -52,7 +52,9 @@ def prepare(config: str = typer.Option(..., "--config", "-c", help="data config 
     active = [x.strip() for x in labels.split(",") if x.strip()]
     manifest = run(load_data_config(config, active), output, seed=seed, max_samples=max_samples)
     typer.echo(f"{output}: " + ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())
-               + f" rows; fingerprint {manifest['fingerprint'][:16]}")
+               + f" rows; fingerprint {manifest['fingerprint'][:16]}"
+               + (f"; {sum(v['images'] for v in manifest['splits'].values())} images, "
+                  f"{manifest['images']['dropped']} dropped" if "images" in manifest else ""))
 
 
 @app.command()
@@ -65,7 +67,9 @@ def tokenize(data: Path = typer.Option(..., "--data", "-d"),
     from cockatoo_lib.tokenize import tokenize as run
 
     info = run(data, _plan(model_type, set_, detect=False), output, cache_root or DEFAULT_CACHE_ROOT)
-    typer.echo(f"{output}: cache {'hit' if info['cache_hit'] else 'miss'} {info['cache_key']}")
+    images = f"; pixels of {sum(info['images']['rows'].values())} images" if "images" in info else ""
+    typer.echo(f"{output}: cache {'hit' if info['cache_hit'] else 'miss'} {info['cache_key']}; "
+               f"{sum(info['truncated'].values())} texts truncated at {info['max_length']} tokens{images}")
 
 
 @app.command()

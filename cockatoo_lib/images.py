@@ -11,7 +11,7 @@ unchanged URL is new data), and later steps need no access to the original locat
 Cached pixels are the image processor's output before rescaling and normalization: uint8,
 channels first, after resize and center crop. That is a quarter of float32's size and loses
 nothing, since the processor resizes in uint8 too; the collator applies the processor's
-rescale factor, mean and std per batch, which costs less than a millisecond.
+rescale factor, mean and std per batch (about a millisecond for 16 images).
 """
 
 from __future__ import annotations
@@ -223,7 +223,8 @@ def collate_pixels(values: list[bytes | None], spec: dict) -> dict[str, torch.Te
     for i, data in enumerate(values):
         if data is not None:
             raw[i] = np.frombuffer(data, dtype=np.uint8).reshape(spec["shape"])
-    mean = torch.tensor(spec["image_mean"]).view(-1, 1, 1)
+    # (x * rescale - mean) / std as one multiply and one add, in place.
     std = torch.tensor(spec["image_std"]).view(-1, 1, 1)
-    pixels = (torch.from_numpy(raw).float() * spec["rescale_factor"] - mean) / std
+    scale, shift = spec["rescale_factor"] / std, -torch.tensor(spec["image_mean"]).view(-1, 1, 1) / std
+    pixels = torch.from_numpy(raw).float().mul_(scale).add_(shift)
     return {PIXEL_COLUMN: pixels, "has_image": has_image}

@@ -31,14 +31,19 @@ class PaddingCollator:
     With `pixels` (the tokenized info's `images`), it also turns cached pixels into
     pixel_values and has_image for the rows that have an image."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, pixels: dict | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, pixels: dict | None = None,
+                 max_length: int | None = None):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
         self.pixels = pixels
+        # Rounding up must not pass the model's position table: CLIP has 77 positions, not 80.
+        self.max_length = max_length
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         width = -(-longest // self.multiple) * self.multiple
+        if self.max_length is not None:
+            width = max(longest, min(width, self.max_length))
         batch = {}
         for key in TOKEN_KEYS:
             if key not in features[0]:
@@ -158,7 +163,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             model=model,
             args=training_arguments(plan, work, cuda),
             data_collator=PaddingCollator(tokenizer.pad_token_id or 0, 8 if cuda else 1,
-                                          tok_info.get("images")),
+                                          tok_info.get("images"), plan.max_length),
             train_dataset=datasets["train"],
             eval_dataset=datasets["validation"],
             processing_class=tokenizer,

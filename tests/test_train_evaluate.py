@@ -83,6 +83,10 @@ def test_collator_pads_each_batch_to_its_longest_row():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].dtype == torch.float32 and "length" not in batch
     assert PaddingCollator(0, pad_to_multiple_of=8)(features)["input_ids"].shape == (2, 8)
+    # Never past the model's positions: a full CLIP row stays at 77 rather than 80.
+    clip_row = [{**features[0], "input_ids": list(range(77)), "attention_mask": [1] * 77}]
+    assert PaddingCollator(0, 8, max_length=77)(clip_row)["input_ids"].shape == (1, 77)
+    assert PaddingCollator(0, 8, max_length=77)(features)["input_ids"].shape == (2, 8)
 
 
 def test_end_to_end_with_real_minilm(small_data, tmp_path, capsys, monkeypatch):
