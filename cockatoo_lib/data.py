@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
-from cockatoo_lib.images import image_digests, load_image_column
+from cockatoo_lib.images import ImageStore, load_image_column
 from cockatoo_lib.rebalance import Rebalance, rebalance
 
 log = logging.getLogger(__name__)
@@ -368,9 +368,10 @@ def map_labels(frame: pd.DataFrame, src: Source, path: str,
     return out, mask
 
 
-def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict]:
-    """Read, map and clean every source. Returns (frame with text/source and, when any source
-    has images, image bytes; labels, mask, stats)."""
+def load_rows(config: DataConfig, store: ImageStore | None = None
+              ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict]:
+    """Read, map and clean every source. Returns (frame with text and source, and when any
+    source has images, image_id (into `store`, -1: none) and image_digest; labels, mask, stats)."""
     labels = config.labels
     frames, label_parts, mask_parts, stats = [], [], [], {}
     for src in config.sources:
@@ -389,15 +390,15 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
         text = frame[src.text_column].astype("string").str.strip().fillna("")
         has_text = (text != "").to_numpy()
         stats[src.name] = {"path": src.where, "rows_read": int(rows_read), "items": int(len(frame))}
-        images, has_image, bad = None, np.zeros(len(frame), bool), np.zeros(len(frame), bool)
+        images, bad = None, np.zeros(len(frame), bool)
         if src.image_column is not None:
             # Relative image paths start at the source file's folder (the config's for hub sets).
             folder = config.base_dir if src.hub is not None else _parent(path)
-            column = load_image_column(frame[src.image_column], folder, src.name, path,
-                                       src.image_column, config.bad_images)
-            images, bad = column.images, column.bad
-            has_image = np.array([x is not None for x in images], dtype=bool)
-            stats[src.name].update(column.stats)
+            images = load_image_column(frame[src.image_column], folder, src.name, path,
+                                       src.image_column, config.bad_images, store)
+            bad = images.bad
+            stats[src.name].update(images.stats)
+        has_image = images.ids >= 0 if images is not None else np.zeros(len(frame), bool)
         keep = (has_text | has_image) & ~bad
         stats[src.name].update(empty_rows_dropped=int((~has_text & ~has_image & ~bad).sum()),
                                annotates=[x for x in labels if x in src.labels])
@@ -405,7 +406,8 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
             continue
         part = pd.DataFrame({"text": text[keep].to_numpy(dtype=object), "source": src.name})
         if config.has_images:
-            part["image"] = images[keep] if images is not None else None
+            part["image_id"] = images.ids[keep] if images is not None else -1
+            part["image_digest"] = images.digests[keep] if images is not None else ""
         frames.append(part)
         label_parts.append(y[keep])
         mask_parts.append(m[keep])
@@ -416,8 +418,8 @@ def load_rows(config: DataConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
         )
     frame = pd.concat(frames, ignore_index=True)
     y, m = np.concatenate(label_parts), np.concatenate(mask_parts)
-    images = frame["image"] if config.has_images else None
-    keep, y, m, dup, conflict = deduplicate(frame["text"], y, m, config.dedup, images)
+    digests = frame["image_digest"] if config.has_images else None
+    keep, y, m, dup, conflict = deduplicate(frame["text"], y, m, config.dedup, digests)
     source = frame["source"].to_numpy()
     for name in stats:
         here = source == name
@@ -451,15 +453,15 @@ def normalize_text(text: pd.Series) -> pd.Series:
 
 
 def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
-                images: pd.Series | None = None):
+                image_digests: pd.Series | None = None):
     """Returns (rows to keep, labels, mask, is-duplicate, in-conflict), vectorized.
 
     A row is a duplicate when its normalized text (and image, if any) appeared before; its
     group is in conflict when one label is annotated positive in one copy and negative in
     another. Two different images with the same caption are not duplicates."""
     key = normalize_text(text)
-    if images is not None:
-        key = key + "\x00" + pd.Series(image_digests(images), index=key.index)
+    if image_digests is not None:
+        key = key + "\x00" + image_digests
     codes, _ = pd.factorize(key)
     first = ~pd.Series(codes).duplicated().to_numpy()
     grouped = pd.DataFrame(np.hstack([y * m, (1 - y) * m, m])).groupby(codes).transform("max").to_numpy()
@@ -506,22 +508,43 @@ def _list_column(values: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.int8()))
 
 
-def write_split(path: Path, frame: pd.DataFrame, y: np.ndarray, m: np.ndarray) -> None:
-    columns = {
+IMAGE_ROWS_PER_GROUP = 256
+
+
+def write_split(path: Path, frame: pd.DataFrame, y: np.ndarray, m: np.ndarray,
+                store: ImageStore | None = None) -> None:
+    table = pa.table({
         "text": pa.array(frame["text"].to_numpy(dtype=object), type=pa.string()),
         "labels": _list_column(y),
         "label_mask": _list_column(m),
         "source": pa.array(frame["source"].to_numpy(dtype=object), type=pa.string()),
-    }
-    if "image" in frame:  # encoded image bytes as the source had them; null: no image
-        columns["image"] = pa.array(frame["image"].to_numpy(dtype=object), type=pa.binary())
-    pq.write_table(pa.table(columns), path, compression="zstd")
+    })
+    if "image_id" not in frame:
+        pq.write_table(table, path, compression="zstd")
+        return
+    # The images' encoded bytes as the sources had them (null: no image), read back from the
+    # store a row group at a time so memory stays flat.
+    ids = frame["image_id"].to_numpy()
+    with pq.ParquetWriter(path, table.schema.append(pa.field("image", pa.binary())),
+                          compression="zstd") as writer:
+        for start in range(0, len(ids), IMAGE_ROWS_PER_GROUP):
+            rows = slice(start, start + IMAGE_ROWS_PER_GROUP)
+            writer.write_table(table[rows].append_column("image", store.take(ids[rows])))
 
 
 def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0) -> dict:
     """Write train/validation/test Parquet files and a manifest to `output`; return the manifest."""
+    with ImageStore() as store:  # fetched images wait on disk until the splits are written
+        manifest = _prepare(config, output, seed, max_samples, store)
+    log.info("prepared %s: %s", output,
+             ", ".join(f"{s} {manifest['splits'][s]['rows']} rows" for s in SPLITS))
+    return manifest
+
+
+def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int,
+             store: ImageStore) -> dict:
     labels = config.labels
-    frame, y, m, stats = load_rows(config)
+    frame, y, m, stats = load_rows(config, store)
     if max_samples and len(frame) > max_samples:
         keep = np.sort(np.random.default_rng(seed).choice(len(frame), max_samples, replace=False))
         frame, y, m = frame.iloc[keep].reset_index(drop=True), y[keep], m[keep]
@@ -532,10 +555,10 @@ def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples:
                       "splits": {}, "warnings": []}
     with atomic_output_dir(output) as tmp:
         for name, idx in split.items():
-            write_split(tmp / f"{name}.parquet", frame.iloc[idx], y[idx], m[idx])
+            write_split(tmp / f"{name}.parquet", frame.iloc[idx], y[idx], m[idx], store)
             manifest["splits"][name] = {
                 "rows": int(len(idx)),
-                **({"images": int(frame["image"].iloc[idx].notna().sum())} if config.has_images else {}),
+                **({"images": int((frame["image_id"].iloc[idx] >= 0).sum())} if config.has_images else {}),
                 "positives": dict(zip(labels, (y[idx] * m[idx]).sum(axis=0).tolist())),
                 "annotated": dict(zip(labels, m[idx].sum(axis=0).tolist())),
             }
@@ -554,8 +577,6 @@ def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples:
         manifest["split_fingerprints"] = {s: sha256_files([f]) for s, f in zip(SPLITS, files)}
         manifest["fingerprint"] = sha256_files(files)
         write_json(tmp / MANIFEST, manifest)
-    log.info("prepared %s: %s", output,
-             ", ".join(f"{s} {manifest['splits'][s]['rows']} rows" for s in SPLITS))
     return manifest
 
 

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import posixpath
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -49,12 +51,63 @@ def workers() -> int:
 # --------------------------------------------------------------------------- prepare
 
 
+class ImageStore:
+    """Fetched images spilled to an Arrow file in a temporary folder, so prepare holds an id
+    per row rather than the bytes: its memory stays flat however many images a data set has.
+    Ids are assigned in order; `take` reads them back, memory-mapped."""
+
+    BATCH = 256
+
+    def __init__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix="cockatoo-images-")
+        self._path = Path(self._folder.name) / "images.arrow"
+        self._writer, self._pending, self._count, self._batches = None, [], 0, None
+
+    def __enter__(self) -> ImageStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._writer is not None and self._batches is None:
+            self._writer.close()
+        self._batches = None
+        self._folder.cleanup()
+
+    def add(self, data: bytes) -> int:
+        self._pending.append(data)
+        if len(self._pending) >= self.BATCH:
+            self._flush()
+        self._count += 1
+        return self._count - 1
+
+    def _flush(self) -> None:
+        if self._writer is None:
+            self._writer = pa.ipc.new_file(str(self._path), pa.schema([("image", pa.large_binary())]))
+        if self._pending:
+            self._writer.write_batch(pa.record_batch([pa.array(self._pending, pa.large_binary())],
+                                                     names=["image"]))
+            self._pending = []
+
+    def take(self, ids: np.ndarray) -> pa.Array:
+        """The images of `ids` as a binary array; null where an id is negative (no image)."""
+        if self._batches is None:
+            self._flush()
+            self._writer.close()
+            reader = pa.ipc.open_file(pa.memory_map(str(self._path)))
+            self._batches = [reader.get_batch(k).column(0) for k in range(reader.num_record_batches)]
+        # Every batch but the last holds BATCH images, so an id names its batch and place.
+        # (Arrow's own take on a chunked column would first concatenate all of it in memory.)
+        return pa.array([None if i < 0 else self._batches[i // self.BATCH][i % self.BATCH].as_py()
+                         for i in ids.tolist()], pa.binary())
+
+
 @dataclass
 class ImageColumn:
-    """One source's images: bytes per row (None: no image) and the rows to drop."""
+    """One source's images: an id in the ImageStore per row (-1: no image), a content hash per
+    row ("" for none), and the rows to drop (missing or corrupt, policy `drop`)."""
 
-    images: np.ndarray  # object: bytes or None
-    bad: np.ndarray  # bool: missing or corrupt, to drop (policy `drop`)
+    ids: np.ndarray
+    digests: np.ndarray  # object: str
+    bad: np.ndarray
     stats: dict = field(default_factory=dict)
 
 
@@ -121,9 +174,9 @@ def _load_one(ref: bytes | str) -> tuple[bytes | None, str | None, bool]:
 
 
 def load_image_column(values: pd.Series, folder: str, source: str, where: str,
-                      column: str, policy: str) -> ImageColumn:
-    """Fetch and decode-check every image of one source. A missing or corrupt image is an
-    error naming the row and the path, unless `policy` is `drop`."""
+                      column: str, policy: str, store: ImageStore) -> ImageColumn:
+    """Fetch and decode-check every image of one source into `store`. A missing or corrupt
+    image is an error naming the row and the path, unless `policy` is `drop`."""
     refs = []
     for row, value in enumerate(values.tolist()):
         try:
@@ -132,24 +185,26 @@ def load_image_column(values: pd.Series, folder: str, source: str, where: str,
             raise CockatooError(f"source {source} ({where}), column {column!r}, data row {row + 1}: "
                                 f"holds a {exc}; expected a path, URI, URL or image bytes") from None
     present = [i for i, r in enumerate(refs) if r is not None]
-    images = np.full(len(refs), None, dtype=object)
+    ids = np.full(len(refs), -1, dtype=np.int64)
+    digests = np.full(len(refs), "", dtype=object)
     bad = np.zeros(len(refs), dtype=bool)
     stats = {"images": 0, "images_missing": 0, "images_corrupt": 0}
 
     def load(i):
         try:
-            return _load_one(refs[i])
+            data, problem, missing = _load_one(refs[i])
         except Exception as exc:  # noqa: BLE001 - permission, network: name the image, stop
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CockatooError(f"source {source} ({where}), column {column!r}, data row {i + 1}: "
                                 f"cannot read image {refs[i]}: {detail}") from None
+        return data, hashlib.sha256(data).hexdigest() if data else "", problem, missing
 
     with ThreadPoolExecutor(workers()) as pool:
         results = tqdm(pool.map(load, present), total=len(present), desc=f"images {source}",
                        unit="img", disable=len(present) < 1000)
-        for i, (data, problem, missing) in zip(present, results):
+        for i, (data, digest, problem, missing) in zip(present, results):
             if problem is None:
-                images[i] = data
+                ids[i], digests[i] = store.add(data), digest
                 stats["images"] += 1
                 continue
             shown = refs[i] if isinstance(refs[i], str) else "(image bytes in the column)"
@@ -161,12 +216,7 @@ def load_image_column(values: pd.Series, folder: str, source: str, where: str,
                 log.warning("%s; dropping such rows (bad_images: drop)", message)
             bad[i] = True
             stats["images_missing" if missing else "images_corrupt"] += 1
-    return ImageColumn(images, bad, stats)
-
-
-def image_digests(images) -> list[str]:
-    """A content hash per image ("" for none), so duplicates are found on text and image."""
-    return ["" if data is None else hashlib.sha256(data).hexdigest() for data in images]
+    return ImageColumn(ids, digests, bad, stats)
 
 
 # --------------------------------------------------------------------------- tokenize

@@ -81,8 +81,12 @@ def _tokenize_split(path: Path, tokenizer, max_length: int, image_processor, wor
     from datasets import Dataset, Features, Value
 
     with_images = image_processor is not None and "image" in pq.read_schema(path).names
-    columns = ["text", "labels", "label_mask"] + (["image"] if with_images else [])
-    dataset = Dataset(pq.read_table(path, columns=columns))
+    columns = ["text", "labels", "label_mask"]
+    if with_images:  # read through an on-disk Arrow cache: the images need not fit in memory
+        dataset = Dataset.from_parquet(str(path), columns=[*columns, "image"],
+                                       cache_dir=str(work / "parquet"))
+    else:
+        dataset = Dataset(pq.read_table(path, columns=columns))
 
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)

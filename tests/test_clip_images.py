@@ -169,6 +169,17 @@ def test_image_column_of_the_wrong_kind_or_name(tmp_path, capsys, monkeypatch):
     assert code == 2 and "image column 'picture' not found; columns: text, image, label" in error_line(err)
 
 
+def test_image_store_gives_back_what_it_was_given_across_batches():
+    from cockatoo_lib.images import ImageStore
+
+    blobs = [f"image {i}".encode() * (1 + i % 5) for i in range(2 * ImageStore.BATCH + 37)]
+    with ImageStore() as store:
+        ids = np.array([store.add(b) for b in blobs])
+        wanted = np.array([len(blobs) - 1, -1, 0, ImageStore.BATCH, ImageStore.BATCH - 1, -1, 300])
+        assert store.take(wanted).to_pylist() == [None if i < 0 else blobs[i] for i in wanted]
+        assert store.take(ids).to_pylist() == blobs
+
+
 def test_same_caption_with_different_images_is_not_a_duplicate(tmp_path):
     make_image(tmp_path / "a.jpg", 1)
     make_image(tmp_path / "b.jpg", 2)
