@@ -30,7 +30,6 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 from tqdm.auto import tqdm
 
 from cockatoo_lib.errors import CockatooError
@@ -264,8 +263,10 @@ def to_pixels(images: list[bytes | None], processor) -> list[bytes | None]:
     return out
 
 
-def collate_pixels(values: list[bytes | None], spec: dict) -> dict[str, torch.Tensor]:
+def collate_pixels(values: list[bytes | None], spec: dict) -> dict:
     """pixel_values (normalized) and has_image for a batch; nothing if no row has an image."""
+    import torch  # not at the top: prepare uses this module and has no need of torch
+
     has_image = torch.tensor([v is not None for v in values])
     if not has_image.any():
         return {}
