@@ -104,6 +104,19 @@ def test_image_urls_are_fetched_and_a_missing_one_names_row_and_url(http_folder,
     assert served in _split_images(tmp_path / "out")["image"].tolist()
 
 
+def test_an_image_host_that_does_not_answer_stops_prepare_even_when_dropping(tmp_path, capsys,
+                                                                            monkeypatch):
+    from helpers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/cat.jpg"  # nothing listens there
+    pd.DataFrame({"text": ["a"], "image": [url], "label": [1]}).to_csv(tmp_path / "d.csv", index=False)
+    config = write_config(tmp_path, [{"name": "d", "path": "d.csv", "image_column": "image",
+                                      "labels": {"scam": "label"}}], bad_images="drop")
+    code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert f"column 'image', data row 1: cannot read image {url}: " in error_line(err)
+
+
 @pytest.mark.parametrize("store", ["gcs", "s3"])
 def test_images_in_buckets_by_uri_and_relative_to_the_source(store, request, tmp_path):
     fs, scheme = request.getfixturevalue(store), {"gcs": "gs", "s3": "s3"}[store]
