@@ -33,6 +33,9 @@ class Cluster:
     hf_token_secret: str = "cockatoo-hf-token"
     cache_root: str = ""
     gpus: int = 1
+    # A volume of this size (e.g. "100Gi") for prepare's and tokenize's temporary files, which
+    # hold a data set's images twice over; empty: the pod's ephemeral storage.
+    scratch_size: str = ""
     # kfp.local 2.16 cannot resolve the schedule-time placeholder; local runs pass a constant.
     for_local: bool = False
 
@@ -48,13 +51,18 @@ RESOURCES = {  # (cpu, memory) requests per step
 }
 
 
-def _configure(task, step: str, image: str, cluster: Cluster, shm: bool = False):
+def _configure(task, step: str, image: str, cluster: Cluster, shm: bool = False,
+               scratch: bool = False):
     cpu, memory = RESOURCES[step]
     task.set_container_image(image).set_cpu_request(cpu).set_memory_request(memory)
     task.set_display_name(step)
     kubernetes.use_secret_as_env(task, cluster.hf_token_secret, {"token": "HF_TOKEN"}, optional=True)
     if shm:  # DataLoader workers share tensors through /dev/shm, which is 64 MB by default
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    if scratch and cluster.scratch_size:
+        kubernetes.add_ephemeral_volume(task, volume_name="scratch", mount_path="/scratch",
+                                        access_modes=["ReadWriteOnce"], size=cluster.scratch_size)
+        task.set_env_variable("TMPDIR", "/scratch")
     for key, value in cluster.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for toleration in cluster.tolerations:
@@ -82,14 +90,14 @@ def build_pipeline(cluster: Cluster = Cluster()):
             data_config=data_config, labels=labels, seed=seed, max_samples=max_train_samples,
             model_type=model_type, overrides=overrides, base_model=base_model,
             schedule_time=schedule_time)
-        _configure(prepare, "prepare", cluster.images.cpu, cluster)
+        _configure(prepare, "prepare", cluster.images.cpu, cluster, scratch=True)
         # Sources may change under the same URI: always read them afresh. (The schedule time
         # alone would do where the backend resolves its placeholder; not every backend does.)
         prepare.set_caching_options(False)
 
         tok = tokenize(data=prepare.outputs["data"], model_type=model_type, overrides=overrides,
                        base_model=base_model, cache_root=tokenized_cache_root)
-        _configure(tok, "tokenize", cluster.images.cpu, cluster, shm=True)
+        _configure(tok, "tokenize", cluster.images.cpu, cluster, shm=True, scratch=True)
 
         tokenized = dsl.importer(artifact_uri=tok.outputs["cache_uri"], artifact_class=Dataset,
                                  reimport=False)

@@ -82,6 +82,21 @@ def test_compile_command_sets_images_accelerator_and_placement(tmp_path, capsys,
                                               "effect": "NoSchedule"}
 
 
+def test_scratch_volume_for_image_data_on_prepare_and_tokenize(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p.yaml"
+    code, _, err = run_cli(["compile", "-o", out, "--scratch-size", "100Gi"], capsys, monkeypatch)
+    assert code == 0, err
+    spec, platform = _docs(out)
+    configs = json_format.MessageToDict(platform)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors = spec.deployment_spec.fields["executors"].struct_value.fields
+    for step in ("exec-prepare-data", "exec-tokenize"):
+        (volume,) = configs[step]["genericEphemeralVolume"]
+        assert volume["mountPath"] == "/scratch" and volume["size"] == "100Gi"
+        env = json_format.MessageToDict(executors[step].struct_value)["container"]["env"]
+        assert {"name": "TMPDIR", "value": "/scratch"} in env
+    assert "genericEphemeralVolume" not in configs["exec-train"]
+
+
 # ------------------------------------------------------------------ components
 
 
