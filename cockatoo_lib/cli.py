@@ -63,13 +63,18 @@ def tokenize(data: Path = typer.Option(..., "--data", "-d"),
              model_type: str = MODEL_TYPE, set_: list[str] = SET,
              cache_root: str = typer.Option(None, "--cache-root", help="folder, gs:// or s3:// URI")):
     """Tokenize prepared splits for a model, through the per-model cache."""
-    from cockatoo_lib.tokenize import DEFAULT_CACHE_ROOT
+    from cockatoo_lib.tokenize import DEFAULT_CACHE_ROOT, diagnostic_warnings
     from cockatoo_lib.tokenize import tokenize as run
 
     info = run(data, _plan(model_type, set_, detect=False), output, cache_root or DEFAULT_CACHE_ROOT)
     images = f"; pixels of {sum(info['images']['rows'].values())} images" if "images" in info else ""
+    overall = info["diagnostics"]["overall"]
     typer.echo(f"{output}: cache {'hit' if info['cache_hit'] else 'miss'} {info['cache_key']}; "
-               f"{sum(info['truncated'].values())} texts truncated at {info['max_length']} tokens{images}")
+               f"{sum(info['truncated'].values())} texts truncated at {info['max_length']} tokens "
+               f"({overall['truncated_share']:.1%}); {overall['unknown_token_share']:.2%} of tokens unknown"
+               f"{images}")
+    for warning in diagnostic_warnings(info["diagnostics"]):
+        typer.echo(f"warning: {warning}")
 
 
 @app.command()
@@ -81,7 +86,8 @@ def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, t
     from cockatoo_lib.train import train as run
 
     info = run(tokenized, _plan(model_type, set_), output, data_dir=data)
-    typer.echo(f"{output}: best validation macro-F1 {info['best_validation_macro_f1']:.4f}")
+    typer.echo(f"{output}: best validation {info['selection_metric']} {info['best_validation_metric']:.4f} "
+               f"at epoch {info['best_epoch']} of {info['epochs']:g}; seed {info['seed']}")
 
 
 @app.command()
@@ -94,7 +100,8 @@ def evaluate(model: Path = typer.Option(..., "--model"),
 
     results = run(model, tokenized, output, data_dir=data)
     typer.echo(f"{output}: test macro-F1 {results['macro_f1']:.4f} (tuned thresholds), "
-               f"{results['at_0.5']['macro_f1']:.4f} (0.5)")
+               f"{results['at_0.5']['macro_f1']:.4f} (0.5); "
+               f"linear baseline {results['baseline']['macro_f1']:.4f}")
 
 
 def main() -> None:

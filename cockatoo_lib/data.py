@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -27,10 +28,11 @@ from cockatoo_lib.rebalance import Rebalance, rebalance
 
 log = logging.getLogger(__name__)
 
+# The moderation label names the project was born with; the presets use them. A data config
+# may declare any other names (a team's own taxonomy): lower-case identifiers, unique.
 KNOWN_LABELS = ("scam", "violence", "nsfw", "harassment", "hate_speech", "toxicity",
                 "obscenity", "jailbreaking", "genocide")
-DEFAULT_LABELS = ("scam", "violence", "harassment", "hate_speech", "toxicity", "obscenity",
-                  "jailbreaking")
+LABEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 SPLITS = ("train", "validation", "test")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 MANIFEST = "manifest.json"
@@ -106,6 +108,8 @@ class Source(BaseModel):
     # item. Its rows become one, numeric columns averaged, the others taken from the first row.
     item_column: str | None = None
     labels: dict[str, LabelMapping] = Field(min_length=1)
+    # The data's license as its card gives it; the model card lists it beside the source.
+    license: str | None = None
 
     @model_validator(mode="after")
     def _one_location(self) -> Source:
@@ -119,17 +123,24 @@ class Source(BaseModel):
 
     @field_validator("labels")
     @classmethod
-    def _known_labels(cls, labels):
+    def _label_names(cls, labels):
         for name in labels:
-            if name not in KNOWN_LABELS:
-                raise ValueError(f"unknown label {name!r}; known: {', '.join(KNOWN_LABELS)}")
+            _check_label_name(name)
         return labels
+
+
+def _check_label_name(name: str) -> None:
+    if not LABEL_NAME.match(name):
+        raise ValueError(f"invalid label name {name!r}: use a lower-case identifier "
+                         "(a-z, 0-9 and _, starting with a letter, at most 64 characters)")
 
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    labels: list[str] = Field(default_factory=lambda: list(DEFAULT_LABELS), min_length=1)
+    # The active labels, in the order the model's outputs take. Omitted: every label some
+    # source maps, the known names first (KNOWN_LABELS order), then the others as they appear.
+    labels: list[str] | None = Field(default=None, min_length=1)
     sources: list[Source] = Field(min_length=1)
     # Duplicates are found on normalized text (case and runs of whitespace ignored):
     # keep_all keeps every row; keep_first the first copy; merge_labels the first copy with
@@ -150,13 +161,26 @@ class DataConfig(BaseModel):
 
     @field_validator("labels")
     @classmethod
-    def _known_active(cls, labels):
-        unknown = [x for x in labels if x not in KNOWN_LABELS]
-        if unknown:
-            raise ValueError(f"unknown label {unknown[0]!r}; known: {', '.join(KNOWN_LABELS)}")
-        if len(set(labels)) != len(labels):
-            raise ValueError("labels repeat")
+    def _valid_active(cls, labels):
+        for name in labels or []:
+            _check_label_name(name)
+        repeated = sorted({x for x in labels or [] if labels.count(x) > 1})
+        if repeated:
+            raise ValueError(f"label {repeated[0]!r} is declared twice")
         return labels
+
+    @model_validator(mode="after")
+    def _every_label_mapped(self) -> DataConfig:
+        mapped = [name for src in self.sources for name in src.labels]
+        if self.labels is None:
+            known = [x for x in KNOWN_LABELS if x in mapped]
+            self.labels = known + [x for x in dict.fromkeys(mapped) if x not in known]
+            return self
+        unmapped = [x for x in self.labels if x not in mapped]
+        if unmapped:
+            raise ValueError(f"label {unmapped[0]!r} is declared but no source maps it; map it in a "
+                             "source's 'labels' or leave it out")
+        return self
 
 
 def load_data_config(ref: str, labels: list[str] | None = None) -> DataConfig:
@@ -181,8 +205,8 @@ def load_data_config(ref: str, labels: list[str] | None = None) -> DataConfig:
         return DataConfig(**raw, base_dir=posixpath.dirname(ref) if "://" in ref else str(Path(ref).parent))
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise CockatooError(f"data config {ref}: {where}: {err['msg']}") from None
+        where = "".join(f"{'.'.join(str(p) for p in err['loc'])}: " if err["loc"] else "")
+        raise CockatooError(f"data config {ref}: {where}{err['msg'].removeprefix('Value error, ')}") from None
 
 
 # --------------------------------------------------------------------------- reading
@@ -389,7 +413,8 @@ def load_rows(config: DataConfig, store: ImageStore | None = None
         y, m = map_labels(frame, src, path, labels)
         text = frame[src.text_column].astype("string").str.strip().fillna("")
         has_text = (text != "").to_numpy()
-        stats[src.name] = {"path": src.where, "rows_read": int(rows_read), "items": int(len(frame))}
+        stats[src.name] = {"path": src.where, "license": src.license, "rows_read": int(rows_read),
+                           "items": int(len(frame))}
         images, bad = None, np.zeros(len(frame), bool)
         if src.image_column is not None:
             # Relative image paths start at the source file's folder (the config's for hub sets).

@@ -13,9 +13,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cockatoo_lib.baseline import baseline_probabilities
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, write_json
-from cockatoo_lib.metrics import label_confusion, report, sigmoid
+from cockatoo_lib.fileio import atomic_output_dir, write_json, write_text_atomic
+from cockatoo_lib.metrics import label_confusion, mean_average_precision, report, sigmoid
+from cockatoo_lib.model_card import MODEL_CARD, render_model_card
 from cockatoo_lib.models import load_trained_model, predict_logits
 from cockatoo_lib.tokenize import load_tokenized
 from cockatoo_lib.train import PaddingCollator, check_same_data, read_model_manifest
@@ -65,7 +67,12 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
     y = np.asarray(dataset["labels"], dtype=np.int8)
     m = np.asarray(dataset["label_mask"], dtype=np.int8)
 
+    # The thresholds stored in the model, tuned on validation when it was trained.
     tuned = [model_info["thresholds"][x] for x in labels]
+    sources = np.asarray(dataset["source"], dtype=object)
+    base_probs, base_thresholds, base_info = baseline_probabilities(
+        {s: (datasets[s]["text"], np.asarray(datasets[s]["labels"]), np.asarray(datasets[s]["label_mask"]))
+         for s in ("train", "validation")}, dataset["text"], seed=model_info.get("seed", 42))
     results = {
         "model_type": model_info["model_type"],
         "split": split,
@@ -76,15 +83,58 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
         "at_tuned_thresholds": report(probs, y, m, labels, tuned),
         "thresholds": dict(zip(labels, tuned)),
         "label_confusion": label_confusion(probs, y, m, tuned),
+        "mean_average_precision": mean_average_precision(probs, y, m),
     }
     results["macro_f1"] = results["at_tuned_thresholds"]["macro_f1"]
     results["micro_f1"] = results["at_tuned_thresholds"]["micro_f1"]
+    base = report(base_probs, y, m, labels, base_thresholds)
+    results["baseline"] = {**base_info, "macro_f1": base["macro_f1"], "micro_f1": base["micro_f1"],
+                           "mean_average_precision": mean_average_precision(base_probs, y, m),
+                           "per_label_f1": {k: v["f1"] for k, v in base["per_label"].items()},
+                           "thresholds": dict(zip(labels, base_thresholds))}
+    results["macro_f1_minus_baseline"] = round(results["macro_f1"] - base["macro_f1"], 6)
+    results["per_source"] = per_source(probs, base_probs, y, m, sources, labels, tuned, base_thresholds)
+    card = render_model_card(model_info, tok_info, results)
     with atomic_output_dir(output) as tmp:
         write_json(tmp / METRICS_FILE, results)
         (tmp / REPORT_FILE).write_text(render_report(results, probs, y, m))
-    log.info("evaluated %s on %s: macro-F1 %.4f (tuned), %.4f (0.5)", model_info["model_type"],
-             split, results["macro_f1"], results["at_0.5"]["macro_f1"])
+        (tmp / MODEL_CARD).write_text(card)
+    # The card travels with the model: whatever serves or registers it needs only its folder.
+    try:
+        write_text_atomic(Path(model_dir) / MODEL_CARD, card)
+    except OSError as exc:  # a read-only input mount: the card is still in the evaluation output
+        log.warning("evaluate: cannot write the model card into %s (%s); it is in %s", model_dir, exc,
+                    Path(output) / MODEL_CARD)
+    log.info("evaluated %s on %s: macro-F1 %.4f (tuned), %.4f (0.5); linear baseline %.4f",
+             model_info["model_type"], split, results["macro_f1"], results["at_0.5"]["macro_f1"],
+             base["macro_f1"])
+    if results["macro_f1_minus_baseline"] <= 0:
+        log.warning("evaluate: the model (macro-F1 %.4f) does no better than the linear baseline (%.4f)",
+                    results["macro_f1"], base["macro_f1"])
     return results
+
+
+def per_source(probs, base_probs, y, m, sources, labels, thresholds, base_thresholds) -> dict:
+    """Each source's rows on the labels that source annotates, model and baseline."""
+    out = {}
+    for name in sorted(set(sources)):
+        rows = sources == name
+        cols = np.flatnonzero(m[rows].any(axis=0))
+        if not len(cols):
+            continue
+        sub = [labels[j] for j in cols]
+        ys, ms = y[rows][:, cols], m[rows][:, cols]
+        model = report(probs[rows][:, cols], ys, ms, sub, [thresholds[j] for j in cols])
+        base = report(base_probs[rows][:, cols], ys, ms, sub, [base_thresholds[j] for j in cols])
+        out[str(name)] = {
+            "rows": int(rows.sum()), "labels": sub,
+            "macro_f1": model["macro_f1"], "micro_f1": model["micro_f1"],
+            "mean_average_precision": mean_average_precision(probs[rows][:, cols], ys, ms),
+            "baseline_macro_f1": base["macro_f1"],
+            "per_label": {k: {"f1": v["f1"], "support": v["support"]} for k, v in model["per_label"].items()},
+            "labels_without_support": model["labels_without_support"],
+        }
+    return out
 
 
 def _png(fig) -> str:

@@ -37,6 +37,18 @@ def macro_f1(probs: np.ndarray, y: np.ndarray, m: np.ndarray, thresholds) -> flo
     return float(f1[supported].mean()) if supported.any() else 0.0
 
 
+def mean_average_precision(probs: np.ndarray, y: np.ndarray, m: np.ndarray) -> float:
+    """Mean over labels of average precision (area under the precision-recall curve) on the
+    rows annotating each label; labels whose rows hold only one class are left out. It ranks
+    rows, so no threshold enters it."""
+    scores = []
+    for j in range(y.shape[1]):
+        rows = m[:, j].astype(bool)
+        if len(np.unique(y[rows, j])) == 2:
+            scores.append(average_precision_score(y[rows, j], probs[rows, j]))
+    return float(np.mean(scores)) if scores else 0.0
+
+
 def sweep_thresholds(probs: np.ndarray, y: np.ndarray, m: np.ndarray,
                      steps: int = THRESHOLD_STEPS) -> tuple[list[float], list[bool]]:
     """Per label, the threshold in (0, 1) with the best F1 on these rows (ties: the lowest).

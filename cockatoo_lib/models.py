@@ -92,6 +92,22 @@ def load_base_model(plan: Plan, labels: list[str]) -> PreTrainedModel:
         ) from None
 
 
+def output_layer(model: PreTrainedModel) -> nn.Linear:
+    """The final Linear layer that produces one logit per label."""
+    layer = model.head[-1] if isinstance(model, CLIPClassifier) else getattr(model, "classifier", None)
+    if not isinstance(layer, nn.Linear) or layer.out_features != model.config.num_labels:
+        raise CockatooError(f"cannot find the output layer of {type(model).__name__} "
+                            "(expected a Linear `classifier` with one output per label)")
+    return layer
+
+
+@torch.no_grad()
+def init_head_bias(model: PreTrainedModel, priors) -> None:
+    """Start each label's logit at its prior log-odds (Lin et al., 2017, for focal losses)."""
+    p = torch.as_tensor(priors, dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
+    output_layer(model).bias.copy_(torch.log(p / (1 - p)))
+
+
 def load_trained_model(model_dir: str | Path, architecture: str) -> PreTrainedModel:
     if architecture == "clip":
         return CLIPClassifier.from_pretrained(str(model_dir))

@@ -53,7 +53,18 @@ class Plan(BaseModel):
     asl_gamma_pos: float = Field(default=1.0, ge=0)
     asl_clip: float = Field(default=0.05, ge=0, lt=1)
     eval_strategy: Literal["epoch"] = "epoch"
-    metric_for_best_model: Literal["f1"] = "f1"
+    # How the best epoch is chosen (and early stopping judged), on validation. "f1": macro-F1
+    # at per-label thresholds tuned on that epoch's predictions, the number the saved model is
+    # tuned for; "map": mean average precision, which ranks and needs no threshold. Neither
+    # uses a fixed 0.5 cut, which ASL's shifted probabilities make meaningless.
+    metric_for_best_model: Literal["f1", "map"] = "f1"
+    # Stop after this many evaluations without improvement (0: never stop early).
+    early_stopping_patience: int = Field(default=2, ge=0)
+    # The output layer's bias starts at each label's log-odds in the train split, so the first
+    # steps do not spend themselves pushing every logit down (the focal-loss initialisation).
+    head_bias_init: Literal["prior", "zero"] = "prior"
+    # Deterministic kernels on CUDA too (slower); CPU training is deterministic either way.
+    deterministic: bool = False
     dataloader_num_workers: int = Field(default=4, ge=0)
     save_total_limit: int = Field(default=2, gt=0)
     train_sampling_strategy: Literal["group_by_length", "random"] = "group_by_length"

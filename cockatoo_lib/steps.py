@@ -33,7 +33,7 @@ def prepare_step(data_config: str, labels: list[str], seed: int, max_samples: in
 
 def tokenize_step(data_dir: str, model_type: str, overrides: dict, base_model: str,
                   cache_root: str, output: str, output_uri: str) -> dict:
-    from cockatoo_lib.tokenize import DEFAULT_CACHE_ROOT, tokenize
+    from cockatoo_lib.tokenize import DEFAULT_CACHE_ROOT, diagnostic_warnings, tokenize
 
     cache_root = cache_root or DEFAULT_CACHE_ROOT
     if "://" in output_uri and "://" not in cache_root:
@@ -42,9 +42,13 @@ def tokenize_step(data_dir: str, model_type: str, overrides: dict, base_model: s
                             f"on a cluster (its output is {output_uri}); set it to a bucket URI "
                             "such as gs://BUCKET/cockatoo-cache or s3://BUCKET/cockatoo-cache")
     info = tokenize(data_dir, step_plan(model_type, overrides, base_model), output, cache_root)
+    diagnostics = info["diagnostics"]
     return {"cache_hit": info["cache_hit"], "cache_key": info["cache_key"],
             "cache_uri": local_path(info["cache_uri"]), "rows": info["rows"], "truncated": info["truncated"],
-            "tokenizer": info["tokenizer"], "max_length": info["max_length"]}
+            "tokenizer": info["tokenizer"], "max_length": info["max_length"],
+            "unknown_token_share": diagnostics["overall"]["unknown_token_share"],
+            "truncated_share": diagnostics["overall"]["truncated_share"],
+            "diagnostics_by_source": diagnostics["sources"], "warnings": diagnostic_warnings(diagnostics)}
 
 
 def local_path(uri: str) -> str:
@@ -52,14 +56,17 @@ def local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
-def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model: str,
+def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model: str, seed: int,
                output: str) -> dict:
+    """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one."""
     from cockatoo_lib.train import train
 
-    info = train(local_path(tokenized_dir), step_plan(model_type, overrides, base_model, detect=True),
-                 output)
+    plan = step_plan(model_type, {"seed": seed, **(overrides or {})}, base_model, detect=True)
+    info = train(local_path(tokenized_dir), plan, output)
     return {"model_type": info["model_type"], "base_model": info["base_model"],
-            "best_validation_macro_f1": info["best_validation_macro_f1"], "epochs": info["epochs"],
+            "selection_metric": info["selection_metric"],
+            "best_validation_metric": info["best_validation_metric"], "best_epoch": info["best_epoch"],
+            "epochs": info["epochs"], "seed": info["seed"],
             "labels": info["labels"], "thresholds": info["thresholds"]}
 
 
@@ -70,18 +77,28 @@ def evaluate_step(model_dir: str, tokenized_dir: str, output: str) -> dict:
 
 
 def kfp_metrics(results: dict) -> tuple[dict[str, float], list[list[int]]]:
-    """Scalars for KFP's Metrics artifact and the label confusion matrix."""
+    """Scalars for KFP's Metrics artifact (model beside the linear baseline, per label and per
+    source) and the label confusion matrix."""
     tuned = results["at_tuned_thresholds"]
-    scalars = {"test_macro_f1": results["macro_f1"], "test_micro_f1": results["micro_f1"],
+    scalars = {"test_macro_f1": results["macro_f1"],
+               "baseline_test_macro_f1": results["baseline"]["macro_f1"],
+               "test_macro_f1_minus_baseline": results["macro_f1_minus_baseline"],
+               "test_micro_f1": results["micro_f1"],
+               "test_mean_average_precision": results["mean_average_precision"],
                "test_macro_f1_at_0_5": results["at_0.5"]["macro_f1"]}
     for label, row in tuned["per_label"].items():
         scalars[f"f1_{label}"] = row["f1"]
         if row["pr_auc"] is not None:
             scalars[f"pr_auc_{label}"] = row["pr_auc"]
+    for source, row in results["per_source"].items():
+        scalars[f"source_{source}_macro_f1"] = row["macro_f1"]
     return {k: round(float(v), 6) for k, v in scalars.items()}, results["label_confusion"]
 
 
-def report_path(evaluation_dir: str) -> Path:
-    from cockatoo_lib.evaluate import REPORT_FILE
+def evaluation_files(evaluation_dir: str) -> dict[str, Path]:
+    from cockatoo_lib.evaluate import METRICS_FILE, REPORT_FILE
+    from cockatoo_lib.model_card import MODEL_CARD
 
-    return Path(evaluation_dir) / REPORT_FILE
+    folder = Path(evaluation_dir)
+    return {"metrics": folder / METRICS_FILE, "report": folder / REPORT_FILE,
+            "model_card": folder / MODEL_CARD}

@@ -32,7 +32,8 @@ from cockatoo_lib.registry import Plan
 log = logging.getLogger(__name__)
 
 # Bump when the tokenized layout or the way texts become ids changes: old entries then miss.
-PREPROCESSING_VERSION = 2  # 2: label loss weights and learning-rate scale travel along
+# 2: label loss weights and learning-rate scale travel along; 3: text and source kept, diagnostics
+PREPROCESSING_VERSION = 3
 INFO = "tokenized.json"
 ENTRY_MARKER = "entry.json"
 DEFAULT_CACHE_ROOT = "~/.cache/cockatoo"
@@ -81,21 +82,26 @@ def _tokenize_split(path: Path, tokenizer, max_length: int, image_processor, wor
     from datasets import Dataset, Features, Value
 
     with_images = image_processor is not None and "image" in pq.read_schema(path).names
-    columns = ["text", "labels", "label_mask"]
+    columns = ["text", "labels", "label_mask", "source"]
     if with_images:  # read through an on-disk Arrow cache: the images need not fit in memory
         dataset = Dataset.from_parquet(str(path), columns=[*columns, "image"],
                                        cache_dir=str(work / "parquet"))
     else:
         dataset = Dataset(pq.read_table(path, columns=columns))
 
+    unk = tokenizer.unk_token_id
+
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        # Diagnostics, dropped before saving: see _diagnostics.
         enc["truncated"] = [bool(e.overflowing) for e in enc.encodings]
+        enc["unknown_tokens"] = [ids.count(unk) if unk is not None else 0 for ids in enc["input_ids"]]
+        enc["text_tokens"] = [len(e.ids) - sum(e.special_tokens_mask) for e in enc.encodings]
         return enc
 
-    dataset = dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"],
-                          desc=f"tokenize {path.stem}")
+    # The text stays beside its ids: evaluation fits its linear baseline on it.
+    dataset = dataset.map(encode, batched=True, batch_size=1000, desc=f"tokenize {path.stem}")
     if not with_images:
         return dataset, 0.0
     features = Features({**{k: v for k, v in dataset.features.items() if k != "image"},
@@ -120,12 +126,47 @@ def _build_entry(data_dir: Path, tokenizer, image_processor, max_length: int, de
                                                      image_processor, Path(work))
             image_seconds += seconds
         truncated = {s: int(sum(d["truncated"])) for s, d in splits.items()}
-        stats = {"rows": {s: len(d) for s, d in splits.items()}, "truncated": truncated}
+        stats = {"rows": {s: len(d) for s, d in splits.items()}, "truncated": truncated,
+                 "diagnostics": _diagnostics(splits)}
         if any(PIXEL_COLUMN in d.column_names for d in splits.values()):
             stats["images"] = _image_stats(splits, image_processor, image_seconds)
-        DatasetDict({s: d.remove_columns("truncated") for s, d in splits.items()}).save_to_disk(str(dest))
+        DatasetDict({s: d.remove_columns(list(DIAGNOSTIC_COLUMNS)) for s, d in splits.items()}
+                    ).save_to_disk(str(dest))
     stats["seconds"] = round(time.perf_counter() - start, 3)
     return stats
+
+
+DIAGNOSTIC_COLUMNS = ("truncated", "unknown_tokens", "text_tokens")
+# Above this share of unknown tokens a source's texts are largely invisible to the model: the
+# tokenizer does not cover their script, emoji or symbols.
+UNKNOWN_WARN_SHARE = 0.05
+
+
+def _diagnostics(splits) -> dict:
+    """Share of unknown tokens (among the texts' own tokens) and of truncated texts, per split
+    and per source."""
+    import pandas as pd
+
+    frames = [d.select_columns(["source", *DIAGNOSTIC_COLUMNS]).to_pandas().assign(split=s)
+              for s, d in splits.items()]
+    frame = pd.concat(frames, ignore_index=True)
+
+    def shares(group) -> dict:
+        tokens = int(group["text_tokens"].sum())
+        return {"rows": int(len(group)),
+                "unknown_token_share": round(float(group["unknown_tokens"].sum()) / max(tokens, 1), 6),
+                "truncated_share": round(float(group["truncated"].mean()) if len(group) else 0.0, 6)}
+
+    return {"overall": shares(frame),
+            "splits": {s: shares(frame[frame["split"] == s]) for s in splits},
+            "sources": {str(name): shares(group) for name, group in frame.groupby("source", sort=True)}}
+
+
+def diagnostic_warnings(diagnostics: dict) -> list[str]:
+    return [f"source {name}: {d['unknown_token_share']:.1%} of its tokens are unknown to the tokenizer "
+            f"(above {UNKNOWN_WARN_SHARE:.0%}); the model cannot read those parts of its texts: "
+            "check its language and script, or choose a model whose vocabulary covers them"
+            for name, d in diagnostics["sources"].items() if d["unknown_token_share"] > UNKNOWN_WARN_SHARE]
 
 
 def _image_stats(splits, image_processor, seconds: float) -> dict:
@@ -158,6 +199,7 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
             "class_weights": manifest["class_weights"], "data_fingerprint": manifest["fingerprint"],
             "loss_weights": manifest["rebalance"]["loss_weights"],
             "learning_rate_scale": manifest["rebalance"]["learning_rate_scale"],
+            "sources": manifest["sources"], "splits": manifest["splits"],
             "preprocessing_version": PREPROCESSING_VERSION}
     with atomic_output_dir(output) as tmp:
         stats = _read_entry(fs, entry, key)
@@ -173,6 +215,8 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
             _publish_entry(fs, entry, key, tmp, stats)
         if any(stats["truncated"].values()):
             log.info("tokenize: texts truncated at %d tokens: %s", plan.max_length, stats["truncated"])
+        for warning in diagnostic_warnings(stats["diagnostics"]):
+            log.warning("tokenize: %s", warning)
         if "images" in stats:
             log.info("tokenize: pixels cached for %s images (%.1f MiB per 1,000)",
                      stats["images"]["rows"], stats["images"]["mib_per_1000_images"])

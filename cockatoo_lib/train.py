@@ -6,16 +6,17 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import EvalPrediction, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
 
 from cockatoo_lib.data import read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, read_json, write_json
 from cockatoo_lib.images import PIXEL_COLUMN, collate_pixels
 from cockatoo_lib.losses import asymmetric_loss, masked_bce
-from cockatoo_lib.metrics import macro_f1, sigmoid, sweep_thresholds
-from cockatoo_lib.models import load_base_model
+from cockatoo_lib.metrics import macro_f1, mean_average_precision, sigmoid, sweep_thresholds
+from cockatoo_lib.models import init_head_bias, load_base_model
 from cockatoo_lib.optim import build_optimizer
 from cockatoo_lib.registry import Plan
 from cockatoo_lib.tokenize import load_processors, load_tokenized
@@ -86,9 +87,34 @@ class CockatooTrainer(Trainer):
 
 
 def _compute_metrics(pred: EvalPrediction) -> dict[str, float]:
+    """Validation metrics per epoch. `f1` is macro-F1 at thresholds tuned on these very
+    predictions, as the saved model's are; `f1_at_0_5` is logged only for comparison."""
     labels, mask = pred.label_ids
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    return {"f1": macro_f1(sigmoid(logits), labels, mask, 0.5)}
+    probs = sigmoid(logits)
+    thresholds, _ = sweep_thresholds(probs, labels, mask)
+    return {"f1": macro_f1(probs, labels, mask, thresholds),
+            "map": mean_average_precision(probs, labels, mask),
+            "f1_at_0_5": macro_f1(probs, labels, mask, 0.5)}
+
+
+def seed_everything(plan: Plan) -> None:
+    """Seed Python, numpy and torch (every device) before anything draws randomness: the new
+    head's initialisation comes before the Trainer seeds. `deterministic` also makes CUDA pick
+    deterministic kernels."""
+    from transformers import enable_full_determinism, set_seed
+
+    if plan.deterministic:
+        enable_full_determinism(plan.seed)
+    else:
+        set_seed(plan.seed)
+
+
+def label_priors(dataset) -> np.ndarray:
+    """Each label's share of positives among the train rows that annotate it."""
+    y = np.asarray(dataset["labels"], dtype=np.float64)
+    m = np.asarray(dataset["label_mask"], dtype=np.float64)
+    return (y * m).sum(axis=0) / np.maximum(m.sum(axis=0), 1)
 
 
 def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArguments:
@@ -113,6 +139,7 @@ def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArgum
         greater_is_better=True,
         save_total_limit=plan.save_total_limit,
         save_only_model=True,
+        full_determinism=plan.deterministic,
         dataloader_num_workers=plan.dataloader_num_workers,
         train_sampling_strategy=plan.train_sampling_strategy,
         length_column_name="length",
@@ -154,7 +181,10 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
                                        "adjustments": plan.adjustments + (note,)})
     cuda = torch.cuda.is_available()
     tokenizer, image_processor = load_processors(plan)
+    seed_everything(plan)
     model = load_base_model(plan, labels)
+    if plan.head_bias_init == "prior":
+        init_head_bias(model, label_priors(datasets["train"]))
     pos_weight = torch.tensor([tok_info["class_weights"][x] for x in labels], dtype=torch.float32)
     loss_weights = torch.tensor([tok_info["loss_weights"][x] for x in labels])
 
@@ -171,9 +201,12 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             plan=plan,
             pos_weight=pos_weight,
             loss_weights=loss_weights,
+            callbacks=[EarlyStoppingCallback(plan.early_stopping_patience)]
+            if plan.early_stopping_patience else None,
         )
         result = trainer.train()
-        best_f1 = trainer.state.best_metric
+        best = trainer.state.best_metric
+        by_epoch = [e for e in trainer.state.log_history if "eval_f1" in e]
         prediction = trainer.predict(datasets["validation"])
         val_labels, val_mask = prediction.label_ids
         thresholds, tuned = sweep_thresholds(sigmoid(prediction.predictions), val_labels, val_mask)
@@ -194,9 +227,14 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             "data_fingerprint": tok_info["data_fingerprint"],
             "tokenized_cache_key": tok_info["cache_key"],
             "train_images": tok_info.get("images", {}).get("rows", {}).get("train", 0),
-            "best_validation_macro_f1": float(best_f1) if best_f1 is not None else None,
-            "validation_macro_f1_by_epoch": [
-                round(float(e["eval_f1"]), 6) for e in trainer.state.log_history if "eval_f1" in e],
+            "seed": plan.seed,
+            "selection_metric": plan.metric_for_best_model,
+            "best_validation_metric": float(best) if best is not None else None,
+            "best_epoch": _best_epoch(by_epoch, plan.metric_for_best_model, best),
+            "validation_by_epoch": [
+                {"epoch": round(float(e["epoch"]), 3), **{k: round(float(e[f"eval_{k}"]), 6)
+                                                          for k in ("f1", "map", "f1_at_0_5", "loss")}}
+                for e in by_epoch],
             "validation_macro_f1_tuned": macro_f1(sigmoid(prediction.predictions), val_labels,
                                                   val_mask, thresholds),
             "epochs": float(trainer.state.epoch or 0),
@@ -204,10 +242,17 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             "train_samples_per_second": float(result.metrics.get("train_samples_per_second", 0.0)),
         }
         write_json(tmp / MODEL_MANIFEST, model_manifest)
-    log.info("trained %s: best validation macro-F1 %.4f after %.1f epochs; saved to %s",
-             plan.model_type, model_manifest["best_validation_macro_f1"] or 0.0,
-             model_manifest["epochs"], output)
+    log.info("trained %s: best validation %s %.4f (epoch %s of %.1f); saved to %s", plan.model_type,
+             plan.metric_for_best_model, model_manifest["best_validation_metric"] or 0.0,
+             model_manifest["best_epoch"], model_manifest["epochs"], output)
     return model_manifest
+
+
+def _best_epoch(by_epoch: list[dict], metric: str, best) -> float | None:
+    for e in by_epoch:
+        if best is not None and e[f"eval_{metric}"] == best:
+            return round(float(e["epoch"]), 3)
+    return None
 
 
 def read_model_manifest(model_dir: str | Path) -> dict:

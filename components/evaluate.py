@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.images import DEFAULT_IMAGES
 
@@ -12,17 +12,22 @@ def evaluate(
     metrics: Output[Metrics],
     classification_metrics: Output[ClassificationMetrics],
     report: Output[HTML],
+    model_card: Output[Markdown],
 ):
-    """Score the test split: metrics.json and report.html, per-label scalars to Metrics, the
-    label confusion matrix to ClassificationMetrics, the report to HTML."""
+    """Score the test split beside the linear baseline: metrics.json, report.html and the model
+    card; scalars (model, baseline, per source) to Metrics, the label confusion matrix to
+    ClassificationMetrics, the report to HTML, the card to Markdown."""
     import shutil
 
-    from cockatoo_lib.steps import evaluate_step, kfp_metrics, report_path
+    from cockatoo_lib.steps import evaluate_step, evaluation_files, kfp_metrics
 
     results = evaluate_step(model.path, tokenized.path, evaluation.path)
     scalars, confusion = kfp_metrics(results)
     for name, value in scalars.items():
         metrics.log_metric(name, value)
     classification_metrics.log_confusion_matrix(results["labels"], confusion)
-    shutil.copyfile(report_path(evaluation.path), report.path)
-    evaluation.metadata["test_macro_f1"] = results["macro_f1"]
+    files = evaluation_files(evaluation.path)
+    shutil.copyfile(files["report"], report.path)
+    shutil.copyfile(files["model_card"], model_card.path)
+    evaluation.metadata.update(test_macro_f1=results["macro_f1"],
+                               baseline_test_macro_f1=results["baseline"]["macro_f1"])

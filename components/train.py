@@ -10,9 +10,10 @@ def train(
     model_type: str,
     overrides: dict,
     base_model: str,
+    seed: int,
     model: Output[Model],
 ):
-    """Fine-tune on the tokenized splits; the model folder with cockatoo.json."""
+    """Fine-tune on the tokenized splits with the run's seed; the model folder with cockatoo.json."""
     from cockatoo_lib.steps import train_step
 
-    model.metadata.update(train_step(tokenized.path, model_type, overrides, base_model, model.path))
+    model.metadata.update(train_step(tokenized.path, model_type, overrides, base_model, seed, model.path))

@@ -63,10 +63,11 @@ def run(model_type: str = typer.Option(None, "--model-type", "-m"),
         params["data_config"] = data_config
     start = time.perf_counter()
     result = run_local(params, output_root.resolve())
-    typer.echo(f"\nmodel:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}")
+    typer.echo(f"\nmodel:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}"
+               f"\ncard:    {result['model_card']}")
     typer.echo(f"test macro-F1: {result['test_macro_f1']:.4f} at tuned thresholds "
-               f"({result['test_macro_f1_at_0_5']:.4f} at 0.5); "
-               f"pipeline took {time.perf_counter() - start:.0f} s")
+               f"({result['test_macro_f1_at_0_5']:.4f} at 0.5); linear baseline "
+               f"{result['baseline_test_macro_f1']:.4f}; pipeline took {time.perf_counter() - start:.0f} s")
 
 
 @app.command(name="compile")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl import HTML, Artifact, Dataset, Model
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
 from components import evaluate, prepare_data, tokenize, train
 from components.images import DEFAULT_IMAGES, Images
@@ -44,6 +44,7 @@ class PipelineOutputs(NamedTuple):
     model: Model
     evaluation: Artifact
     report: HTML
+    model_card: Markdown
 
 
 RESOURCES = {  # (cpu, memory) requests per step
@@ -104,7 +105,7 @@ def build_pipeline(cluster: Cluster = Cluster()):
         tokenized.set_display_name("tokenized (by content)")
 
         fit = train(tokenized=tokenized.output, model_type=model_type, overrides=overrides,
-                    base_model=base_model)
+                    base_model=base_model, seed=seed)
         _configure(fit, "train", cluster.images.cuda, cluster, shm=True)
         fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
 
@@ -112,7 +113,7 @@ def build_pipeline(cluster: Cluster = Cluster()):
         _configure(scored, "evaluate", cluster.images.cpu, cluster)
 
         return PipelineOutputs(model=fit.outputs["model"], evaluation=scored.outputs["evaluation"],
-                               report=scored.outputs["report"])
+                               report=scored.outputs["report"], model_card=scored.outputs["model_card"])
 
     return cockatoo_train
 

@@ -87,13 +87,13 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, An
     task = build_pipeline(Cluster(for_local=True))(**params)
     if not task.outputs:
         raise CockatooError(f"the local run failed; the failing step's log is above ({pipeline_root})")
-    model, evaluation = task.outputs["model"], task.outputs["evaluation"]
-    from cockatoo_lib.evaluate import METRICS_FILE, REPORT_FILE
+    from cockatoo_lib.steps import evaluation_files
 
-    metrics = json.loads((Path(evaluation.path) / METRICS_FILE).read_text())
-    return {"model": model.path, "metrics": str(Path(evaluation.path) / METRICS_FILE),
-            "report": str(Path(evaluation.path) / REPORT_FILE), "test_macro_f1": metrics["macro_f1"],
-            "test_macro_f1_at_0_5": metrics["at_0.5"]["macro_f1"]}
+    files = evaluation_files(task.outputs["evaluation"].path)
+    metrics = json.loads(files["metrics"].read_text())
+    return {"model": task.outputs["model"].path, **{k: str(v) for k, v in files.items()},
+            "test_macro_f1": metrics["macro_f1"], "test_macro_f1_at_0_5": metrics["at_0.5"]["macro_f1"],
+            "baseline_test_macro_f1": metrics["baseline"]["macro_f1"]}
 
 
 # ---------------------------------------------------------------------- cluster

@@ -81,21 +81,19 @@ def test_mapping_kinds_threshold_merge_and_missing_values(tmp_path):
             "harassment": {"columns": ["x", "z"], "merge": "and"},
             "obscenity": {"columns": ["s1", "s2"], "merge": "mean"},
             "hate_speech": {"columns": ["s1", "s2"], "merge": "max"},
-        }}], labels=["scam", "toxicity", "violence", "harassment", "obscenity", "hate_speech",
-                     "jailbreaking"])
+        }}], labels=["scam", "toxicity", "violence", "harassment", "obscenity", "hate_speech"])
     prepare(load_data_config(str(config)), tmp_path / "out", max_samples=0)
     rows = _all_rows(tmp_path / "out").set_index("text").sort_index()
     y = np.stack(rows["labels"].to_numpy())
     m = np.stack(rows["label_mask"].to_numpy())
     assert y.tolist() == [
-        [1, 0, 1, 0, 0, 1, 0],  # a: flag, score 0.2, x only, s mean 0.45, s max 0.9
-        [0, 1, 0, 0, 0, 0, 0],  # b
-        [1, 0, 1, 0, 0, 0, 0],  # c: score 0.5 < 0.6
-        [0, 0, 1, 1, 1, 1, 0],  # d
+        [1, 0, 1, 0, 0, 1],  # a: flag, score 0.2, x only, s mean 0.45, s max 0.9
+        [0, 1, 0, 0, 0, 0],  # b
+        [1, 0, 1, 0, 0, 0],  # c: score 0.5 < 0.6
+        [0, 0, 1, 1, 1, 1],  # d
     ]
-    # A missing score leaves that row's label unannotated; jailbreaking is never annotated.
+    # A missing score leaves that row's label unannotated.
     assert m[:, 1].tolist() == [1, 1, 1, 0]
-    assert m[:, 6].tolist() == [0, 0, 0, 0]
 
 
 def test_cleaning_strips_drops_empty_and_duplicates(tmp_path):
@@ -147,8 +145,8 @@ BAD_INPUTS = {
                              {"scam": "label"}, r"holds 1.7 \(data row 2\); a score must lie in \[0, 1\]"),
     "every text empty": (lambda p: _csv(p, pd.DataFrame({"text": ["  ", None], "label": [0, 1]})),
                          {"scam": "label"}, "every text is empty"),
-    "unknown label in config": (lambda p: _csv(p, pd.DataFrame({"text": ["a"], "label": [1]})),
-                                {"spam": "label"}, "unknown label 'spam'"),
+    "invalid label name": (lambda p: _csv(p, pd.DataFrame({"text": ["a"], "label": [1]})),
+                           {"Self-Harm": "label"}, "invalid label name 'Self-Harm': use a lower-case"),
     "unknown mapping kind": (lambda p: _csv(p, pd.DataFrame({"text": ["a"], "label": [1]})),
                              {"scam": {"column": "label", "merge": "median"}}, "merge"),
 }

@@ -44,6 +44,10 @@ def test_compiled_yaml_is_a_pipeline_spec_with_resources_caching_and_secrets():
     assert schedule.string_value == dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER
     assert not tasks["prepare-data"].caching_options.enable_cache
     assert all(tasks[t].caching_options.enable_cache for t in ("tokenize", "train", "evaluate"))
+    # The run form's seed drives both the split and training.
+    for task in ("prepare-data", "train"):
+        assert tasks[task].inputs.parameters["seed"].component_input_parameter == "seed"
+    assert set(spec.root.dag.outputs.artifacts) == {"model", "evaluation", "report", "model_card"}
     importer = next(t for n, t in tasks.items() if n.startswith("importer"))
     assert importer.component_ref.name.startswith("comp-importer")
     assert "importer" in str(tasks["train"].inputs.artifacts["tokenized"])
@@ -117,16 +121,28 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
 
     entry = dsl.Dataset(uri=out.cache_uri)
     model = dsl.Model(uri=str(tmp_path / "model"))
-    train.python_func(tokenized=entry, model_type="deberta", overrides=FAST, base_model=base, model=model)
+    train.python_func(tokenized=entry, model_type="deberta", overrides=FAST, base_model=base, seed=7,
+                      model=model)
     assert model.metadata["model_type"] == "deberta" and model.metadata["epochs"] == 1
-    assert 0 <= model.metadata["best_validation_macro_f1"] <= 1
+    assert 0 <= model.metadata["best_validation_metric"] <= 1
+    assert model.metadata["selection_metric"] == "f1"
+    # The run form's seed reaches training and is recorded with the model.
+    assert model.metadata["seed"] == 7 and read_model_manifest(model.path)["plan"]["seed"] == 7
 
     outputs = {"evaluation": dsl.Artifact(uri=str(tmp_path / "eval")),
                "metrics": dsl.Metrics(uri=str(tmp_path / "metrics")),
                "classification_metrics": dsl.ClassificationMetrics(uri=str(tmp_path / "cm")),
-               "report": dsl.HTML(uri=str(tmp_path / "report.html"))}
+               "report": dsl.HTML(uri=str(tmp_path / "report.html")),
+               "model_card": dsl.Markdown(uri=str(tmp_path / "card.md"))}
     evaluate.python_func(model=model, tokenized=entry, **outputs)
-    assert set(outputs["metrics"].metadata) >= {"test_macro_f1", "test_micro_f1", "f1_scam"}
+    scalars = outputs["metrics"].metadata
+    assert set(scalars) >= {"test_macro_f1", "test_micro_f1", "f1_scam", "baseline_test_macro_f1",
+                            "test_mean_average_precision", "source_phishing_macro_f1"}
+    assert scalars["test_macro_f1_minus_baseline"] == pytest.approx(
+        scalars["test_macro_f1"] - scalars["baseline_test_macro_f1"], abs=1e-5)
+    card = Path(outputs["model_card"].path).read_text()
+    assert card.startswith("# Cockatoo moderation classifier: deberta")
+    assert card == (Path(model.path) / "README.md").read_text()
     matrix = outputs["classification_metrics"].metadata["confusionMatrix"]
     assert [s["displayName"] for s in matrix["annotationSpecs"]][0] == "scam"
     assert Path(outputs["report"].path).read_text().startswith("<!doctype html>")

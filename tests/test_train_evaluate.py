@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import run_cli
 
-from cockatoo_lib.metrics import macro_f1, sigmoid
+from cockatoo_lib.metrics import macro_f1, sigmoid, sweep_thresholds
 from cockatoo_lib.models import load_trained_model, predict_logits
 from cockatoo_lib.registry import resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
@@ -53,11 +53,14 @@ def test_best_epoch_is_restored(small_data, tiny_models, tmp_path):
     plan = resolve_plan("deberta", {**FAST, "num_epochs": 3, "base_model": str(tiny_models["deberta"])})
     tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
     info = train(tmp_path / "tok", plan, tmp_path / "model", data_dir=small_data)
-    by_epoch = info["validation_macro_f1_by_epoch"]
+    by_epoch = [e["f1"] for e in info["validation_by_epoch"]]
     assert len(by_epoch) == 3
-    assert info["best_validation_macro_f1"] == pytest.approx(max(by_epoch), abs=1e-6)
+    assert info["best_validation_metric"] == pytest.approx(max(by_epoch), abs=1e-6)
+    assert info["best_epoch"] == 1 + by_epoch.index(max(by_epoch))
+    # The restored weights score the best epoch's macro-F1 at thresholds tuned on validation.
     logits, y, m = _validation_logits(tmp_path / "model", tmp_path / "tok")
-    assert macro_f1(sigmoid(logits.numpy()), y, m, 0.5) == pytest.approx(max(by_epoch), abs=1e-6)
+    probs = sigmoid(logits.numpy())
+    assert macro_f1(probs, y, m, sweep_thresholds(probs, y, m)[0]) == pytest.approx(max(by_epoch), abs=1e-6)
 
 
 def test_training_arguments_follow_the_plan(tmp_path):
@@ -68,6 +71,7 @@ def test_training_arguments_follow_the_plan(tmp_path):
     assert args.num_train_epochs == 3 and args.activation_checkpointing is True
     assert args.save_total_limit == 2 and args.load_best_model_at_end
     assert args.metric_for_best_model == "f1" and args.greater_is_better
+    assert args.full_determinism is False
     assert str(args.eval_strategy.value) == "epoch" and str(args.save_strategy.value) == "epoch"
     assert args.dataloader_num_workers == 4
     assert args.train_sampling_strategy == "group_by_length" and args.length_column_name == "length"

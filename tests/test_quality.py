@@ -1,0 +1,230 @@
+"""Model quality: reproducible training, checkpoint selection that fits the loss, the head's
+prior initialisation, the linear baseline, tokenizer diagnostics, per-source metrics, open label
+names and the model card."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import error_line, run_cli, write_config
+from transformers import EvalPrediction
+
+from cockatoo_lib.baseline import fit_predict
+from cockatoo_lib.data import load_data_config, prepare
+from cockatoo_lib.evaluate import evaluate
+from cockatoo_lib.metrics import mean_average_precision, report, sigmoid
+from cockatoo_lib.models import init_head_bias, load_base_model, output_layer
+from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.tokenize import load_tokenized, tokenize
+from cockatoo_lib.train import _compute_metrics, label_priors, train, training_arguments
+
+FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+        "dataloader_num_workers": 0}
+
+TRAIN_IN_A_PROCESS = """
+import sys
+from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.train import train
+base, tok, out, seed = sys.argv[1:]
+plan = resolve_plan("deberta", {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,
+                                "learning_rate": 1e-3, "dataloader_num_workers": 0, "base_model": base,
+                                "seed": int(seed)})
+train(tok, plan, out)
+"""
+
+
+def _train_in_process(base, tok, out, seed):
+    subprocess.run([sys.executable, "-c", TRAIN_IN_A_PROCESS, str(base), str(tok), str(out), str(seed)],
+                   check=True, capture_output=True)
+    manifest = json.loads((out / "cockatoo.json").read_text())
+    return (out / "model.safetensors").read_bytes(), manifest
+
+
+def test_training_is_byte_identical_across_processes_for_one_seed(tiny_models, small_data, tmp_path):
+    plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"])})
+    tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
+    first, info_a = _train_in_process(tiny_models["deberta"], tmp_path / "tok", tmp_path / "a", 42)
+    second, info_b = _train_in_process(tiny_models["deberta"], tmp_path / "tok", tmp_path / "b", 42)
+    assert first == second
+    for key in ("validation_by_epoch", "thresholds", "best_validation_metric", "seed"):
+        assert info_a[key] == info_b[key], key
+    # The seed is what decides: another one trains other weights.
+    other, _ = _train_in_process(tiny_models["deberta"], tmp_path / "tok", tmp_path / "c", 7)
+    assert other != first
+
+
+def test_epoch_metric_tunes_thresholds_instead_of_cutting_at_one_half():
+    # Every probability is below 0.5, but the ranking is perfect: a 0.5 cut sees nothing.
+    y = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, 0]])
+    m = np.ones_like(y)
+    probs = np.array([[0.30, 0.01], [0.02, 0.20], [0.05, 0.03], [0.25, 0.40], [0.10, 0.02]])
+    logits = np.log(probs / (1 - probs))
+    metrics = _compute_metrics(EvalPrediction(predictions=logits, label_ids=(y, m)))
+    assert metrics["f1_at_0_5"] == 0.0
+    assert metrics["f1"] == pytest.approx(1.0)
+    assert metrics["map"] == pytest.approx(1.0)
+    # A ranking with one positive below a negative: label 0's AP is (1 + 2/3) / 2.
+    probs[4, 0] = 0.28
+    assert mean_average_precision(probs, y, m) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+
+
+def test_selection_metric_and_early_stopping_reach_the_trainer(tmp_path):
+    plan = resolve_plan("minilm", {"metric_for_best_model": "map", "early_stopping_patience": 1})
+    args = training_arguments(plan, str(tmp_path), cuda=False)
+    assert args.metric_for_best_model == "map" and args.greater_is_better
+    assert resolve_plan("deberta").early_stopping_patience == 2
+
+
+def test_training_stops_early_when_validation_stops_improving(tiny_models, small_data, tmp_path):
+    # A learning rate this small leaves every epoch's predictions, and so its metric, unchanged.
+    plan = resolve_plan("deberta", {**FAST, "num_epochs": 6, "learning_rate": 1e-12,
+                                    "early_stopping_patience": 2, "base_model": str(tiny_models["deberta"])})
+    tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
+    info = train(tmp_path / "tok", plan, tmp_path / "model")
+    assert len(info["validation_by_epoch"]) == 3  # the best, then two without improvement
+    assert info["epochs"] == 3 and info["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("model_type", ["deberta", "modernbert", "clip-vit"])
+def test_head_bias_starts_at_each_labels_log_odds(model_type, tiny_models):
+    plan = resolve_plan(model_type, {"base_model": str(tiny_models[model_type])})
+    model = load_base_model(plan, ["a", "b", "c"])
+    init_head_bias(model, [0.5, 0.1, 0.0])
+    bias = output_layer(model).bias.detach().numpy()
+    assert bias == pytest.approx([0.0, np.log(0.1 / 0.9), np.log(1e-4 / (1 - 1e-4))], rel=1e-5)
+
+
+def test_label_priors_count_only_annotated_rows():
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"labels": [[1, 0], [0, 0], [0, 1], [1, 0]],
+                              "label_mask": [[1, 1], [1, 0], [1, 0], [0, 1]]})
+    assert label_priors(rows).tolist() == pytest.approx([1 / 3, 0.0])
+
+
+def test_baseline_learns_from_annotated_rows_only():
+    rng = np.random.default_rng(0)
+    words = ["cat", "sofa", "tea", "garden", "rain", "book"]
+
+    def text(spam):
+        body = " ".join(rng.choice(words, 6))
+        return f"free money click now {body}" if spam else body
+
+    spam = rng.random(400) < 0.1
+    texts = [text(s) for s in spam]
+    y = np.stack([spam, np.zeros(400, bool)], axis=1).astype(int)
+    # Label 1 is annotated on no row with a positive: it keeps its prior, never fitted.
+    m = np.ones_like(y)
+    probs, info = fit_predict(texts, y, m, {"test": ["free money click now tea", "a cat on the sofa"]})
+    assert info["labels_fitted"] == 1 and info["train_rows"] == 400
+    assert probs["test"][0, 0] > 0.9 > 0.1 > probs["test"][1, 0]
+    assert probs["test"][:, 1].tolist() == [0.0, 0.0]
+    # Rows that do not annotate label 0 are not its negatives: masking the spam rows' labels
+    # out leaves nothing positive to learn.
+    masked = m.copy()
+    masked[spam, 0] = 0
+    _, info = fit_predict(texts, y, masked, {"test": ["x"]})
+    assert info["labels_fitted"] == 0
+
+
+def _word(i: int) -> str:
+    """A distinct lower-case word per row (digits may be unknown to the tiny tokenizer)."""
+    return chr(97 + i % 26) + chr(97 + i // 26 % 26)
+
+
+def _two_source_config(tmp_path, foreign: str) -> Path:
+    rows = 120
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(
+        f"\"{'free money click now ' * 3 if i % 4 == 0 else 'a cat sofa'} {_word(i)}\",{int(i % 4 == 0)}\n"
+        for i in range(rows)))
+    (tmp_path / "b.csv").write_text("text,flag\n" + "".join(f"\"{foreign} {_word(i)}\",{i % 2}\n"
+                                                          for i in range(rows)))
+    return write_config(tmp_path, [
+        {"name": "alpha", "path": "a.csv", "labels": {"spam": "label"}, "license": "CC0"},
+        {"name": "beta", "path": "b.csv", "labels": {"self_harm": "flag"}, "license": "CC BY-NC 4.0"}])
+
+
+def test_open_label_names_and_tokenizer_diagnostics_per_source(tiny_models, tmp_path, capsys, monkeypatch):
+    config = _two_source_config(tmp_path, "Ωμέγα ψυχή λόγος")  # Greek: unknown to the tiny vocab
+    data = tmp_path / "data"
+    manifest = prepare(load_data_config(str(config)), data)
+    assert manifest["labels"] == ["spam", "self_harm"]  # a team's own names, in order of appearance
+    assert manifest["sources"]["beta"]["license"] == "CC BY-NC 4.0"
+    code, out, err = run_cli(["tokenize", "-d", data, "-o", tmp_path / "tok", "-m", "deberta",
+                              "--set", f"base_model={tiny_models['deberta']}", "--set", "max_length=10",
+                              "--cache-root", tmp_path / "cache"], capsys, monkeypatch)
+    assert code == 0, err
+    info = json.loads((tmp_path / "tok" / "tokenized.json").read_text())
+    sources = info["diagnostics"]["sources"]
+    assert sources["alpha"]["unknown_token_share"] < 0.01
+    assert sources["beta"]["unknown_token_share"] > 0.5
+    assert sources["alpha"]["truncated_share"] == pytest.approx(0.25, abs=0.05)  # the long spam rows
+    assert sum(s["rows"] for s in sources.values()) == sum(info["rows"].values())
+    assert set(info["diagnostics"]["splits"]) == {"train", "validation", "test"}
+    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "source beta:" in warnings[0] and "unknown" in warnings[0]
+    datasets, _ = load_tokenized(tmp_path / "tok")
+    assert {"text", "source"} <= set(datasets["test"].column_names)
+    assert not {"truncated", "unknown_tokens"} & set(datasets["test"].column_names)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["spam", "pii"], "label 'pii' is declared but no source maps it"),
+    (["spam", "spam"], "label 'spam' is declared twice"),
+    (["spam", "2fa"], "invalid label name '2fa'"),
+])
+def test_bad_label_declarations_are_one_line(labels, message, tmp_path, capsys, monkeypatch):
+    (tmp_path / "d.csv").write_text("text,label\na,1\nb,0\n")
+    config = write_config(tmp_path, [{"name": "d", "path": "d.csv", "labels": {"spam": "label"}}],
+                          labels=labels)
+    code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 2 and message in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_reports_each_source_and_the_baseline_and_writes_the_model_card(
+        tiny_models, tmp_path):
+    config = _two_source_config(tmp_path, "we talk about feelings today")
+    prepare(load_data_config(str(config)), tmp_path / "data")
+    plan = resolve_plan("deberta", {**FAST, "base_model": str(tiny_models["deberta"])})
+    tokenize(tmp_path / "data", plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
+    train(tmp_path / "tok", plan, tmp_path / "model")
+    results = evaluate(tmp_path / "model", tmp_path / "tok", tmp_path / "eval")
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["per_source"] == results["per_source"]
+
+    datasets, _ = load_tokenized(tmp_path / "tok")
+    test = datasets["test"]
+    sources = np.asarray(test["source"])
+    per_source = results["per_source"]
+    assert set(per_source) == {"alpha", "beta"}
+    assert per_source["alpha"]["labels"] == ["spam"] and per_source["beta"]["labels"] == ["self_harm"]
+    assert per_source["alpha"]["rows"] + per_source["beta"]["rows"] == results["rows"] == len(test)
+    # A source's figure is the report over its own rows and labels, nothing else.
+    from cockatoo_lib.models import load_trained_model, predict_logits
+    from cockatoo_lib.train import PaddingCollator
+
+    model = load_trained_model(tmp_path / "model", "sequence-classification")
+    probs = sigmoid(predict_logits(model, [PaddingCollator(0)([test[i] for i in range(len(test))])]).numpy())
+    y, m = np.asarray(test["labels"]), np.asarray(test["label_mask"])
+    alpha = sources == "alpha"
+    expected = report(probs[alpha][:, [0]], y[alpha][:, [0]], m[alpha][:, [0]], ["spam"],
+                      [results["thresholds"]["spam"]])
+    assert per_source["alpha"]["macro_f1"] == pytest.approx(expected["macro_f1"])
+
+    # The baseline is fitted on this run's train split: the spam words are easy for it.
+    baseline = results["baseline"]
+    assert baseline["train_rows"] == len(datasets["train"])
+    assert baseline["per_label_f1"]["spam"] == pytest.approx(1.0)
+    assert results["macro_f1_minus_baseline"] == pytest.approx(results["macro_f1"] - baseline["macro_f1"])
+
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert card == (tmp_path / "eval" / "README.md").read_text()
+    for expected_text in ("# Cockatoo moderation classifier: deberta", "| alpha | `", "CC BY-NC 4.0",
+                          "non-commercial license", "Linear baseline (TF-IDF", "| spam | ",
+                          "## Intended use and limitations", "Splits: train "):
+        assert expected_text in card, expected_text
+    assert f"macro-F1 **{results['macro_f1']:.3f}**" in card
