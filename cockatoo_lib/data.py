@@ -7,6 +7,7 @@ never filled with 0: a zero would teach the model that those rows are negatives.
 
 from __future__ import annotations
 
+import io
 import logging
 import posixpath
 import re
@@ -19,11 +20,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from fsspec.utils import infer_compression
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
-from cockatoo_lib.images import ImageStore, load_image_column
+from cockatoo_lib.images import Fetch, ImageStore, load_image_column
 from cockatoo_lib.rebalance import Rebalance, rebalance
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,13 @@ def _check_label_name(name: str) -> None:
                          "(a-z, 0-9 and _, starting with a letter, at most 64 characters)")
 
 
+class ImageFetch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_seconds: float = Field(default=Fetch.timeout_seconds, gt=0, le=600)
+    attempts: int = Field(default=Fetch.attempts, ge=1, le=20)
+
+
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -151,6 +160,8 @@ class DataConfig(BaseModel):
     # A missing or corrupt image: `error` stops with the row and path; `drop` drops the row
     # and counts it in the manifest.
     bad_images: Literal["error", "drop"] = "error"
+    # Image URLs: per-request timeout and attempts (see cockatoo_lib.images.Fetch).
+    image_fetch: ImageFetch = Field(default_factory=ImageFetch)
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     base_dir: str = Field(default=".", exclude=True)  # a folder or URI; relative paths start here
@@ -233,9 +244,11 @@ def _open(uri: str, what: str):
 
 
 def _format(src: Source, uri: str) -> str:
+    """The format from the suffix under any compression suffix that fsspec opens here (the
+    reader opens with compression="infer", so the two agree by construction)."""
     name = uri.lower()
-    for compressed in (".gz", ".gzip"):
-        name = name.removesuffix(compressed)
+    if infer_compression(name) is not None:
+        name = posixpath.splitext(name)[0]
     suffix = posixpath.splitext(name)[1]
     fmt = src.format or FORMATS.get(suffix)
     if fmt is None:
@@ -274,6 +287,9 @@ def read_source(src: Source, base_dir: str) -> pd.DataFrame:
                 frame = pd.read_json(handle, lines=True)
             elif fmt == "json":
                 frame = pd.read_json(handle)
+            elif infer_compression(uri.lower()) is not None:
+                # Parquet seeks to its footer; a compressed stream (zstd, bz2) cannot seek.
+                frame = pd.read_parquet(io.BytesIO(handle.read()))
             else:
                 frame = pd.read_parquet(handle)
         except pd.errors.EmptyDataError:
@@ -420,7 +436,8 @@ def load_rows(config: DataConfig, store: ImageStore | None = None
             # Relative image paths start at the source file's folder (the config's for hub sets).
             folder = config.base_dir if src.hub is not None else _parent(path)
             images = load_image_column(frame[src.image_column], folder, src.name, path,
-                                       src.image_column, config.bad_images, store)
+                                       src.image_column, config.bad_images, store,
+                                       Fetch(**config.image_fetch.model_dump()))
             bad = images.bad
             stats[src.name].update(images.stats)
         has_image = images.ids >= 0 if images is not None else np.zeros(len(frame), bool)

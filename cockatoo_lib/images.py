@@ -22,6 +22,7 @@ import logging
 import os
 import posixpath
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,8 +136,67 @@ def _reference(value, folder: str) -> bytes | str | None:
     raise TypeError(type(value).__name__)
 
 
-def _fetch(uri: str) -> bytes:
+@dataclass(frozen=True)
+class Fetch:
+    """How image URLs are fetched: each request may wait `timeout_seconds` to connect and
+    between bytes; a transient failure (429, 5xx, a reset or timed-out connection) is tried
+    again, up to `attempts` requests in all, with exponential backoff (0.5 s, 1 s, 2 s, ... at
+    most 30 s) or as long as the host's Retry-After asks (at most 60 s)."""
+
+    timeout_seconds: float = 30.0
+    attempts: int = 4
+
+
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_sessions = threading.local()
+
+
+def _http_session(fetch: Fetch):
+    """One requests session per thread and setting: urllib3's Retry does the retrying."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    cache = getattr(_sessions, "by_fetch", None) or {}
+    _sessions.by_fetch = cache
+    if fetch not in cache:
+        retries = fetch.attempts - 1
+        retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
+                      backoff_factor=0.5, backoff_max=30, status_forcelist=TRANSIENT_STATUS,
+                      allowed_methods=frozenset({"GET"}), respect_retry_after_header=True,
+                      retry_after_max=60, raise_on_status=False)
+        session = requests.Session()
+        session.mount("http://", HTTPAdapter(max_retries=retry))
+        session.mount("https://", HTTPAdapter(max_retries=retry))
+        cache[fetch] = session
+    return cache[fetch]
+
+
+def _fetch_http(url: str, fetch: Fetch) -> bytes:
+    import requests
+
+    hint = (f"after {fetch.attempts} attempts with a {fetch.timeout_seconds:g} s timeout; a slow or busy "
+            "host needs a larger image_fetch.timeout_seconds or image_fetch.attempts in the data config")
     try:
+        response = _http_session(fetch).get(url, timeout=fetch.timeout_seconds)
+    except requests.exceptions.RequestException as exc:
+        reason = type(exc).__name__
+        if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            reason = "no answer" if "timed out" in str(exc).lower() else "connection failed"
+        raise OSError(f"{reason} {hint}") from None
+    if response.status_code in (404, 410):
+        raise _Missing(f"not found (HTTP {response.status_code})")
+    if response.status_code in TRANSIENT_STATUS:
+        raise OSError(f"HTTP {response.status_code} {response.reason} {hint}")
+    if response.status_code >= 400:
+        raise OSError(f"HTTP {response.status_code} {response.reason}")
+    return response.content
+
+
+def _fetch(uri: str, fetch: Fetch) -> bytes:
+    if uri.startswith(("http://", "https://")):
+        return _fetch_http(uri, fetch)
+    try:  # gcsfs and s3fs retry transient errors themselves
         fs, path = fsspec.core.url_to_fs(uri)
         return fs.cat_file(path)
     except FileNotFoundError:
@@ -159,13 +219,13 @@ def check_image(data: bytes) -> str | None:
     return None
 
 
-def _load_one(ref: bytes | str) -> tuple[bytes | None, str | None, bool]:
+def _load_one(ref: bytes | str, fetch: Fetch) -> tuple[bytes | None, str | None, bool]:
     """(bytes, problem, missing). Errors other than a missing file (no permission, a host
     that does not answer) are not the row's fault, so they propagate."""
     data = ref
     if isinstance(ref, str):
         try:
-            data = _fetch(ref)
+            data = _fetch(ref, fetch)
         except _Missing as exc:
             return None, str(exc), True
     problem = check_image(data)
@@ -173,7 +233,7 @@ def _load_one(ref: bytes | str) -> tuple[bytes | None, str | None, bool]:
 
 
 def load_image_column(values: pd.Series, folder: str, source: str, where: str,
-                      column: str, policy: str, store: ImageStore) -> ImageColumn:
+                      column: str, policy: str, store: ImageStore, fetch: Fetch = Fetch()) -> ImageColumn:
     """Fetch and decode-check every image of one source into `store`. A missing or corrupt
     image is an error naming the row and the path, unless `policy` is `drop`."""
     refs = []
@@ -191,7 +251,7 @@ def load_image_column(values: pd.Series, folder: str, source: str, where: str,
 
     def load(i):
         try:
-            data, problem, missing = _load_one(refs[i])
+            data, problem, missing = _load_one(refs[i], fetch)
         except Exception as exc:  # noqa: BLE001 - permission, network: name the image, stop
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CockatooError(f"source {source} ({where}), column {column!r}, data row {i + 1}: "

@@ -30,7 +30,9 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     logits, targets = logits.float(), targets.float()
     p = torch.sigmoid(logits)
     p_neg = (p - clip).clamp(min=0) if clip > 0 else p
-    loss_pos = targets * torch.log(p.clamp(min=eps)) * (1 - p) ** gamma_pos
+    # log(p) through logsigmoid: a clamp would cut the gradient of a positive whose logit is
+    # below about -18, exactly the badly wrong positives that most need it.
+    loss_pos = targets * F.logsigmoid(logits) * (1 - p) ** gamma_pos
     loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=eps)) * p_neg ** gamma_neg
     return _reduce(-(loss_pos + loss_neg), mask, weights)
 

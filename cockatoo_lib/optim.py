@@ -71,7 +71,20 @@ def build_optimizer(model: nn.Module, plan: Plan) -> torch.optim.Optimizer:
     if plan.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, lr=plan.learning_rate)
+        optimizer = bnb.optim.AdamW8bit(groups, lr=plan.learning_rate)
+        # bitsandbytes keeps per-parameter overrides in a process-wide manager: start it afresh,
+        # so no earlier model's overrides (keyed by object ids) reach this one.
+        manager = bnb.optim.GlobalOptimManager.get_instance()
+        manager.initialize()
+        if plan.embedding_state_bits == 32:
+            # As transformers' adamw_bnb_8bit does: embeddings' rare rows get few, large updates,
+            # which 8-bit block quantization of their state can distort.
+            embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+            for module in embeddings:
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+            log.info("adamw_8bit: 32-bit state for %d embedding tables (%.1fM parameters)", len(embeddings),
+                     sum(m.weight.numel() for m in embeddings) / 1e6)
+        return optimizer
     if plan.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=plan.learning_rate)
     if plan.optimizer == "adam":

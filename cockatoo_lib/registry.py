@@ -48,6 +48,9 @@ class Plan(BaseModel):
     clip_projection_dim: int | None = Field(default=None, gt=0)
     # Shared settings (the guide's "Shared settings that apply to all models").
     optimizer: Literal["adamw_8bit", "adamw", "adam", "sgd"] = "adamw_8bit"
+    # adamw_8bit's state for embedding tables: 8 bits like every other weight, or 32 bits as
+    # transformers' adamw_bnb_8bit keeps it. docs/benchmarks.md (B3, B7) measures both.
+    embedding_state_bits: Literal[8, 32] = 8
     loss: Literal["asl", "bce"] = "asl"
     asl_gamma_neg: float = Field(default=4.0, ge=0)
     asl_gamma_pos: float = Field(default=1.0, ge=0)

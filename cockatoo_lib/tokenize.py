@@ -3,8 +3,8 @@
 KFP caches on artifact IDs, not content, so a rerun upstream step makes KFP rerun this one;
 our cache makes that rerun cheap. Key = split fingerprints + tokenizer identity (name and a
 hash of its files) + max length + PREPROCESSING_VERSION. The cache root is any fsspec URI
-(a local folder, gs://, s3://). An entry counts only once its `entry.json` exists, and that
-file is written last, so a partial entry is never read.
+(a local folder, gs://, s3://) that two runs may share: entries are published and verified as
+cockatoo_lib.publish describes, under `<root>/tokenized/<key>/`.
 
 For a model that reads images (CLIP), rows with an image also get cached pixels: see
 cockatoo_lib.images for their storage.
@@ -17,7 +17,6 @@ import json
 import logging
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import fsspec
@@ -27,6 +26,7 @@ from cockatoo_lib.data import SPLITS, read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
 from cockatoo_lib.images import IMAGE_BACKEND, PIXEL_COLUMN, load_image_processor, pixel_spec, to_pixels
+from cockatoo_lib.publish import clean_abandoned, publish, read_published
 from cockatoo_lib.registry import Plan
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 # 2: label loss weights and learning-rate scale travel along; 3: text and source kept, diagnostics
 PREPROCESSING_VERSION = 3
 INFO = "tokenized.json"
-ENTRY_MARKER = "entry.json"
 DEFAULT_CACHE_ROOT = "~/.cache/cockatoo"
 
 
@@ -202,17 +201,25 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
             "sources": manifest["sources"], "splits": manifest["splits"],
             "preprocessing_version": PREPROCESSING_VERSION}
     with atomic_output_dir(output) as tmp:
-        stats = _read_entry(fs, entry, key)
-        hit = stats is not None
-        if hit:
+        try:
+            clean_abandoned(fs, entry)
+            found = read_published(fs, entry)
+        except OSError as exc:
+            raise CockatooError(f"cannot read the tokenization cache {cache_root}: {exc}") from None
+        if found.entry is not None:
             log.info("tokenize: cache hit %s in %s", key, cache_root)
-            fs.get(entry + "/", str(tmp) + "/", recursive=True)
-            (tmp / ENTRY_MARKER).unlink()
+            published, stats = found.entry, found.entry.meta
+            fs.get(_strip(fs, published.uri) + "/", str(tmp) + "/", recursive=True)
         else:
+            if found.problem:
+                log.warning("tokenize: cache entry not usable, rebuilding: %s", found.problem)
             log.info("tokenize: cache miss %s; tokenizing with %s", key, identity)
             stats = _build_entry(data_dir, tokenizer, image_processor, plan.max_length, tmp)
             write_json(tmp / INFO, {**info, **stats})
-            _publish_entry(fs, entry, key, tmp, stats)
+            try:
+                published = publish(fs, entry, tmp, stats, found.next_generation)
+            except OSError as exc:
+                raise CockatooError(f"cannot write tokenization cache entry {entry}: {exc}") from None
         if any(stats["truncated"].values()):
             log.info("tokenize: texts truncated at %d tokens: %s", plan.max_length, stats["truncated"])
         for warning in diagnostic_warnings(stats["diagnostics"]):
@@ -222,41 +229,30 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
                      stats["images"]["rows"], stats["images"]["mib_per_1000_images"])
         elif "images" in manifest and not plan.reads_images:
             log.warning("tokenize: %s reads text only; the data's images are not used", plan.model_type)
-        info.update(stats, cache_hit=hit, cache_uri=fs.unstrip_protocol(entry))
+        info.update(stats, cache_hit=found.entry is not None, cache_uri=published.uri)
         write_json(tmp / INFO, info)
+        _check_output(tmp, manifest, published.uri)
     return info
 
 
-def _read_entry(fs, entry: str, key: str) -> dict | None:
-    marker = f"{entry}/{ENTRY_MARKER}"
-    if not fs.exists(marker):
-        if fs.exists(entry):
-            log.warning("tokenize: ignoring partial cache entry %s (no %s); rebuilding",
-                        entry, ENTRY_MARKER)
-            fs.rm(entry, recursive=True)
-        return None
-    try:
-        stats = json.loads(fs.cat_file(marker))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        stats = {}
-    if stats.get("cache_key") != key:
-        log.warning("tokenize: ignoring corrupt cache entry %s; rebuilding", entry)
-        fs.rm(entry, recursive=True)
-        return None
-    return stats
+def _strip(fs, uri: str) -> str:
+    return fs._strip_protocol(uri)
 
 
-def _publish_entry(fs, entry: str, key: str, built: Path, stats: dict) -> None:
-    """Copy a built entry into the cache under a temporary name, move it into place, then
-    write its marker."""
-    staging = f"{entry}.tmp-{uuid.uuid4().hex[:8]}"
+def _check_output(folder: Path, manifest: dict, source: str) -> None:
+    """The output loads and holds the manifest's rows, or the step fails: never a success
+    that train would then reject."""
+    from datasets import load_from_disk
+
     try:
-        fs.makedirs(staging, exist_ok=True)
-        fs.put(str(built) + "/", staging + "/", recursive=True)
-        fs.mv(staging, entry, recursive=True)
-        fs.pipe_file(f"{entry}/{ENTRY_MARKER}", json.dumps({**stats, "cache_key": key}).encode())
-    except OSError as exc:
-        raise CockatooError(f"cannot write tokenization cache entry {entry}: {exc}") from None
+        loaded = load_from_disk(str(folder))
+        rows = {s: len(loaded[s]) for s in SPLITS}
+    except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+        raise CockatooError(f"tokenized data from {source} does not load: "
+                            f"{str(exc).splitlines()[0]}") from None
+    expected = {s: manifest["splits"][s]["rows"] for s in SPLITS}
+    if rows != expected:
+        raise CockatooError(f"tokenized data from {source} holds {rows} rows, the data manifest {expected}")
 
 
 def load_tokenized(path: str | Path):

@@ -6,39 +6,45 @@ drifted from the pins fails to build instead of training with other versions.
 
 from __future__ import annotations
 
-import re
 import sys
 from importlib import metadata
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 DISTRIBUTION = "cockatoo-pipelines"
 
 
-def pinned() -> dict[str, str]:
-    """name -> version for every `name==version` requirement of the installed project
-    (extras' requirements only where those extras are installed)."""
+def pinned() -> dict[str, SpecifierSet]:
+    """name -> specifier for every pinned requirement of the installed project, extras and
+    environment markers included (an extra's requirements only where that extra is installed)."""
     pins = {}
-    for requirement in metadata.requires(DISTRIBUTION) or []:
-        if m := re.match(r"^([A-Za-z0-9_.\-]+)==([^;\s]+)\s*(;.*)?$", requirement):
-            name, version, marker = m.groups()
-            if marker and "extra" in marker:
-                try:
-                    metadata.version(name)
-                except metadata.PackageNotFoundError:
-                    continue
-            pins[name] = version
+    for line in metadata.requires(DISTRIBUTION) or []:
+        requirement = Requirement(line)
+        if not any(spec.operator in ("==", "===") for spec in requirement.specifier):
+            continue
+        if requirement.marker is not None and "extra" in str(requirement.marker):
+            try:
+                metadata.version(requirement.name)
+            except metadata.PackageNotFoundError:
+                continue
+        elif requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        pins[requirement.name] = requirement.specifier
     return pins
 
 
 def mismatches() -> list[str]:
     problems = []
-    for name, version in pinned().items():
+    for name, specifier in pinned().items():
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
-            problems.append(f"{name}: pinned {version}, not installed")
+            problems.append(f"{name}: pinned {specifier}, not installed")
             continue
-        if installed.split("+")[0] != version:  # torch's +cpu / +cu128 build tags are fine
-            problems.append(f"{name}: pinned {version}, installed {installed}")
+        # PEP 440: a local version such as torch's 2.13.0+cpu matches ==2.13.0.
+        if not specifier.contains(installed, prereleases=True):
+            problems.append(f"{name}: pinned {specifier}, installed {installed}")
     return problems
 
 

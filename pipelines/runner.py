@@ -120,10 +120,8 @@ def _compiled(cluster: Cluster, folder: str) -> str:
 
 
 def _experiment_id(client, name: str) -> str:
-    try:
-        return client.get_experiment(experiment_name=name).experiment_id
-    except ValueError:  # kfp raises ValueError when no experiment has that name
-        return client.create_experiment(name).experiment_id
+    # kfp's create_experiment gets the experiment of that name, or creates it.
+    return client.create_experiment(name).experiment_id
 
 
 def submit(host: str, params: dict[str, Any], experiment: str, cluster: Cluster,

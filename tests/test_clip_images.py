@@ -93,7 +93,7 @@ def test_image_urls_are_fetched_and_a_missing_one_names_row_and_url(http_folder,
     code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
     assert code == 2 and not (tmp_path / "out").exists()
     assert (f"source web ({tmp_path}/web.csv), column 'image', data row 2: image {url}/gone.jpg "
-            "not found; fix it, or set bad_images: drop") in error_line(err)
+            "not found (HTTP 404); fix it, or set bad_images: drop") in error_line(err)
 
     config = write_config(tmp_path, [source], bad_images="drop")
     code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
@@ -115,6 +115,85 @@ def test_an_image_host_that_does_not_answer_stops_prepare_even_when_dropping(tmp
     code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
     assert code == 2 and not (tmp_path / "out").exists()
     assert f"column 'image', data row 1: cannot read image {url}: " in error_line(err)
+
+
+class FlakyHandler(http.server.SimpleHTTPRequestHandler):
+    """Fails the first request for each image once (how depends on the name), then serves it."""
+
+    seen: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        first = self.path not in self.seen
+        self.seen[self.path] = self.seen.get(self.path, 0) + 1
+        if first and "busy" in self.path:
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif first and "limited" in self.path:
+            self.send_response(429)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif first and "reset" in self.path:
+            self.connection.shutdown(2)  # close the connection without an answer
+        else:
+            super().do_GET()
+
+
+def test_transient_failures_of_an_image_host_are_retried(tmp_path):
+    folder = tmp_path / "web"
+    folder.mkdir()
+    names = ["busy.jpg", "limited.jpg", "reset.jpg"]
+    images = [make_image(folder / name, i) for i, name in enumerate(names)]
+    FlakyHandler.seen = {}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(FlakyHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        pd.DataFrame({"text": names, "image": [f"{url}/{n}" for n in names], "label": [1, 0, 1]}).to_csv(
+            tmp_path / "d.csv", index=False)
+        config = write_config(tmp_path, [{"name": "d", "path": "d.csv", "image_column": "image",
+                                          "labels": {"scam": "label"}}])
+        prepare(load_data_config(str(config)), tmp_path / "out")
+    finally:
+        server.shutdown()
+    rows = _split_images(tmp_path / "out").set_index("text")["image"]
+    assert [rows[n] for n in names] == images
+    assert FlakyHandler.seen == {f"/{n}": 2 for n in names}  # one failure, one success each
+
+
+PREPARE = """
+import sys
+from cockatoo_lib.data import load_data_config, prepare
+prepare(load_data_config(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_a_host_that_accepts_and_never_answers_fails_within_the_timeout(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # connections are accepted by the kernel and never answered
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/cat.jpg"
+    try:
+        pd.DataFrame({"text": ["a"], "image": [url], "label": [1]}).to_csv(tmp_path / "d.csv", index=False)
+        config = write_config(tmp_path, [{"name": "d", "path": "d.csv", "image_column": "image",
+                                          "labels": {"scam": "label"}}],
+                              image_fetch={"timeout_seconds": 0.5, "attempts": 2})
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", "-c", str(config), "-o",
+                               str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    finally:
+        listener.close()
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    line = error_line(done.stderr)
+    assert f"cannot read image {url}: no answer after 2 attempts with a 0.5 s timeout" in line
+    assert "image_fetch.timeout_seconds" in line
 
 
 @pytest.mark.parametrize("store", ["gcs", "s3"])

@@ -19,7 +19,18 @@ def test_a_drifted_version_is_reported(monkeypatch):
     real = versions.metadata.version
     monkeypatch.setattr(versions.metadata, "version",
                         lambda name: "0.0.1" if name == "transformers" else real(name))
-    assert versions.mismatches() == ["transformers: pinned 5.23.0, installed 0.0.1"]
+    assert versions.mismatches() == ["transformers: pinned ==5.23.0, installed 0.0.1"]
+
+
+def test_pins_with_extras_are_checked_and_local_versions_match(monkeypatch):
+    pins = versions.pinned()
+    assert "moto" in pins  # pinned as moto[server]==5.2.5 in the dev extra
+    real = versions.metadata.version
+    fake = {"torch": "2.13.0+cpu", "moto": "0.0.1"}
+    monkeypatch.setattr(versions.metadata, "version", lambda name: fake.get(name) or real(name))
+    assert versions.mismatches() == ["moto: pinned ==5.2.5, installed 0.0.1"]
+    fake["torch"] = "2.13.1+cpu"
+    assert "torch: pinned ==2.13.0, installed 2.13.1+cpu" in versions.mismatches()
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))

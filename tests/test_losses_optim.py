@@ -116,3 +116,32 @@ def test_optimizers_step_on_cpu(name, cls, tiny_models):
     if name == "adamw_8bit":  # the big tensors' state really is 8-bit
         state = optimizer.state[model.deberta.embeddings.word_embeddings.weight]
         assert state["state1"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bits, dtype", [(8, torch.uint8), (32, torch.float32)])
+def test_embedding_state_bits_choose_the_embeddings_optimizer_state(bits, dtype, tiny_models):
+    plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"]),
+                                    "embedding_state_bits": bits})
+    model = load_base_model(plan, LABELS)
+    optimizer = build_optimizer(model, plan)
+    model(input_ids=torch.randint(5, 100, (2, 8))).logits.sum().backward()
+    optimizer.step()
+    assert optimizer.state[model.deberta.embeddings.word_embeddings.weight]["state1"].dtype == dtype
+
+
+def test_asl_keeps_pulling_a_badly_wrong_positive():
+    """log(p) through logsigmoid: at logit -20 a positive still gets a gradient of about -1
+    (a clamp at 1e-8 gave -3.8e-8), and elsewhere the loss is the textbook formula."""
+    logits = torch.tensor([[-20.0, -17.0, 0.3, 2.0]], requires_grad=True)
+    targets = torch.ones_like(logits)
+    mask = torch.ones_like(logits)
+    asymmetric_loss(logits, targets, mask, gamma_neg=4, gamma_pos=0, clip=0.05).backward()
+    grad = logits.grad[0] * 4  # the loss is a mean over the row's four labels
+    assert grad[0].item() == pytest.approx(-1.0, abs=1e-6) and grad[1].item() == pytest.approx(-1.0, abs=1e-6)
+    x = torch.tensor([[0.3, -1.2]])
+    p = torch.sigmoid(x)
+    y = torch.tensor([[1.0, 0.0]])
+    p_neg = (p - 0.05).clamp(min=0)
+    textbook = -(y * torch.log(p) * (1 - p) + (1 - y) * torch.log(1 - p_neg) * p_neg ** 4).mean()
+    loss = asymmetric_loss(x, y, torch.ones_like(x), 4, 1, 0.05)
+    assert loss.item() == pytest.approx(textbook.item(), rel=1e-6)

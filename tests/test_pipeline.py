@@ -117,7 +117,7 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
     out = tokenize.python_func(data=data, model_type="deberta", overrides=FAST, base_model=base,
                                cache_root=str(tmp_path / "cache"), tokenized=tokenized)
     assert tokenized.metadata["cache_hit"] is False and tokenized.metadata["cache_key"]
-    assert out.cache_uri == str(tmp_path / "cache" / "tokenized" / tokenized.metadata["cache_key"])
+    assert out.cache_uri.startswith(str(tmp_path / "cache" / "tokenized" / tokenized.metadata["cache_key"]))
 
     entry = dsl.Dataset(uri=out.cache_uri)
     model = dsl.Model(uri=str(tmp_path / "model"))
@@ -189,7 +189,7 @@ def test_local_run_of_clip_with_images(tiny_models, image_data, tmp_path):
     assert model["model_type"] == "clip-vit" and model["labels"] == ["scam"] and model["train_images"] > 0
     assert (Path(result["model"]) / "preprocessor_config.json").exists()
     (entry,) = (tmp_path / "cache" / "tokenized").iterdir()
-    assert json.loads((entry / "entry.json").read_text())["images"]["shape"] == [3, 224, 224]
+    assert json.loads((entry / "entry-000000.json").read_text())["meta"]["images"]["shape"] == [3, 224, 224]
     metrics = json.loads(Path(result["metrics"]).read_text())
     assert metrics["model_type"] == "clip-vit" and 0 <= result["test_macro_f1"] <= 1
 
@@ -251,6 +251,21 @@ def test_schedule_creates_a_recurring_run_one_at_a_time_without_catch_up(capsys,
     assert recurring.runtime_config.parameters == {"model_type": "deberta"}
     assert recurring.pipeline_spec["pipeline_spec"]["root"]["dag"]["tasks"]["prepare-data"]
     assert "/#/recurringrun/details/" in out
+
+
+def test_schedule_reuses_the_named_experiment_and_reports_a_lookup_error(capsys, monkeypatch):
+    args = ["schedule", "--cron", "0 0 3 * * 1", "--experiment", "moderation"]
+    with FakeKFP() as fake:
+        for _ in range(2):
+            code, _, err = run_cli([args[0], "--host", fake.url, *args[1:]], capsys, monkeypatch)
+            assert code == 0, err
+        assert [e["display_name"] for e in fake.experiments.values()] == ["moderation"]
+        assert {r.experiment_id for r in fake.recurring_runs} == set(fake.experiments)
+        # Two experiments of one name: an error to show, not a reason to create a third.
+        fake.experiments["other"] = {"display_name": "moderation", "experiment_id": "other"}
+        code, _, err = run_cli([args[0], "--host", fake.url, *args[1:]], capsys, monkeypatch)
+        assert code == 2 and "Multiple experiments is found with name moderation" in error_line(err)
+        assert len(fake.experiments) == 2 and len(fake.recurring_runs) == 2
 
 
 @pytest.mark.parametrize("args, message", [

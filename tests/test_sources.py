@@ -1,9 +1,10 @@
-"""Sources in buckets (against local emulators), gzip files, Hub data sets, and files that
+"""Sources in buckets (against local emulators), compressed files, Hub data sets, and files that
 are not what their suffix says. No network: every server here listens on loopback."""
 
-import gzip
 import os
+import zipfile
 
+import fsspec
 import pandas as pd
 import pytest
 from helpers import BIN, error_line, free_port, run_cli, serve, write_config
@@ -17,15 +18,39 @@ def _prepare(config, out):
     return prepare(load_data_config(str(config)), out)
 
 
-def test_gzip_csv_and_jsonl_sources(tmp_path):
-    with gzip.open(tmp_path / "a.csv.gz", "wt") as fh:
-        ROWS.to_csv(fh, index=False)
-    ROWS.to_json(tmp_path / "b.jsonl.gz", orient="records", lines=True, compression="gzip")
-    config = write_config(tmp_path, [
-        {"name": "a", "path": "a.csv.gz", "labels": {"scam": "label"}},
-        {"name": "b", "path": "b.jsonl.gz", "labels": {"toxicity": "label"}}])
+# Every compression suffix fsspec can open here; data dumps come as .gz, .bz2, .xz and .zst.
+COMPRESSIONS = sorted(ext for ext, name in fsspec.utils.compressions.items()
+                      if name in fsspec.compression.compr)
+
+
+def test_the_common_compressions_are_available():
+    assert {"gz", "bz2", "xz", "zst"} <= set(COMPRESSIONS)
+
+
+def _write(frame: pd.DataFrame, fmt: str, handle) -> None:
+    if fmt == "csv":
+        handle.write(frame.to_csv(index=False).encode())
+    elif fmt == "jsonl":
+        handle.write(frame.to_json(orient="records", lines=True).encode())
+    elif fmt == "json":
+        handle.write(frame.to_json(orient="records").encode())
+    else:
+        frame.to_parquet(handle)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json", "parquet"])
+def test_each_format_under_each_compression(fmt, compression, tmp_path):
+    name = f"rows.{fmt}.{compression}"
+    if compression == "zip":  # fsspec reads a zip's single member; it does not write zips
+        with zipfile.ZipFile(tmp_path / name, "w") as archive, archive.open(f"rows.{fmt}", "w") as fh:
+            _write(ROWS, fmt, fh)
+    else:
+        with fsspec.open(str(tmp_path / name), "wb", compression="infer") as fh:
+            _write(ROWS, fmt, fh)
+    config = write_config(tmp_path, [{"name": "a", "path": name, "labels": {"scam": "label"}}])
     manifest = _prepare(config, tmp_path / "out")
-    assert manifest["sources"]["a"]["rows_read"] == 20 and manifest["sources"]["b"]["rows_read"] == 20
+    assert manifest["sources"]["a"]["rows_read"] == 20 and manifest["sources"]["a"]["rows_kept"] == 20
 
 
 @pytest.mark.parametrize("store", ["gcs", "s3"])

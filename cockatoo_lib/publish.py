@@ -1,0 +1,178 @@
+"""Publishing a folder to storage that several runs share (a cache root, and later the model
+registry's promotions and checkpoints), so that no reader ever takes a half-written entry and
+no run deletes what another may still be writing.
+
+The contract, for a shared `root` (a local folder, gs:// or s3:// prefix):
+
+- A writer uploads its folder under a location of its own, `root/data-<time>-<random>/`, which
+  no other run uses, then publishes one small marker, last: `root/entry-<generation>.json`. The
+  marker names the location and lists every file with its size. It is written create-only
+  (GCS `ifGenerationMatch=0`, S3 `If-None-Match: *`, a hard link locally), so of two writers
+  the first complete one wins; the other removes its own, unnamed upload and uses the winner's.
+- A reader takes the newest marker and verifies it before use: every file it lists exists with
+  its size. A marker that fails (a bucket lifecycle rule took files, a manual copy stopped half
+  way) is never deleted; the reader rebuilds and publishes the next generation beside it.
+- Nothing a marker names is ever deleted. An upload that no marker names is removed only when
+  it is clearly abandoned: older than ABANDONED_AFTER (its writer died between data and
+  marker), and by the run that finds it.
+
+Correctness rests on neither timing nor locks: a marker appears in one step and only after its
+data is complete, and data is never removed from under a marker.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MARKER = re.compile(r"^entry-(\d{6})\.json$")
+DATA = re.compile(r"^data-(\d{8}T\d{6}Z)-[0-9a-f]{8}$")
+# An upload no marker names, older than this, was left by a writer that died before publishing.
+ABANDONED_AFTER = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A published, verified entry: `uri` is its data folder, complete and immutable."""
+
+    uri: str
+    generation: int
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    entry: Entry | None
+    problem: str | None  # why the newest marker cannot be used, if there is one
+    next_generation: int
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _markers(fs, root: str) -> dict[int, str]:
+    try:
+        paths = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return {}
+    return {int(m.group(1)): p for p in paths if (m := MARKER.match(_name(p)))}
+
+
+def read_published(fs, root: str) -> Lookup:
+    """The newest entry under `root`, verified against its marker's file list."""
+    markers = _markers(fs, root)
+    if not markers:
+        return Lookup(None, None, 0)
+    generation = max(markers)
+    marker = markers[generation]
+    try:
+        body = json.loads(fs.cat_file(marker))
+        location = f"{root.rstrip('/')}/{body['location']}"
+        files: dict[str, int] = body["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        return Lookup(None, f"marker {marker} is unreadable ({type(exc).__name__})", generation + 1)
+    problem = _verify(fs, location, files)
+    if problem:
+        return Lookup(None, f"{fs.unstrip_protocol(marker)}: {problem}", generation + 1)
+    entry = Entry(fs.unstrip_protocol(location), generation, body.get("meta", {}))
+    return Lookup(entry, None, generation + 1)
+
+
+def _verify(fs, location: str, files: dict[str, int]) -> str | None:
+    try:
+        found = fs.find(location, detail=True)
+    except FileNotFoundError:
+        found = {}
+    prefix = fs._strip_protocol(location).rstrip("/") + "/"
+    sizes = {p[len(prefix):]: int(info["size"]) for p, info in found.items() if p.startswith(prefix)}
+    if not files:
+        return "it lists no files"
+    for rel, size in sorted(files.items()):
+        if rel not in sizes:
+            return f"{rel} is missing"
+        if sizes[rel] != size:
+            return f"{rel} holds {sizes[rel]} bytes where the marker lists {size}"
+    return None
+
+
+def _before_marker(location: str) -> None:
+    """Called between the upload and the marker; tests hold a publish open here."""
+
+
+def publish(fs, root: str, folder: Path, meta: dict, generation: int) -> Entry:
+    """Upload `folder` to a location of its own under `root`, then publish it as `generation`.
+    Returns the entry that won: this one, or a concurrent writer's that was published first."""
+    root = root.rstrip("/")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    location = f"{root}/data-{stamp}-{uuid.uuid4().hex[:8]}"
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    fs.makedirs(location, exist_ok=True)
+    fs.put(str(folder) + "/", location + "/", recursive=True)
+    _before_marker(location)
+    body = json.dumps({"format": 1, "location": _name(location), "files": files, "meta": meta,
+                       "published_at": stamp}, indent=1).encode()
+    marker = f"{root}/entry-{generation:06d}.json"
+    try:
+        _create_only(fs, marker, body)
+    except FileExistsError:
+        # Another run published this generation first: our upload is named by nothing.
+        fs.rm(location, recursive=True)
+        winner = read_published(fs, root)
+        log.info("publish: %s was published by another run first; using it", marker)
+        if winner.entry is not None:
+            return winner.entry
+        raise OSError(f"{fs.unstrip_protocol(marker)} was published by another run but does not verify: "
+                      f"{winner.problem}") from None
+    return Entry(fs.unstrip_protocol(location), generation, meta)
+
+
+def _create_only(fs, path: str, body: bytes) -> None:
+    """Write `path` only if it does not exist, in one step that readers see whole."""
+    if "file" in fs.protocol or "local" in fs.protocol:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        Path(tmp).write_bytes(body)
+        try:
+            os.link(tmp, path)  # fails if `path` exists; the content is complete either way
+        finally:
+            os.unlink(tmp)
+    else:
+        fs.pipe_file(path, body, mode="create")
+
+
+def clean_abandoned(fs, root: str, older_than: float | None = None) -> list[str]:
+    """Remove uploads that no marker names and that are older than `older_than` seconds."""
+    older_than = ABANDONED_AFTER if older_than is None else older_than
+    try:
+        paths = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    named = set()
+    for marker in (p for p in paths if MARKER.match(_name(p))):
+        try:
+            named.add(json.loads(fs.cat_file(marker))["location"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, FileNotFoundError):
+            continue
+    removed = []
+    now = time.time()
+    for path in paths:
+        m = DATA.match(_name(path))
+        if not m or _name(path) in named:
+            continue
+        started = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ"))
+        if now - started > older_than:
+            log.warning("publish: removing abandoned upload %s (no marker names it; started %s)",
+                        fs.unstrip_protocol(path), m.group(1))
+            fs.rm(path, recursive=True)
+            removed.append(fs.unstrip_protocol(path))
+    return removed

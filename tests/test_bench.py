@@ -1,0 +1,37 @@
+"""The benchmark report: a run of some benchmarks (`--only`) rewrites their sections and keeps
+the recorded figures of the others."""
+
+from bench.harness import write_report
+
+MACHINE = {"cores": 2, "cpu": "x86_64", "gpu": None, "python": "3.11", "torch": "2.13.0",
+           "transformers": "5.23.0", "bitsandbytes": "0.50.2", "date": "2026-11-25"}
+
+
+def _b7(default_f1: float) -> dict:
+    def run(f1, overrides):
+        return {"overrides": overrides, "test_macro_f1": f1, "test_map": 0.9, "best_epoch": 3.0,
+                "epochs": 3.0, "train_seconds": 300.0, "test_per_label_f1": {"crude": f1, "ship": f1},
+                "baseline": {"description": "char n-grams", "macro_f1": 0.8, "mean_average_precision": 0.85,
+                             "seconds": 2.0, "per_label_f1": {"crude": 0.9, "ship": 0.7}}}
+
+    return {"data": "Reuters", "rows": {"train": 80, "validation": 10, "test": 10}, "seed": 42,
+            "positive_share": {"crude": 0.05, "ship": 0.02}, "test_positives": {"crude": 5, "ship": 2},
+            "diagnostics": {"truncated_share": 0.3, "unknown_token_share": 0.0},
+            "runs": {"default": run(default_f1, {}), "bce": run(0.7, {"loss": "bce"})}}
+
+
+def test_a_partial_run_keeps_the_recorded_sections(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nold header\n\n## B1: training throughput\n\nB1 figures, kept.\n\n"
+                   "## B4: GPU\n\nNot yet measured.\n\n## B6: images for CLIP\n\nB6 figures, kept.\n")
+    write_report({"machine": MACHINE, "b7": _b7(0.85)}, doc)
+    text = doc.read_text()
+    assert "B1 figures, kept." in text and "B6 figures, kept." in text and "Not yet measured." in text
+    assert text.index("## B1") < text.index("## B4") < text.index("## B6") < text.index("## B7")
+    assert "| minilm, defaults | 0.850 |" in text and "| minilm, loss=bce | 0.700 |" in text
+    assert "**Default recipe against the baseline: +0.050 macro-F1**" in text
+    assert "| ship | 0.850 | 0.700 | 0.700 |" in text
+    # Measuring B7 again replaces its section and only it.
+    write_report({"machine": MACHINE, "b7": _b7(0.75)}, doc)
+    again = doc.read_text()
+    assert again.count("## B7") == 1 and "-0.050 macro-F1" in again and "B1 figures, kept." in again
