@@ -181,12 +181,22 @@ def render_report(results: dict, probs: np.ndarray, y: np.ndarray, m: np.ndarray
     def cell(v):
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
+    base = results["baseline"]
     rows = "".join(
         f"<tr><td>{html.escape(k)}{'' if tuned[k]['in_macro_average'] else ' (no support)'}</td>"
         + "".join(f"<td>{cell(tuned[k][c])}</td>" for c in
                   ("precision", "recall", "f1", "support", "annotated", "roc_auc", "pr_auc"))
-        + f"<td>{cell(at05[k]['f1'])}</td><td>{results['thresholds'][k]:.3f}</td></tr>"
+        + f"<td>{cell(at05[k]['f1'])}</td><td>{results['thresholds'][k]:.3f}</td>"
+        f"<td>{cell(base['per_label_f1'][k])}</td></tr>"
         for k in labels)
+    source_rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{row['rows']}</td>"
+        f"<td>{html.escape(', '.join(row['labels']))}</td>"
+        f"<td>{cell(row['macro_f1'])}</td><td>{cell(row['baseline_macro_f1'])}</td>"
+        f"<td>{cell(row['mean_average_precision'])}</td></tr>"
+        for name, row in results["per_source"].items())
+    delta = results["macro_f1_minus_baseline"]
+    verdict = f"{delta:+.4f}" if delta > 0 else f"{delta:+.4f}: no better than the baseline"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Cockatoo evaluation: {html.escape(results['model_type'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -196,8 +206,13 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{t
 <p>Macro-F1 <b>{results['macro_f1']:.4f}</b> at tuned thresholds ({results['at_0.5']['macro_f1']:.4f} at 0.5);
 micro-F1 {results['micro_f1']:.4f}. Labels without support are left out of macro averages:
 {html.escape(', '.join(results['at_tuned_thresholds']['labels_without_support']) or 'none')}.</p>
+<p>Linear baseline ({html.escape(base['description'])}, fitted on this run's train split): macro-F1
+<b>{base['macro_f1']:.4f}</b>; the model: <b>{verdict}</b>.</p>
 <table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>annotated rows</th>
-<th>ROC-AUC</th><th>PR-AUC</th><th>F1 at 0.5</th><th>threshold</th></tr>{rows}</table>
+<th>ROC-AUC</th><th>PR-AUC</th><th>F1 at 0.5</th><th>threshold</th><th>baseline F1</th></tr>{rows}</table>
+<h2>Per source, on the labels each annotates</h2>
+<table><tr><th>source</th><th>test rows</th><th>labels</th><th>macro-F1</th><th>baseline macro-F1</th>
+<th>mean AP</th></tr>{source_rows}</table>
 <h2>F1 per label</h2><img alt="F1 per label" src="{f1_plot}">
 <h2>Precision-recall curves</h2><img alt="precision-recall curves" src="{pr_plot}">
 </body></html>

@@ -63,9 +63,11 @@ class Plan(BaseModel):
     metric_for_best_model: Literal["f1", "map"] = "f1"
     # Stop after this many evaluations without improvement (0: never stop early).
     early_stopping_patience: int = Field(default=2, ge=0)
-    # The output layer's bias starts at each label's log-odds in the train split, so the first
-    # steps do not spend themselves pushing every logit down (the focal-loss initialisation).
-    head_bias_init: Literal["prior", "zero"] = "prior"
+    # Where the output layer's bias starts: 0 (p = 0.5), or each label's log-odds in the train
+    # split ("prior", the usual start for focal losses). With ASL's probability clip, "prior"
+    # puts every negative below the clip, where it gives no gradient, and learning stalls:
+    # B7 in docs/benchmarks.md measures both.
+    head_bias_init: Literal["prior", "zero"] = "zero"
     # Deterministic kernels on CUDA too (slower); CPU training is deterministic either way.
     deterministic: bool = False
     dataloader_num_workers: int = Field(default=4, ge=0)

@@ -97,6 +97,21 @@ def test_head_bias_starts_at_each_labels_log_odds(model_type, tiny_models):
     assert bias == pytest.approx([0.0, np.log(0.1 / 0.9), np.log(1e-4 / (1 - 1e-4))], rel=1e-5)
 
 
+@pytest.mark.parametrize("start", ["prior", "zero"])
+def test_training_starts_the_head_where_the_plan_says(start, tiny_models, small_data, tmp_path):
+    from safetensors.torch import load_file
+
+    plan = resolve_plan("deberta", {**FAST, "learning_rate": 1e-12, "head_bias_init": start,
+                                    "base_model": str(tiny_models["deberta"])})
+    tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
+    train(tmp_path / "tok", plan, tmp_path / "model")
+    bias = load_file(tmp_path / "model" / "model.safetensors")["classifier.bias"].numpy()
+    datasets, _ = load_tokenized(tmp_path / "tok")
+    p = label_priors(datasets["train"]).clip(1e-4, 1 - 1e-4)
+    expected = np.log(p / (1 - p)) if start == "prior" else np.zeros_like(p)
+    assert bias == pytest.approx(expected, abs=1e-4)
+
+
 def test_label_priors_count_only_annotated_rows():
     from datasets import Dataset
 
@@ -220,6 +235,10 @@ def test_evaluation_reports_each_source_and_the_baseline_and_writes_the_model_ca
     assert baseline["train_rows"] == len(datasets["train"])
     assert baseline["per_label_f1"]["spam"] == pytest.approx(1.0)
     assert results["macro_f1_minus_baseline"] == pytest.approx(results["macro_f1"] - baseline["macro_f1"])
+
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert f"macro-F1\n<b>{baseline['macro_f1']:.4f}</b>" in page
+    assert "<tr><td>alpha</td><td>" in page and "<tr><td>beta</td><td>" in page
 
     card = (tmp_path / "model" / "README.md").read_text()
     assert card == (tmp_path / "eval" / "README.md").read_text()
