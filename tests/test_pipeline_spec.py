@@ -1,0 +1,138 @@
+"""The compiled pipeline, checked for meaning from a fresh compile: where every run parameter
+and every compile option lands (which task, which value). The golden file only detects that
+something changed; these tests say what must stay true."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cockatoo_train import Cluster
+from pipelines.runner import compile_pipeline, pipeline_inputs
+
+README = Path(__file__).parents[1] / "README.md"
+STEPS = ("prepare-data", "tokenize", "train", "evaluate")
+
+
+def _compiled(tmp_path, cluster: Cluster = Cluster()):
+    pipeline, platform = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", cluster).read_text())
+    tasks = pipeline["root"]["dag"]["tasks"]
+    executors = pipeline["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return pipeline, tasks, executors, k8s
+
+
+def _inputs(task) -> dict[str, str]:
+    """A task's parameter inputs: which pipeline parameter (or constant) feeds each."""
+    out = {}
+    for name, spec in task["inputs"].get("parameters", {}).items():
+        constant = spec.get("runtimeValue", {}).get("constant")
+        out[name] = spec.get("componentInputParameter") or f"constant:{constant}"
+    return out
+
+
+# Each run parameter, the tasks that take it, and under which input name.
+WIRING = {
+    "model_type": {"prepare-data": "model_type", "tokenize": "model_type", "train": "model_type"},
+    "overrides": {"prepare-data": "overrides", "tokenize": "overrides", "train": "overrides"},
+    "base_model": {"prepare-data": "base_model", "tokenize": "base_model", "train": "base_model"},
+    "data_config": {"prepare-data": "data_config"},
+    "labels": {"prepare-data": "labels"},
+    "seed": {"prepare-data": "seed", "train": "seed"},
+    "max_train_samples": {"prepare-data": "max_samples"},
+    "tokenized_cache_root": {"tokenize": "cache_root"},
+    "gpus": {"train": "pipelinechannel--gpus"},
+}
+
+
+def test_every_run_parameter_reaches_exactly_its_tasks(tmp_path):
+    pipeline, tasks, _, _ = _compiled(tmp_path)
+    assert set(WIRING) == set(pipeline["root"]["inputDefinitions"]["parameters"])
+    for parameter, where in WIRING.items():
+        takers = {task: name for task in STEPS for name, source in _inputs(tasks[task]).items()
+                  if source == parameter}
+        assert takers == where, parameter
+
+
+def test_parameter_defaults_are_the_readmes(tmp_path):
+    table = README.read_text().split("## Pipeline parameters", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)`", table, re.M))
+    assert set(rows) == set(pipeline_inputs())
+    for name, default in pipeline_inputs().items():
+        shown = {"[]": [], "{}": {}, '""': ""}.get(rows[name], rows[name])
+        if isinstance(default, int):
+            shown = int(shown)
+        assert shown == default, name
+
+
+def test_gpus_and_accelerator_type_reach_the_train_step_only(tmp_path):
+    cluster = Cluster(gpus=3, accelerator_type="nvidia-tesla-a100")
+    pipeline, tasks, executors, _ = _compiled(tmp_path, cluster)
+    assert pipeline["root"]["inputDefinitions"]["parameters"]["gpus"]["defaultValue"] == 3
+    accelerator = executors["exec-train"]["container"]["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia-tesla-a100"
+    # The count is the run's `gpus` parameter, read at run time, not the compile-time default.
+    assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    assert _inputs(tasks["train"])["pipelinechannel--gpus"] == "gpus"
+    for step in ("prepare-data", "tokenize", "evaluate"):
+        assert "accelerator" not in executors[f"exec-{step}"]["container"]["resources"], step
+
+
+def test_tokenized_data_reaches_train_and_evaluate_through_a_content_keyed_importer(tmp_path):
+    _, tasks, executors, _ = _compiled(tmp_path)
+    (importer,) = [n for n in tasks if n.startswith("importer")]
+    uri = tasks[importer]["inputs"]["parameters"]["uri"]["taskOutputParameter"]
+    assert uri == {"outputParameterKey": "cache_uri", "producerTask": "tokenize"}
+    spec = executors[f"exec-{importer}"]["importer"]
+    assert spec["typeSchema"]["schemaTitle"] == "system.Dataset"
+    assert spec.get("reimport", False) is False  # the same URI hands out the same artifact
+    for step in ("train", "evaluate"):
+        source = tasks[step]["inputs"]["artifacts"]["tokenized"]["taskOutputArtifact"]
+        assert source == {"outputArtifactKey": "artifact", "producerTask": importer}, step
+    assert tasks["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "train"}
+
+
+def test_images_caching_and_resources_per_step(tmp_path):
+    cluster = Cluster(images=Cluster().images.__class__("europe-docker.pkg.dev/p/r", "1.2.3"))
+    _, tasks, executors, _ = _compiled(tmp_path, cluster)
+    for step in STEPS:
+        container = executors[f"exec-{step}"]["container"]
+        kind = "cuda" if step == "train" else "cpu"
+        assert container["image"] == f"europe-docker.pkg.dev/p/r/cockatoo-{kind}:1.2.3", step
+        assert float(container["resources"]["cpuRequest"]) > 0 and container["resources"]["memoryRequest"] > 0
+        # Prepare must read its sources afresh every run; the rest are keyed on their inputs.
+        assert tasks[step]["cachingOptions"].get("enableCache", False) is (step != "prepare-data"), step
+
+
+@pytest.mark.parametrize("secret", ["cockatoo-hf-token", "team-hf"])
+def test_placement_secret_scratch_and_shm(secret, tmp_path):
+    toleration = {"key": "gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+    cluster = Cluster(node_selector={"pool": "gpu"}, hf_token_secret=secret, scratch_size="50Gi",
+                      tolerations=[toleration])
+    _, _, executors, k8s = _compiled(tmp_path, cluster)
+    for step in STEPS:
+        config = k8s[f"exec-{step}"]
+        assert config["nodeSelector"]["labels"] == {"pool": "gpu"}, step
+        assert config["tolerations"] == [toleration], step
+        # Every step may download from the hub: the token reaches each as an env variable.
+        (env_secret,) = config["secretAsEnv"]
+        assert env_secret["secretName"] == secret and env_secret["optional"] is True, step
+        assert env_secret["keyToEnv"] == [{"secretKey": "token", "envVar": "HF_TOKEN"}], step
+        has_scratch = step in ("prepare-data", "tokenize")
+        assert ("genericEphemeralVolume" in config) is has_scratch, step
+        if has_scratch:
+            assert config["genericEphemeralVolume"][0]["size"] == "50Gi"
+            env = executors[f"exec-{step}"]["container"]["env"]
+            assert {"name": "TMPDIR", "value": "/scratch"} in env
+        # DataLoader workers share tensors through /dev/shm where they run.
+        shm = [m for m in config.get("emptyDirMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert bool(shm) is (step in ("tokenize", "train")), step
+
+
+def test_the_cache_root_option_is_the_parameters_default(tmp_path):
+    pipeline, tasks, _, _ = _compiled(tmp_path, Cluster(cache_root="gs://bucket/cache"))
+    assert pipeline["root"]["inputDefinitions"]["parameters"]["tokenized_cache_root"]["defaultValue"] == \
+        "gs://bucket/cache"
+    assert _inputs(tasks["tokenize"])["cache_root"] == "tokenized_cache_root"
