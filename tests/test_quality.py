@@ -247,3 +247,12 @@ def test_evaluation_reports_each_source_and_the_baseline_and_writes_the_model_ca
                           "## Intended use and limitations", "Splits: train "):
         assert expected_text in card, expected_text
     assert f"macro-F1 **{results['macro_f1']:.3f}**" in card
+
+    # Evaluation applies the thresholds stored in the model: at 0 every row is flagged.
+    manifest = json.loads((tmp_path / "model" / "cockatoo.json").read_text())
+    manifest["thresholds"] = {k: 0.0 for k in manifest["thresholds"]}
+    (tmp_path / "model" / "cockatoo.json").write_text(json.dumps(manifest))
+    flagged = evaluate(tmp_path / "model", tmp_path / "tok", tmp_path / "eval-0")
+    spam = m[:, 0] == 1
+    assert flagged["at_tuned_thresholds"]["per_label"]["spam"]["f1"] == pytest.approx(
+        2 * y[spam, 0].sum() / (y[spam, 0].sum() + spam.sum()))

@@ -1,0 +1,105 @@
+"""Numbers worked out by hand: metrics on a few rows, the loss's reduction, and the best epoch
+restored from a run whose epochs differ in ways the test controls."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from cockatoo_lib.losses import _reduce, masked_bce
+from cockatoo_lib.metrics import label_confusion, macro_f1, report, sweep_thresholds
+
+# Six rows, three labels. Label 1 is not annotated on rows 2 and 3 (row 2 says positive, but
+# that must not count); label 2 has no positive among its annotated rows (no support).
+PROBS = np.array([[0.9, 0.6, 0.6], [0.8, 0.7, 0.1], [0.4, 0.9, 0.1],
+                  [0.3, 0.2, 0.1], [0.7, 0.1, 0.1], [0.1, 0.4, 0.1]])
+Y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]])
+M = np.array([[1, 1, 1], [1, 1, 1], [1, 0, 1], [1, 0, 1], [1, 1, 0], [1, 1, 0]])
+
+
+def test_macro_and_micro_f1_at_one_half_by_hand():
+    # Label 0: tp rows 0, 4; fp row 1; fn row 2: F1 = 4 / 6. Label 1 on rows 0, 1, 4, 5:
+    # tp row 1, fp row 0: F1 = 2 / 3. Label 2: no support, left out of the macro average.
+    assert macro_f1(PROBS, Y, M, 0.5) == pytest.approx(2 / 3)
+    result = report(PROBS, Y, M, ["a", "b", "c"], [0.5] * 3)
+    assert result["labels_without_support"] == ["c"]
+    # Micro: tp 2 + 1, fp 1 + 1 + 1 (label 2, row 0), fn 1: 6 / (6 + 3 + 1).
+    assert result["micro_f1"] == pytest.approx(0.6)
+    for j, label in enumerate("ab"):  # sklearn on the annotated rows agrees
+        rows = M[:, j] == 1
+        assert result["per_label"][label]["f1"] == pytest.approx(f1_score(Y[rows, j], PROBS[rows, j] >= 0.5))
+    assert result["per_label"]["a"]["confusion_matrix"] == [[2, 1], [1, 2]]
+    assert result["per_label"]["b"]["annotated"] == 4 and result["per_label"]["b"]["support"] == 1
+
+
+def test_label_confusion_by_hand():
+    # Rows truly positive for i (annotated) against predictions for j (annotated): label 0's
+    # positives (rows 0, 2, 4) were predicted [1, 1, 1], [0, 0, 0] (row 2: label 1 not
+    # annotated, so not counted), [1, 0, 0].
+    assert label_confusion(PROBS, Y, M, [0.5] * 3) == [[2, 1, 1], [1, 1, 0], [0, 0, 0]]
+
+
+def test_threshold_sweep_by_hand():
+    thresholds, tuned = sweep_thresholds(PROBS, Y, M)
+    grid = np.linspace(0, 1, 102)[1:-1]
+    # Label 0: any threshold in (0.3, 0.4] keeps 0.9, 0.8, 0.7, 0.4: tp 3, fp 1: F1 6 / 7, the
+    # best; the lowest grid point there is 31 / 101.
+    assert thresholds[0] == pytest.approx(31 / 101, abs=1e-6) and grid[30] == pytest.approx(31 / 101)
+    # Label 1 on its annotated rows: (0.6, 0.7] separates perfectly (row 2's 0.9 is masked).
+    assert thresholds[1] == pytest.approx(61 / 101, abs=1e-6)
+    # Label 2: no positive to tune on: 0.5, and marked untuned.
+    assert thresholds[2] == 0.5 and tuned == [True, True, False]
+    assert macro_f1(PROBS, Y, M, thresholds) == pytest.approx((6 / 7 + 1) / 2)
+
+
+def test_threshold_ties_take_the_lowest():
+    # Every threshold up to 0.2 gives F1 2/3; above, 0.
+    thresholds, _ = sweep_thresholds(np.array([[0.2], [0.6]]), np.array([[1], [0]]), np.ones((2, 1)))
+    assert thresholds == [pytest.approx(1 / 101, abs=1e-6)]
+
+
+def test_loss_is_the_mean_over_each_rows_annotated_labels_then_over_annotated_rows():
+    per_element = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    # Row 0: (1 + 2) / 2; row 1: 6; row 2 annotates nothing. Not 3.0 (masked mean over
+    # elements), not 2.5 (over all rows).
+    assert _reduce(per_element, mask).item() == pytest.approx((1.5 + 6) / 2)
+    weights = torch.tensor([1.0, 2.0, 1.0])  # label weights scale their terms
+    assert _reduce(per_element, mask, weights).item() == pytest.approx(((1 + 4) / 2 + 6) / 2)
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    expected = ((bce[0, 0] + bce[0, 2]) / 2 + bce[1, 2]) / 2
+    assert masked_bce(logits, targets, mask).item() == pytest.approx(expected.item())
+
+
+def test_the_restored_weights_are_the_best_epochs(tiny_models, small_data, tmp_path, monkeypatch):
+    """Validation says epoch 2 is best (0.2, 0.9, 0.5): the saved weights are epoch 2's."""
+    import cockatoo_lib.train as train_module
+    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.tokenize import tokenize
+
+    sequence = iter([0.2, 0.9, 0.5])  # then the final prediction on validation: 0
+    monkeypatch.setattr(train_module, "_compute_metrics",
+                        lambda pred: {"f1": next(sequence, 0.0), "map": 0.0, "f1_at_0_5": 0.0})
+    snapshots = []
+    original = train_module.CockatooTrainer.evaluate
+
+    def evaluate(self, *args, **kwargs):
+        snapshots.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.CockatooTrainer, "evaluate", evaluate)
+    plan = resolve_plan("deberta", {"num_epochs": 3, "batch_size": 16, "gradient_accumulation_steps": 1,
+                                    "learning_rate": 1e-3, "dataloader_num_workers": 0,
+                                    "base_model": str(tiny_models["deberta"])})
+    tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
+    info = train_module.train(tmp_path / "tok", plan, tmp_path / "model")
+    assert info["best_epoch"] == 2 and info["best_validation_metric"] == 0.9
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    assert len(snapshots) == 3
+    differs = [any(not torch.equal(saved[k], snap[k]) for k in saved) for snap in snapshots]
+    assert differs == [True, False, True]
