@@ -28,9 +28,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/hadolint images/cpu/Dockerfile images/cuda/Dockerfile
 
-# Benchmarks (B1-B3 on this machine): writes docs/benchmarks.md.
+# Benchmarks (B1-B3, B5-B7 on this machine): writes docs/benchmarks.md. `make bench ONLY=b7`
+# runs some of them and keeps the other sections' recorded figures.
 bench: install
-	$(PY) -m bench.harness
+	$(PY) -m bench.harness $(if $(ONLY),--only $(ONLY))
 
 # Regenerate the compiled pipeline the golden-file test compares against.
 golden: install

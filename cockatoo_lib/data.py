@@ -90,7 +90,7 @@ class LabelMapping(BaseModel):
 
 
 class Source(BaseModel):
-    """One data set: a file (local path, gs:// or s3:// URI; gzip too) or a Hugging Face Hub
+    """One data set: a file (local path, gs:// or s3:// URI; compressed too) or a Hugging Face Hub
     data set (`hub`: its id or a local folder in hub layout)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -230,7 +230,7 @@ def _source_path(src: Source, base_dir: str) -> str:
 
 
 def _open(uri: str, what: str):
-    """Open a local path or fsspec URI for reading (gzip by suffix), with one-line errors."""
+    """Open a local path or fsspec URI for reading (decompressed by suffix), with one-line errors."""
     try:
         return fsspec.open(uri, "rb", compression="infer").open()
     except FileNotFoundError as exc:

@@ -117,6 +117,9 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
     out = tokenize.python_func(data=data, model_type="deberta", overrides=FAST, base_model=base,
                                cache_root=str(tmp_path / "cache"), tokenized=tokenized)
     assert tokenized.metadata["cache_hit"] is False and tokenized.metadata["cache_key"]
+    # Tokenizer diagnostics reach the step's metadata in the KFP UI.
+    assert 0 <= tokenized.metadata["unknown_token_share"] < 0.05 and tokenized.metadata["warnings"] == []
+    assert set(tokenized.metadata["diagnostics_by_source"]) == {"jigsaw", "toxicchat", "phishing"}
     assert out.cache_uri.startswith(str(tmp_path / "cache" / "tokenized" / tokenized.metadata["cache_key"]))
 
     entry = dsl.Dataset(uri=out.cache_uri)

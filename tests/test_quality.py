@@ -3,6 +3,7 @@ prior initialisation, the linear baseline, tokenizer diagnostics, per-source met
 names and the model card."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,27 @@ def test_epoch_metric_tunes_thresholds_instead_of_cutting_at_one_half():
     # A ranking with one positive below a negative: label 0's AP is (1 + 2/3) / 2.
     probs[4, 0] = 0.28
     assert mean_average_precision(probs, y, m) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+
+
+def test_deterministic_setting_switches_on_strict_mode(tmp_path):
+    import torch
+
+    from cockatoo_lib.train import seed_everything
+
+    plan = resolve_plan("minilm", {"deterministic": True})
+    assert training_arguments(plan, str(tmp_path), cuda=False).full_determinism is True
+    saved = dict(os.environ)
+    try:
+        seed_everything(plan)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # cuBLAS's deterministic workspace
+    finally:  # strict mode is process-wide: leave none of it to the other tests
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+        os.environ.clear()
+        os.environ.update(saved)
+    seed_everything(resolve_plan("minilm"))
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_selection_metric_and_early_stopping_reach_the_trainer(tmp_path):
