@@ -137,13 +137,6 @@ def _check_label_name(name: str) -> None:
                          "(a-z, 0-9 and _, starting with a letter, at most 64 characters)")
 
 
-class ImageFetch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    timeout_seconds: float = Field(default=Fetch.timeout_seconds, gt=0, le=600)
-    attempts: int = Field(default=Fetch.attempts, ge=1, le=20)
-
-
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -161,7 +154,7 @@ class DataConfig(BaseModel):
     # and counts it in the manifest.
     bad_images: Literal["error", "drop"] = "error"
     # Image URLs: per-request timeout and attempts (see cockatoo_lib.images.Fetch).
-    image_fetch: ImageFetch = Field(default_factory=ImageFetch)
+    image_fetch: Fetch = Field(default_factory=Fetch)
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     base_dir: str = Field(default=".", exclude=True)  # a folder or URI; relative paths start here
@@ -436,8 +429,7 @@ def load_rows(config: DataConfig, store: ImageStore | None = None
             # Relative image paths start at the source file's folder (the config's for hub sets).
             folder = config.base_dir if src.hub is not None else _parent(path)
             images = load_image_column(frame[src.image_column], folder, src.name, path,
-                                       src.image_column, config.bad_images, store,
-                                       Fetch(**config.image_fetch.model_dump()))
+                                       src.image_column, config.bad_images, store, config.image_fetch)
             bad = images.bad
             stats[src.name].update(images.stats)
         has_image = images.ids >= 0 if images is not None else np.zeros(len(frame), bool)

@@ -31,6 +31,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from cockatoo_lib.errors import CockatooError
@@ -136,15 +137,17 @@ def _reference(value, folder: str) -> bytes | str | None:
     raise TypeError(type(value).__name__)
 
 
-@dataclass(frozen=True)
-class Fetch:
-    """How image URLs are fetched: each request may wait `timeout_seconds` to connect and
-    between bytes; a transient failure (429, 5xx, a reset or timed-out connection) is tried
-    again, up to `attempts` requests in all, with exponential backoff (0.5 s, 1 s, 2 s, ... at
-    most 30 s) or as long as the host's Retry-After asks (at most 60 s)."""
+class Fetch(BaseModel):
+    """How image URLs are fetched (a data config's `image_fetch`): each request may wait
+    `timeout_seconds` to connect and between bytes; a transient failure (408, 429, 5xx, a reset
+    or timed-out connection) is tried again, up to `attempts` requests in all, with exponential
+    backoff (0.5 s, 1 s, 2 s, ... at most 30 s) or as long as the host's Retry-After asks (at
+    most 60 s)."""
 
-    timeout_seconds: float = 30.0
-    attempts: int = 4
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    attempts: int = Field(default=4, ge=1, le=20)
 
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})

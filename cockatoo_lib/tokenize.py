@@ -209,7 +209,7 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
         if found.entry is not None:
             log.info("tokenize: cache hit %s in %s", key, cache_root)
             published, stats = found.entry, found.entry.meta
-            fs.get(_strip(fs, published.uri) + "/", str(tmp) + "/", recursive=True)
+            fs.get(fs._strip_protocol(published.uri) + "/", str(tmp) + "/", recursive=True)
         else:
             if found.problem:
                 log.warning("tokenize: cache entry not usable, rebuilding: %s", found.problem)
@@ -233,10 +233,6 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
         write_json(tmp / INFO, info)
         _check_output(tmp, manifest, published.uri)
     return info
-
-
-def _strip(fs, uri: str) -> str:
-    return fs._strip_protocol(uri)
 
 
 def _check_output(folder: Path, manifest: dict, source: str) -> None:
