@@ -24,8 +24,9 @@ from fsspec.utils import infer_compression
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
+from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
 from cockatoo_lib.images import Fetch, ImageStore, load_image_column
+from cockatoo_lib.limits import check_range
 from cockatoo_lib.rebalance import Rebalance, rebalance
 
 log = logging.getLogger(__name__)
@@ -568,6 +569,9 @@ def write_split(path: Path, frame: pd.DataFrame, y: np.ndarray, m: np.ndarray,
 
 def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0) -> dict:
     """Write train/validation/test Parquet files and a manifest to `output`; return the manifest."""
+    check_range("seed", seed)
+    check_range("max_samples", max_samples)
+    check_output(output)
     with ImageStore() as store:  # fetched images wait on disk until the splits are written
         manifest = _prepare(config, output, seed, max_samples, store)
     log.info("prepared %s: %s", output,

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from cockatoo_lib.baseline import baseline_probabilities
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, write_json, write_text_atomic
+from cockatoo_lib.fileio import atomic_output_dir, check_output, write_json, write_text_atomic
 from cockatoo_lib.metrics import label_confusion, mean_average_precision, report, sigmoid
 from cockatoo_lib.model_card import MODEL_CARD, render_model_card
 from cockatoo_lib.models import load_trained_model, predict_logits
@@ -37,6 +37,7 @@ def _batches(dataset, collator, batch_size: int):
 
 def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Path,
              data_dir: str | Path | None = None, split: str = "test") -> dict:
+    check_output(output)
     model_info = read_model_manifest(model_dir)
     datasets, tok_info = load_tokenized(tokenized_dir)
     check_same_data(tok_info, tokenized_dir, data_dir)

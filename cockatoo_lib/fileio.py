@@ -22,9 +22,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing non-empty `path` is refused rather than replaced: it may hold a user's work.
     An existing empty folder (KFP creates artifact folders ahead) is replaced.
     """
-    final = Path(path)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise CockatooError(f"output {final} already exists and is not empty; remove it or choose another")
+    final = check_output(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the output from other users and containers
@@ -36,6 +34,21 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """An output path that can be created: steps call this before any work, so a bad one fails
+    at once with one line. An existing non-empty `path` is refused rather than replaced: it may
+    hold a user's work. An existing empty folder (KFP creates artifact folders ahead) is fine."""
+    final = Path(path)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise CockatooError(f"output {final} already exists and is not empty; remove it or choose another")
+    existing = next(p for p in (final, *final.parents) if p.exists())
+    if not existing.is_dir():
+        raise CockatooError(f"output {final} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CockatooError(f"output {final} cannot be created: no permission to write in {existing}")
+    return final
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.limits import RANGES
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Plan(BaseModel):
     dataloader_num_workers: int = Field(default=4, ge=0)
     save_total_limit: int = Field(default=2, gt=0)
     train_sampling_strategy: Literal["group_by_length", "random"] = "group_by_length"
-    seed: int = 42
+    seed: int = Field(default=42, ge=RANGES["seed"][0], le=RANGES["seed"][1])
     # What resolve_plan changed to fit the hardware; set by resolve_plan only.
     adjustments: tuple[str, ...] = ()
 

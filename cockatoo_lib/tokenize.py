@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from cockatoo_lib.data import SPLITS, read_manifest
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, read_json, sha256_files, write_json
+from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
 from cockatoo_lib.images import IMAGE_BACKEND, PIXEL_COLUMN, load_image_processor, pixel_spec, to_pixels
 from cockatoo_lib.publish import clean_abandoned, publish, read_published
 from cockatoo_lib.registry import Plan
@@ -184,6 +184,7 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
              cache_root: str = DEFAULT_CACHE_ROOT) -> dict:
     """Tokenize the prepared splits into `output`, through the cache. Returns the info dict,
     whose `cache_uri` names the cache entry: a complete tokenized folder of its own."""
+    check_output(output)
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     tokenizer, image_processor = load_processors(plan)

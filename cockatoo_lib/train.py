@@ -12,7 +12,7 @@ from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, Trainin
 
 from cockatoo_lib.data import read_manifest
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, read_json, write_json
+from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, write_json
 from cockatoo_lib.images import PIXEL_COLUMN, collate_pixels
 from cockatoo_lib.losses import asymmetric_loss, masked_bce
 from cockatoo_lib.metrics import macro_f1, mean_average_precision, sigmoid, sweep_thresholds
@@ -165,6 +165,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
           data_dir: str | Path | None = None) -> dict:
     """Fine-tune, restore the best epoch, tune per-label thresholds on validation, save the model
     folder (weights, tokenizer, cockatoo.json). Returns the model manifest."""
+    check_output(output)
     datasets, tok_info = load_tokenized(tokenized_dir)
     check_same_data(tok_info, tokenized_dir, data_dir)
     labels = tok_info["labels"]

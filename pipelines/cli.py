@@ -16,8 +16,11 @@ TAG = typer.Option(None, "--image-tag", help="tag of the images")
 
 def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu",
              node_selector=None, toleration=None, cache_root="", gpus=1, scratch_size=""):
+    from cockatoo_lib.limits import check_range
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
     from pipelines.cockatoo_train import Cluster
+
+    check_range("gpus", gpus, "--gpus")
 
     selectors = dict(_pair(s, "--node-selector") for s in node_selector or [])
     tolerations = [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}

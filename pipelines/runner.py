@@ -11,6 +11,7 @@ from typing import Any
 from kfp import compiler
 
 from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.limits import check_range
 from pipelines.cockatoo_train import PIPELINE_NAME, Cluster, build_pipeline
 
 _CRON_ITEM = r"(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?"  # *, 5, 1-5, MON-FRI, */15
@@ -57,6 +58,9 @@ def check_params(params: dict[str, Any]) -> None:
     values = {**defaults, **params}
     if not isinstance(values["overrides"], dict):
         raise CockatooError(f"parameter overrides must be a JSON object, got {values['overrides']!r}")
+    for name, value in (("seed", values["seed"]), ("max_samples", values["max_train_samples"]),
+                        ("gpus", values["gpus"])):
+        check_range(name, value, {"max_samples": "max_train_samples"}.get(name, name))
     step_plan(values["model_type"], values["overrides"], values["base_model"])
     if "://" not in values["data_config"]:
         load_data_config(values["data_config"], values["labels"] or None)
