@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -23,6 +22,7 @@ import yaml
 from fsspec.utils import infer_compression
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cockatoo_lib import remote
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
 from cockatoo_lib.images import Fetch, ImageStore, load_image_column
@@ -226,15 +226,21 @@ def _source_path(src: Source, base_dir: str) -> str:
 def _open(uri: str, what: str):
     """Open a local path or fsspec URI for reading (decompressed by suffix), with one-line errors."""
     try:
-        return fsspec.open(uri, "rb", compression="infer").open()
-    except FileNotFoundError as exc:
-        detail = str(exc).strip()
-        reason = f" ({detail})" if detail and detail not in uri else ""
-        raise CockatooError(f"{what}: not found: {uri}{reason}") from None
-    except PermissionError:
-        raise CockatooError(f"{what}: no permission to read {uri}") from None
-    except (OSError, ValueError, ImportError) as exc:
-        raise CockatooError(f"{what}: cannot open {uri}: {str(exc).strip().splitlines()[0]}") from None
+        return remote.open_read(uri)
+    except Exception as exc:  # noqa: BLE001 - each storage client raises its own types
+        if remote.is_timeout(exc):  # fsspec's http reports a timeout as not found: look first
+            raise CockatooError(f"{what}: cannot open {uri}: {remote.timeout_hint()}") from None
+        if isinstance(exc, FileNotFoundError):
+            detail = str(exc).strip()
+            reason = f" ({detail})" if detail and detail not in uri else ""
+            raise CockatooError(f"{what}: not found: {uri}{reason}") from None
+        if isinstance(exc, PermissionError):
+            raise CockatooError(f"{what}: no permission to read {uri}") from None
+        why = remote.failure(exc) or (str(exc).strip().splitlines()[0]
+                                      if isinstance(exc, ValueError | ImportError) else None)
+        if why is None:
+            raise
+        raise CockatooError(f"{what}: cannot open {uri}: {why}") from None
 
 
 def _format(src: Source, uri: str) -> str:
@@ -289,6 +295,9 @@ def read_source(src: Source, base_dir: str) -> pd.DataFrame:
         except pd.errors.EmptyDataError:
             raise CockatooError(f"source {src.name}: {uri} is empty") from None
         except Exception as exc:  # readers raise many types; all mean "not this format"
+            if remote.is_timeout(exc):
+                hint = remote.timeout_hint()
+                raise CockatooError(f"source {src.name}: cannot read {uri}: {hint}") from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CockatooError(f"source {src.name}: cannot read {uri} as {fmt}: {first}") from None
     if frame.empty:

@@ -27,13 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from cockatoo_lib import remote
 from cockatoo_lib.errors import CockatooError
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def _fetch(uri: str, fetch: Fetch) -> bytes:
     if uri.startswith(("http://", "https://")):
         return _fetch_http(uri, fetch)
     try:  # gcsfs and s3fs retry transient errors themselves
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = remote.url_to_fs(uri, timeout=fetch.timeout_seconds)
         return fs.cat_file(path)
     except FileNotFoundError:
         raise _Missing("not found") from None

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import fsspec
 import pyarrow.parquet as pq
 
+from cockatoo_lib import remote
 from cockatoo_lib.data import SPLITS, read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
@@ -190,8 +190,7 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
     tokenizer, image_processor = load_processors(plan)
     identity = tokenizer_identity(tokenizer, image_processor)
     key = cache_key(manifest["split_fingerprints"], identity, plan.max_length)
-    fs, root = fsspec.core.url_to_fs(cache_root if "://" in cache_root
-                                     else str(Path(cache_root).expanduser()))
+    fs, root = remote.url_to_fs(cache_root if "://" in cache_root else str(Path(cache_root).expanduser()))
     entry = f"{root.rstrip('/')}/tokenized/{key}"
     # Everything train and evaluate need travels with the entry, so they can read it alone.
     info = {"cache_key": key, "model_type": plan.model_type, "tokenizer": identity,
@@ -205,8 +204,10 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
         try:
             clean_abandoned(fs, entry)
             found = read_published(fs, entry)
-        except OSError as exc:
-            raise CockatooError(f"cannot read the tokenization cache {cache_root}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - each storage client raises its own types
+            if (why := remote.failure(exc)) is None:
+                raise
+            raise CockatooError(f"cannot read the tokenization cache {cache_root}: {why}") from None
         if found.entry is not None:
             log.info("tokenize: cache hit %s in %s", key, cache_root)
             published, stats = found.entry, found.entry.meta
@@ -219,8 +220,10 @@ def tokenize(data_dir: str | Path, plan: Plan, output: str | Path,
             write_json(tmp / INFO, {**info, **stats})
             try:
                 published = publish(fs, entry, tmp, stats, found.next_generation)
-            except OSError as exc:
-                raise CockatooError(f"cannot write tokenization cache entry {entry}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001
+                if (why := remote.failure(exc)) is None:
+                    raise
+                raise CockatooError(f"cannot write tokenization cache entry {entry}: {why}") from None
         if any(stats["truncated"].values()):
             log.info("tokenize: texts truncated at %d tokens: %s", plan.max_length, stats["truncated"])
         for warning in diagnostic_warnings(stats["diagnostics"]):

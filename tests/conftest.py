@@ -12,6 +12,9 @@ from helpers import BIN, free_port, make_image, serve, write_config
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs otherwise probes each bucket over gRPC, which the storage emulator does not serve, and
+# waits 60 s for it. gcsfs reads this when first imported, so it is set before any test runs.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 SAMPLE_CONFIG = Path(__file__).parents[1] / "cockatoo_lib" / "presets" / "sample.yaml"
 
@@ -152,32 +155,48 @@ def image_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gcs():
-    """gcp-storage-emulator on loopback; gcsfs finds it through STORAGE_EMULATOR_HOST."""
+def _gcs_server():
     port = free_port()
     process = serve([str(BIN / "gcp-storage-emulator"), "start", "--host=127.0.0.1",
                      f"--port={port}", "--in-memory"], port)
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    # gcsfs otherwise probes each bucket over gRPC, which the emulator does not serve.
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        import fsspec
+
+        env.setenv("STORAGE_EMULATOR_HOST", endpoint)
+        fsspec.filesystem("gs", token="anon").mkdir("cockatoo-data")
+    yield endpoint
+    process.kill()
+
+
+@pytest.fixture
+def gcs(_gcs_server, monkeypatch):
+    """gcp-storage-emulator on loopback (one per test process); gcsfs finds it through
+    STORAGE_EMULATOR_HOST, set for the test that asks for it only."""
     import fsspec
 
-    fs = fsspec.filesystem("gs", token="anon")
-    fs.mkdir("cockatoo-data")
-    yield fs
-    process.kill()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", _gcs_server)
+    return fsspec.filesystem("gs", token="anon")
 
 
 @pytest.fixture(scope="session")
-def s3():
-    """moto's S3 server on loopback; s3fs finds it through AWS_ENDPOINT_URL."""
+def _s3_server():
     port = free_port()
     process = serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    yield f"http://127.0.0.1:{port}"
+    process.kill()
+
+
+@pytest.fixture
+def s3(_s3_server, monkeypatch):
+    """moto's S3 server on loopback (one per test process); s3fs finds it through
+    AWS_ENDPOINT_URL, set for the test that asks for it only."""
     import fsspec
 
+    for name, value in dict(AWS_ENDPOINT_URL=_s3_server, AWS_ACCESS_KEY_ID="testing",
+                            AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1").items():
+        monkeypatch.setenv(name, value)
     fs = fsspec.filesystem("s3")
-    fs.mkdir("cockatoo-data")
-    yield fs
-    process.kill()
+    if not fs.exists("cockatoo-data"):
+        fs.mkdir("cockatoo-data")
+    return fs

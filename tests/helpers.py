@@ -76,3 +76,16 @@ def serve(command: list[str], port: int, env: dict | None = None):
             time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"{command[0]} did not start on port {port}")
+
+
+class SilentHost:
+    """A loopback port whose connections the kernel accepts and nobody ever answers."""
+
+    def __enter__(self) -> str:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self._listener.close()
