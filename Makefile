@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/cockatoo run --model-type minilm --data-config sample
 
+# Both cores, tests in random order (the seed is printed; `pytest --randomly-seed=N` repeats an
+# order), branch coverage printed and held above the floor in pyproject.toml.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term
 
 lint: install
 	$(BIN)/ruff check .

@@ -79,8 +79,9 @@ def check_cron(cron: str) -> None:
 
 
 def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, Any]:
-    """Run the whole pipeline with kfp.local's SubprocessRunner in this Python environment."""
-    from kfp import local
+    """Run the whole pipeline with kfp.local's SubprocessRunner in this Python environment:
+    the compiled pipeline file, as a cluster would receive it, not the Python definition."""
+    from kfp import components, local
 
     check_params(params)
     # The runner starts each step with `python3` from PATH: make that this interpreter, whose
@@ -88,7 +89,8 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, An
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=False)
-    task = build_pipeline(Cluster(for_local=True))(**params)
+    compiled = compile_pipeline(Path(pipeline_root) / f"{PIPELINE_NAME}.yaml", Cluster(for_local=True))
+    task = components.load_component_from_file(str(compiled))(**params)
     if not task.outputs:
         raise CockatooError(f"the local run failed; the failing step's log is above ({pipeline_root})")
     from cockatoo_lib.steps import evaluation_files

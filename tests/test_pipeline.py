@@ -13,7 +13,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from cockatoo_lib.train import read_model_manifest
 from components import evaluate, prepare_data, tokenize, train
-from pipelines.cockatoo_train import Cluster
+from pipelines.cockatoo_train import PIPELINE_NAME
 from pipelines.runner import compile_pipeline, pipeline_inputs, run_local
 
 GOLDEN = Path(__file__).parent / "golden" / "cockatoo-train.yaml"
@@ -175,13 +175,15 @@ def test_tokenize_on_a_cluster_refuses_a_local_cache_root(small_data, tmp_path):
 # ------------------------------------------------------------------ local runs
 
 
-def test_local_run_of_the_whole_pipeline(tiny_models, tmp_path):
+def test_local_run_of_the_whole_pipeline_from_its_compiled_file(tiny_models, tmp_path):
     result = run_local({"model_type": "modernbert", "base_model": str(tiny_models["modernbert"]),
                         "max_train_samples": 300, "overrides": FAST,
                         "tokenized_cache_root": str(tmp_path / "cache")}, tmp_path / "root")
     assert (Path(result["model"]) / "cockatoo.json").exists()
     assert 0 <= result["test_macro_f1"] <= 1
     assert Path(result["report"]).read_text().startswith("<!doctype html>")
+    # What ran is the compiled file a cluster would receive.
+    assert (tmp_path / "root" / f"{PIPELINE_NAME}.yaml").read_text().startswith("# PIPELINE DEFINITION")
 
 
 def test_local_run_of_clip_with_images(tiny_models, image_data, tmp_path):
@@ -195,20 +197,6 @@ def test_local_run_of_clip_with_images(tiny_models, image_data, tmp_path):
     assert json.loads((entry / "entry-000000.json").read_text())["meta"]["images"]["shape"] == [3, 224, 224]
     metrics = json.loads(Path(result["metrics"]).read_text())
     assert metrics["model_type"] == "clip-vit" and 0 <= result["test_macro_f1"] <= 1
-
-
-def test_compiled_yaml_loaded_from_file_runs_locally(tiny_models, tmp_path):
-    from kfp import components, local
-
-    path = compile_pipeline(tmp_path / "local.yaml", Cluster(for_local=True))
-    pipeline = components.load_component_from_file(str(path))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    task = pipeline(model_type="deberta", base_model=str(tiny_models["deberta"]),
-                    max_train_samples=300, overrides=FAST,
-                    tokenized_cache_root=str(tmp_path / "cache"))
-    assert (Path(task.outputs["model"].path) / "cockatoo.json").exists()
-    metrics = json.loads((Path(task.outputs["evaluation"].path) / "metrics.json").read_text())
-    assert metrics["model_type"] == "deberta"
 
 
 def test_run_command_checks_parameters_before_running(tmp_path, capsys, monkeypatch):

@@ -37,23 +37,29 @@ train(tok, plan, out)
 """
 
 
-def _train_in_process(base, tok, out, seed):
-    subprocess.run([sys.executable, "-c", TRAIN_IN_A_PROCESS, str(base), str(tok), str(out), str(seed)],
-                   check=True, capture_output=True)
-    manifest = json.loads((out / "cockatoo.json").read_text())
-    return (out / "model.safetensors").read_bytes(), manifest
+def _train_in_processes(base, tok, runs: dict) -> dict:
+    """Train once per (output folder, seed), each in its own process, all at once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {out: subprocess.Popen([sys.executable, "-c", TRAIN_IN_A_PROCESS, str(base), str(tok), str(out),
+                                    str(seed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for out, seed in runs.items()}
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    return {out: ((out / "model.safetensors").read_bytes(), json.loads((out / "cockatoo.json").read_text()))
+            for out in runs}
 
 
 def test_training_is_byte_identical_across_processes_for_one_seed(tiny_models, small_data, tmp_path):
     plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"])})
     tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
-    first, info_a = _train_in_process(tiny_models["deberta"], tmp_path / "tok", tmp_path / "a", 42)
-    second, info_b = _train_in_process(tiny_models["deberta"], tmp_path / "tok", tmp_path / "b", 42)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    runs = _train_in_processes(tiny_models["deberta"], tmp_path / "tok", {a: 42, b: 42, c: 7})
+    (first, info_a), (second, info_b), (other, _) = runs[a], runs[b], runs[c]
     assert first == second
     for key in ("validation_by_epoch", "thresholds", "best_validation_metric", "seed"):
         assert info_a[key] == info_b[key], key
     # The seed is what decides: another one trains other weights.
-    other, _ = _train_in_process(tiny_models["deberta"], tmp_path / "tok", tmp_path / "c", 7)
     assert other != first
 
 
