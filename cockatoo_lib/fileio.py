@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,17 +17,22 @@ from typing import Any
 
 from cockatoo_lib.errors import CockatooError
 
+log = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; move it to `path` only if the block succeeds.
 
     An existing non-empty `path` is refused rather than replaced: it may hold a user's work.
-    An existing empty folder (KFP creates artifact folders ahead) is replaced.
+    An existing empty folder (KFP creates artifact folders ahead) is replaced. A process killed
+    mid-write (SIGKILL, out of memory) cannot clean up after itself: its temporary folder is
+    named for its host and process, and the next run for the same output removes it.
     """
     final = check_output(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _remove_abandoned(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(final)}{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the output from other users and containers
     try:
         yield tmp
@@ -34,6 +42,30 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tmp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Remove this host's temporary folders for `final` whose process has ended."""
+    prefix = _tmp_prefix(final)
+    for stale in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by process %s, which has ended", stale, pid)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_output(path: str | os.PathLike) -> Path:
