@@ -281,12 +281,13 @@ def read_source(src: Source, base_dir: str) -> pd.DataFrame:
     fmt = _format(src, uri)
     with _open(uri, f"source {src.name}") as handle:
         try:
+            # Texts stay as written: no reader may turn "007" or "1e5" into a number.
             if fmt == "csv":
-                frame = pd.read_csv(handle)
+                frame = pd.read_csv(handle, dtype={c: str for c in (src.text_column, src.image_column) if c})
             elif fmt == "jsonl":
-                frame = pd.read_json(handle, lines=True)
+                frame = pd.read_json(handle, lines=True, dtype=False)
             elif fmt == "json":
-                frame = pd.read_json(handle)
+                frame = pd.read_json(handle, dtype=False)
             elif infer_compression(uri.lower()) is not None:
                 # Parquet seeks to its footer; a compressed stream (zstd, bz2) cannot seek.
                 frame = pd.read_parquet(io.BytesIO(handle.read()))
@@ -463,12 +464,16 @@ def load_rows(config: DataConfig, store: ImageStore | None = None
     frame = pd.concat(frames, ignore_index=True)
     y, m = np.concatenate(label_parts), np.concatenate(mask_parts)
     digests = frame["image_digest"] if config.has_images else None
-    keep, y, m, dup, conflict = deduplicate(frame["text"], y, m, config.dedup, digests)
+    keep, y, m, dup, conflict, group = deduplicate(frame["text"], y, m, config.dedup, digests)
+    frame["group"] = group  # copies kept by keep_all go to one split together
     source = frame["source"].to_numpy()
     for name in stats:
         here = source == name
         stats[name].update(duplicates=int((dup & here).sum()), conflicts=int((conflict & here).sum()),
                            duplicates_dropped=int((~keep & here).sum()))
+    if not keep.any():
+        raise CockatooError(f"no row is left after dedup {config.dedup!r}: every text has copies whose "
+                            "labels disagree; fix the labels or choose another dedup policy")
     frame = frame[keep].reset_index(drop=True)
     y, m = y[keep], m[keep]
     for name in stats:
@@ -498,7 +503,8 @@ def normalize_text(text: pd.Series) -> pd.Series:
 
 def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
                 image_digests: pd.Series | None = None):
-    """Returns (rows to keep, labels, mask, is-duplicate, in-conflict), vectorized.
+    """Returns (rows to keep, labels, mask, is-duplicate, in-conflict, group), vectorized;
+    copies of one text share a group.
 
     A row is a duplicate when its normalized text (and image, if any) appeared before; its
     group is in conflict when one label is annotated positive in one copy and negative in
@@ -516,18 +522,29 @@ def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
         y, m = positive.astype(np.int8), annotated.astype(np.int8)
     keep = {"keep_all": np.ones(len(text), bool), "keep_first": first, "merge_labels": first,
             "drop_conflicts": first & ~conflict}[policy]
-    return keep, y, m, ~first, conflict
+    return keep, y, m, ~first, conflict, codes
 
 
 # --------------------------------------------------------------------------- splitting
 
 
 def split_indices(y: np.ndarray, m: np.ndarray, seed: int, val_frac: float,
-                  test_frac: float) -> dict[str, np.ndarray]:
+                  test_frac: float, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Seeded split, stratified on label combinations (unannotated counted as its own value).
 
     Combinations too rare to reach every split are pooled, so they are still spread at random.
+    Rows of one group (copies of a text) land in one split, the one its first row draws; with
+    no two rows in a group the split is the same as without groups.
     """
+    if groups is not None:
+        codes = pd.factorize(groups)[0]
+        firsts = ~pd.Series(codes).duplicated().to_numpy()
+        by_group = split_indices(y[firsts], m[firsts], seed, val_frac, test_frac)
+        which = np.empty(int(firsts.sum()), dtype=np.int8)
+        for k, name in enumerate(SPLITS):
+            which[by_group[name]] = k
+        row_split = which[codes]
+        return {name: np.flatnonzero(row_split == k) for k, name in enumerate(SPLITS)}
     combo = (y.astype(np.int16) + 2 * (1 - m)).astype(np.int8)  # 0, 1, or 2 = unannotated
     _, strata = np.unique(combo, axis=0, return_inverse=True)
     strata = strata.reshape(-1)
@@ -595,7 +612,8 @@ def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int
     if max_samples and len(frame) > max_samples:
         keep = np.sort(np.random.default_rng(seed).choice(len(frame), max_samples, replace=False))
         frame, y, m = frame.iloc[keep].reset_index(drop=True), y[keep], m[keep]
-    split = split_indices(y, m, seed, config.validation_fraction, config.test_fraction)
+    split = split_indices(y, m, seed, config.validation_fraction, config.test_fraction,
+                          groups=frame["group"].to_numpy())
     train_rows, balance = rebalance(y[split["train"]], m[split["train"]], labels, config.rebalance, seed)
     split["train"] = split["train"][train_rows]
     manifest: dict = {"format_version": 1, "labels": labels, "seed": seed, "sources": stats,
