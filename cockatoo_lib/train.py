@@ -59,8 +59,10 @@ class PaddingCollator:
 
 
 class CockatooTrainer(Trainer):
-    # Our loss is a mean over the batch, so the Trainer must divide it for accumulation.
-    loss_is_scaled_for_ga = False
+    # The loss is divided by the annotated rows of the whole optimizer step (counted below), not
+    # by the Trainer's accumulation steps: one step's gradient is the same at any micro-batch
+    # and accumulation that make up the same rows.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, plan: Plan, pos_weight: torch.Tensor | None = None,
                  loss_weights: torch.Tensor | None = None, **kwargs):
@@ -69,15 +71,29 @@ class CockatooTrainer(Trainer):
         self.pos_weight = pos_weight
         self.loss_weights = loss_weights
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """Rows with an annotated label in one optimizer step, over every micro-batch and process."""
+        rows = sum((b["label_mask"].sum(dim=1) > 0).sum() for b in batch_samples)
+        rows = torch.as_tensor(rows, device=device)
+        if self.args.world_size > 1:
+            rows = self.accelerator.gather(rows).sum()
+        return rows
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, mask = inputs.pop("labels"), inputs.pop("label_mask")
         outputs = model(**inputs)
+        # Training: this micro-batch's share of the step's mean; evaluation: the batch mean,
+        # which the Trainer averages over batches.
+        rows = num_items_in_batch
         if self.plan.loss == "asl":
             loss = asymmetric_loss(outputs.logits, labels, mask, self.plan.asl_gamma_neg,
-                                   self.plan.asl_gamma_pos, self.plan.asl_clip, weights=self.loss_weights)
+                                   self.plan.asl_gamma_pos, self.plan.asl_clip, weights=self.loss_weights,
+                                   rows=rows)
         else:
             pos_weight = self.pos_weight.to(outputs.logits.device) if self.pos_weight is not None else None
-            loss = masked_bce(outputs.logits, labels, mask, pos_weight, weights=self.loss_weights)
+            loss = masked_bce(outputs.logits, labels, mask, pos_weight, weights=self.loss_weights, rows=rows)
+        if rows is not None and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # the processes' gradients are averaged, not summed
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
