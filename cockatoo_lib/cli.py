@@ -20,20 +20,28 @@ MODEL_TYPE = typer.Option("deberta", "--model-type", "-m", help="deberta, modern
 SET = typer.Option(None, "--set", "-s", help="override a plan setting: key=value (repeatable)")
 
 
-def _plan(model_type: str, overrides: list[str] | None, detect: bool = True):
+def _plan(model_type: str, overrides: list[str] | None, detect: bool = True, hardware=None):
     from cockatoo_lib.registry import detect_hardware, parse_overrides, resolve_plan
 
     return resolve_plan(model_type, parse_overrides(overrides or []),
-                        detect_hardware() if detect else None)
+                        hardware or (detect_hardware() if detect else None))
 
 
 @app.command()
 def plan(model_type: str = MODEL_TYPE, set_: list[str] = SET,
-         hardware: bool = typer.Option(False, "--hardware", help="apply this machine's adjustments")):
-    """Print the resolved settings for a model type."""
-    from cockatoo_lib.registry import plan_table
+         hardware: bool = typer.Option(False, "--hardware", help="apply this machine's adjustments"),
+         gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
+                                              help="plan for a CUDA card with this much memory")):
+    """Print the resolved settings for a model type: the guide's, this machine's (--hardware),
+    or a card's (--gpu-memory-gib)."""
+    from cockatoo_lib.limits import check_range
+    from cockatoo_lib.registry import plan_table, planned_card
 
-    rows = plan_table(_plan(model_type, set_, detect=hardware))
+    card = None
+    if gpu_memory_gib is not None:
+        check_range("gpu_memory_gib", gpu_memory_gib, "--gpu-memory-gib")
+        card = planned_card(gpu_memory_gib)
+    rows = plan_table(_plan(model_type, set_, detect=hardware, hardware=card))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")

@@ -76,6 +76,7 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
          for s in ("train", "validation")}, dataset["text"], seed=model_info.get("seed", 42))
     results = {
         "model_type": model_info["model_type"],
+        "batch_split": model_info.get("batch_split"),
         "split": split,
         "rows": len(dataset),
         "labels": labels,

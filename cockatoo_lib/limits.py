@@ -6,17 +6,23 @@ from __future__ import annotations
 
 from cockatoo_lib.errors import CockatooError
 
-# name -> (lowest, highest or None)
-RANGES: dict[str, tuple[int, int | None]] = {
+# name -> (lowest, highest or None); a float bound allows any number, an int only whole ones
+RANGES: dict[str, tuple[float, float | None]] = {
     "seed": (0, 2**32 - 1),  # numpy's generators take no negative seed
     "max_samples": (0, None),  # 0: all rows
     "gpus": (0, 64),
+    "gpu_memory_gib": (1.0, 1024.0),
 }
 
 
 def check_range(name: str, value, shown: str | None = None) -> None:
     low, high = RANGES[name]
-    whole = isinstance(value, int) and not isinstance(value, bool)
-    if not whole or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise CockatooError(f"{shown or name} must be a whole number {bound}; got {value!r}")
+    whole_only = isinstance(low, int)
+    kind = (int,) if whole_only else (int, float)
+    valid = isinstance(value, kind) and not isinstance(value, bool)
+    if not valid or value < low or (high is not None and value > high):
+        bound = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+        if whole_only:  # no exponent in a seed's bound
+            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise CockatooError(f"{shown or name} must be a {'whole ' if whole_only else ''}number {bound}; "
+                            f"got {value!r}")

@@ -74,6 +74,10 @@ class Plan(BaseModel):
     dataloader_num_workers: int = Field(default=4, ge=0)
     save_total_limit: int = Field(default=2, gt=0)
     train_sampling_strategy: Literal["group_by_length", "random"] = "group_by_length"
+    # On CUDA, "derived" keeps the effective batch (batch_size × gradient_accumulation_steps)
+    # and picks the micro-batch and checkpointing for the card (cockatoo_lib/batch_split.py),
+    # and bf16 where the card has it; "seed" trains with the values above exactly.
+    batch_split: Literal["derived", "seed"] = "derived"
     seed: int = Field(default=42, ge=RANGES["seed"][0], le=RANGES["seed"][1])
     # What resolve_plan changed to fit the hardware; set by resolve_plan only.
     adjustments: tuple[str, ...] = ()
@@ -170,6 +174,7 @@ class Hardware:
     cuda: bool
     bf16_supported: bool = False
     device_name: str = "cpu"
+    memory_gib: float | None = None
 
 
 def detect_hardware() -> Hardware:
@@ -178,7 +183,15 @@ def detect_hardware() -> Hardware:
     if not torch.cuda.is_available():
         return Hardware(cuda=False)
     return Hardware(cuda=True, bf16_supported=torch.cuda.is_bf16_supported(),
-                    device_name=torch.cuda.get_device_name(0))
+                    device_name=torch.cuda.get_device_name(0),
+                    memory_gib=torch.cuda.get_device_properties(0).total_memory / 1024**3)
+
+
+def planned_card(memory_gib: float) -> Hardware:
+    """A card to plan for (`cockatoo plan --gpu-memory-gib N`): CUDA with bf16, as every card
+    with that much memory since the A100 has."""
+    return Hardware(cuda=True, bf16_supported=True, device_name=f"a {memory_gib:g} GiB card",
+                    memory_gib=memory_gib)
 
 
 def get_spec(model_type: str) -> ModelSpec:
@@ -222,7 +235,7 @@ def resolve_plan(model_type: str, overrides: dict[str, Any] | None = None,
               "architecture": spec.architecture, **spec.defaults, **overrides}
     plan = _validate(values, f"plan for {model_type}")
     if hardware is not None:
-        plan = _fit_to_hardware(plan, hardware)
+        plan = _fit_to_hardware(plan, hardware, set(overrides))
     return plan
 
 
@@ -236,9 +249,25 @@ def _validate(values: dict[str, Any], where: str) -> Plan:
         raise CockatooError(f"{where}: {key}: {err['msg']}{given}") from None
 
 
-def _fit_to_hardware(plan: Plan, hw: Hardware) -> Plan:
+def _fit_to_hardware(plan: Plan, hw: Hardware, pinned: set[str] = frozenset()) -> Plan:
     changes: dict[str, Any] = {}
     notes: list[str] = []
+    derived = hw.cuda and plan.batch_split == "derived"
+    if derived and hw.bf16_supported and plan.fp16 and not {"fp16", "bf16"} & pinned:
+        changes.update(fp16=False, bf16=True)
+        notes.append(f"{hw.device_name} has bf16: bf16 instead of fp16 (fp16's range needs a loss "
+                     "scaler; bf16's does not)")
+    if derived and hw.memory_gib:
+        from cockatoo_lib.batch_split import derive_split
+
+        split = derive_split(plan, hw.memory_gib)
+        now = (plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing)
+        if split is not None and (split.micro_batch, split.accumulation, split.gradient_checkpointing) != now:
+            changes.update(batch_size=split.micro_batch, gradient_accumulation_steps=split.accumulation,
+                           gradient_checkpointing=split.gradient_checkpointing)
+            notes.append(f"batch split for {hw.device_name}: {split.micro_batch} x {split.accumulation} "
+                         f"(was {now[0]} x {now[1]}), checkpointing "
+                         f"{'on' if split.gradient_checkpointing else 'off'}: {split.reason}")
     if not hw.cuda:
         off = [k for k in ("fp16", "bf16", "tf32") if getattr(plan, k)]
         if off:

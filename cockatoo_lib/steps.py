@@ -66,7 +66,7 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
     return {"model_type": info["model_type"], "base_model": info["base_model"],
             "selection_metric": info["selection_metric"],
             "best_validation_metric": info["best_validation_metric"], "best_epoch": info["best_epoch"],
-            "epochs": info["epochs"], "seed": info["seed"],
+            "epochs": info["epochs"], "seed": info["seed"], "batch_split": info["batch_split"],
             "labels": info["labels"], "thresholds": info["thresholds"]}
 
 
@@ -92,6 +92,11 @@ def kfp_metrics(results: dict) -> tuple[dict[str, float], list[list[int]]]:
             scalars[f"pr_auc_{label}"] = row["pr_auc"]
     for source, row in results["per_source"].items():
         scalars[f"source_{source}_macro_f1"] = row["macro_f1"]
+    if results.get("batch_split"):  # how training split each step, beside what it achieved
+        split = results["batch_split"]
+        scalars.update(train_micro_batch=split["micro_batch"],
+                       train_gradient_accumulation_steps=split["gradient_accumulation_steps"],
+                       train_gradient_checkpointing=int(split["gradient_checkpointing"]))
     return {k: round(float(v), 6) for k, v in scalars.items()}, results["label_confusion"]
 
 

@@ -167,6 +167,64 @@ def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArgum
     )
 
 
+def batch_split_record(plan: Plan) -> dict:
+    """How each optimizer step is split, and why: the manifest's, the log's and the UI's."""
+    why = [n for n in plan.adjustments if n.startswith(("batch split", "micro-batch")) or "bf16" in n]
+    if not why:
+        why = ["the plan's values, pinned" if plan.batch_split == "seed" else "the plan's values"]
+    return {"micro_batch": plan.batch_size,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "effective_batch": plan.effective_batch_size,
+            "gradient_checkpointing": plan.gradient_checkpointing,
+            "precision": "bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
+            "how": plan.batch_split, "why": why}
+
+
+def check_split_on_card(model, plan: Plan, collator, dataset) -> Plan:
+    """On CUDA, run one forward and backward pass of the derived micro-batch at the worst-case
+    width (every row max_length long); step down on out-of-memory."""
+    from cockatoo_lib.batch_split import derive_split, probe
+
+    if not torch.cuda.is_available() or plan.batch_split != "derived":
+        return plan
+    split = derive_split(plan, torch.cuda.get_device_properties(0).total_memory / 1024**3)
+    if split is None:
+        return plan
+    device, dtype = torch.device("cuda"), torch.bfloat16 if plan.bf16 else torch.float16
+    model.to(device)
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    def fits(micro: int) -> bool:
+        rows = [dataset[i % len(dataset)] for i in range(micro)]
+        for row in rows:  # the widest batch the data may give: every row at max_length
+            ids = list(row["input_ids"])
+            row["input_ids"] = (ids * (plan.max_length // max(len(ids), 1) + 1))[:plan.max_length]
+            for key in ("attention_mask", "token_type_ids"):
+                if key in row:
+                    row[key] = [1 if key == "attention_mask" else 0] * plan.max_length
+        batch = {k: v.to(device) for k, v in collator(rows).items()}
+        batch.pop("labels"), batch.pop("label_mask")
+        try:
+            with torch.autocast("cuda", dtype=dtype):
+                model(**batch).logits.float().sum().backward()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    checked = probe(split, plan.effective_batch_size, fits)
+    if checked.micro_batch == plan.batch_size:
+        return plan
+    note = f"micro-batch {checked.micro_batch} x {checked.accumulation}: {checked.reason}"
+    log.warning(note)
+    return plan.model_copy(update={"batch_size": checked.micro_batch,
+                                   "gradient_accumulation_steps": checked.accumulation,
+                                   "adjustments": plan.adjustments + (note,)})
+
+
 def check_same_data(tok_info: dict, tokenized_dir, data_dir) -> None:
     """Refuse tokenized data that was not made from the given prepared data."""
     if data_dir is None:
@@ -202,6 +260,13 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
     model = load_base_model(plan, labels)
     if plan.head_bias_init == "prior":
         init_head_bias(model, label_priors(datasets["train"]))
+    collator = PaddingCollator(tokenizer.pad_token_id or 0, 8 if cuda else 1, tok_info.get("images"),
+                               plan.max_length)
+    plan = check_split_on_card(model, plan, collator, datasets["train"])
+    split = batch_split_record(plan)
+    log.info("batch split: %d x %d = %d rows per step, checkpointing %s, %s; %s", split["micro_batch"],
+             split["gradient_accumulation_steps"], split["effective_batch"],
+             "on" if split["gradient_checkpointing"] else "off", split["precision"], "; ".join(split["why"]))
     pos_weight = torch.tensor([tok_info["class_weights"][x] for x in labels], dtype=torch.float32)
     loss_weights = torch.tensor([tok_info["loss_weights"][x] for x in labels])
 
@@ -209,8 +274,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
         trainer = CockatooTrainer(
             model=model,
             args=training_arguments(plan, work, cuda),
-            data_collator=PaddingCollator(tokenizer.pad_token_id or 0, 8 if cuda else 1,
-                                          tok_info.get("images"), plan.max_length),
+            data_collator=collator,
             train_dataset=datasets["train"],
             eval_dataset=datasets["validation"],
             processing_class=tokenizer,
@@ -241,6 +305,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             "max_length": plan.max_length,
             "inference_max_length": plan.inference_max_length,
             "plan": plan.model_dump(mode="json"),
+            "batch_split": split,
             "data_fingerprint": tok_info["data_fingerprint"],
             "tokenized_cache_key": tok_info["cache_key"],
             "train_images": tok_info.get("images", {}).get("rows", {}).get("train", 0),

@@ -87,7 +87,11 @@ def test_hardware_adjustments_are_explicit(caplog):
     assert "no CUDA device" in cpu.adjustments[0]
     assert "hardware adjustment" in caplog.text
     gpu = resolve_plan("modernbert", hardware=Hardware(cuda=True, bf16_supported=True))
-    assert gpu.fp16 and gpu.adjustments == ()
+    assert gpu.bf16 and not gpu.fp16 and "bf16 instead of fp16" in gpu.adjustments[0]
+    pinned = resolve_plan("modernbert", {"batch_split": "seed"}, Hardware(cuda=True, bf16_supported=True))
+    assert pinned.fp16 and pinned.adjustments == ()
+    asked = resolve_plan("modernbert", {"fp16": True}, Hardware(cuda=True, bf16_supported=True))
+    assert asked.fp16 and asked.adjustments == ()
     old_gpu = resolve_plan("deberta", {"bf16": True}, Hardware(cuda=True, bf16_supported=False))
     assert old_gpu.fp16 and not old_gpu.bf16 and old_gpu.adjustments
 
