@@ -109,6 +109,9 @@ def test_optimizers_step_on_cpu(name, cls, tiny_models):
     model = load_base_model(plan, LABELS)
     optimizer = build_optimizer(model, plan)
     assert type(optimizer) is cls
+    assert {g["lr"] for g in optimizer.param_groups} == {plan.learning_rate}
+    if name == "sgd":
+        assert optimizer.defaults["momentum"] == 0.9
     before = model.classifier.weight.detach().clone()
     model(input_ids=torch.randint(5, 100, (2, 8))).logits.sum().backward()
     optimizer.step()

@@ -7,7 +7,14 @@ import torch
 from sklearn.metrics import f1_score
 
 from cockatoo_lib.losses import _reduce, masked_bce
-from cockatoo_lib.metrics import label_confusion, macro_f1, report, sweep_thresholds
+from cockatoo_lib.metrics import (
+    label_confusion,
+    macro_f1,
+    mean_average_precision,
+    report,
+    sigmoid,
+    sweep_thresholds,
+)
 
 # Six rows, three labels. Label 1 is not annotated on rows 2 and 3 (row 2 says positive, but
 # that must not count); label 2 has no positive among its annotated rows (no support).
@@ -56,6 +63,47 @@ def test_threshold_ties_take_the_lowest():
     # Every threshold up to 0.2 gives F1 2/3; above, 0.
     thresholds, _ = sweep_thresholds(np.array([[0.2], [0.6]]), np.array([[1], [0]]), np.ones((2, 1)))
     assert thresholds == [pytest.approx(1 / 101, abs=1e-6)]
+
+
+def test_sigmoid_by_hand():
+    logits = np.array([0.0, np.log(3.0), -np.log(3.0), 800.0, -800.0], dtype=np.float32)
+    with np.errstate(over="ignore"):
+        probs = sigmoid(logits)
+    assert probs.dtype == np.float64
+    assert probs == pytest.approx([0.5, 0.75, 0.25, 1.0, 0.0])
+
+
+def test_a_probability_equal_to_its_threshold_is_positive():
+    probs, y, m = np.array([[0.5], [0.2]]), np.array([[1], [0]]), np.ones((2, 1))
+    assert macro_f1(probs, y, m, 0.5) == 1.0
+    assert report(probs, y, m, ["a"], [0.5])["per_label"]["a"]["recall"] == 1.0
+    assert label_confusion(probs, y, m, [0.5]) == [[1]]
+
+
+def test_f1_without_any_positive_or_prediction_is_zero_and_labels_without_support_average_zero():
+    probs, y, m = np.array([[0.1], [0.2]]), np.zeros((2, 1)), np.ones((2, 1))
+    assert macro_f1(probs, y, m, 0.5) == 0.0  # no label has support
+    row = report(probs, y, m, ["a"], [0.5])
+    assert (row["micro_f1"], row["per_label"]["a"]["precision"], row["per_label"]["a"]["f1"]) == (0, 0, 0)
+    # One predicted positive, no true one: precision 0 (sklearn's zero_division=0), not 1.
+    row = report(np.array([[0.9], [0.2]]), y, m, ["a"], [0.5])["per_label"]["a"]
+    assert (row["precision"], row["recall"], row["roc_auc"], row["pr_auc"]) == (0.0, 0.0, None, None)
+
+
+def test_mean_average_precision_by_hand():
+    # Label 0 on rows 0-3 (row 4 unannotated): scores 0.9 (pos), 0.8 (neg), 0.7 (pos), 0.1 (neg):
+    # AP = (1 + 2/3) / 2. Label 1: perfect ranking, AP 1. Label 2: one class only, left out.
+    probs = np.array([[0.9, 0.8, 0.5], [0.8, 0.1, 0.5], [0.7, 0.9, 0.5], [0.1, 0.2, 0.5], [0.95, 0.3, 0.5]])
+    y = np.array([[1, 1, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 0]])
+    m = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 1, 1]])
+    assert mean_average_precision(probs, y, m) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert mean_average_precision(probs[:, 2:], y[:, 2:], m[:, 2:]) == 0.0  # nothing to rank
+
+
+def test_the_sweep_never_offers_0_or_1_and_reaches_the_top_of_the_grid():
+    # Only a threshold above 0.985 separates these: the highest grid point, 100 / 101.
+    thresholds, tuned = sweep_thresholds(np.array([[0.995], [0.985]]), np.array([[1], [0]]), np.ones((2, 1)))
+    assert thresholds == [pytest.approx(100 / 101, abs=1e-6)] and tuned == [True]
 
 
 def test_loss_is_the_mean_over_each_rows_annotated_labels_then_over_annotated_rows():
