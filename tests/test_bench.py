@@ -1,5 +1,7 @@
 """The benchmark report: a run of some benchmarks (`--only`) rewrites their sections and keeps
-the recorded figures of the others."""
+the recorded figures of the others. B4's code runs here on tiny configs."""
+
+import pytest
 
 from bench.harness import write_report
 
@@ -69,3 +71,57 @@ def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, mon
         assert run["baseline"]["train_rows"] == result["rows"]["train"]
     text = "\n".join(quality.render(result))
     assert "| minilm, num_epochs=1, loss=bce |" in text and "Default recipe against the baseline" in text
+
+
+TINY_CONFIGS = {
+    "deberta": dict(model_type="deberta-v2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, vocab_size=300, max_position_embeddings=128,
+                    relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"],
+                    type_vocab_size=0),
+    "modernbert": dict(model_type="modernbert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=48, vocab_size=300, max_position_embeddings=256,
+                       global_attn_every_n_layers=2, local_attention=16, pad_token_id=0),
+    "clip-vit": dict(model_type="clip", projection_dim=16,
+                     text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=300, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, image_size=32, patch_size=16)),
+}
+
+
+@pytest.mark.parametrize("model_type", ["deberta", "modernbert", "clip-vit"])
+def test_b4_measures_the_training_step_and_its_ceiling_on_tiny_configs(model_type):
+    from bench.gpu import WARM_STEPS, bench_model
+    from bench.harness import social_media_lengths
+    from cockatoo_lib.registry import Hardware, resolve_plan
+
+    cpu = Hardware(cuda=False)
+    seed = resolve_plan(model_type, {"batch_split": "seed", "dataloader_num_workers": 0,
+                                     "batch_size": 4, "gradient_accumulation_steps": 2}, cpu)
+    derived = seed.model_copy(update={"batch_size": 8, "gradient_accumulation_steps": 1})
+    lengths = social_media_lengths(8 * (2 + WARM_STEPS) * 2, min(seed.max_length, 64))
+    rows = bench_model(model_type, TINY_CONFIGS[model_type], seed, derived, lengths, steps=2,
+                       compile_rows=False)
+    assert set(rows) == {"guide split, eager", "derived split, eager", "model alone (ceiling)",
+                         "speedup_over_guide"}
+    assert rows["guide split, eager"]["split"].startswith("4 x 2")
+    assert rows["derived split, eager"]["split"].startswith("8 x 1")
+    for name in ("guide split, eager", "derived split, eager", "model alone (ceiling)"):
+        row = rows[name]
+        assert row["samples_per_s"] > 0 and row["real_tokens_per_s"] > 0 and 0 <= row["padding_share"] < 1
+        assert row["share_of_ceiling"] > 0
+    assert rows["model alone (ceiling)"]["share_of_ceiling"] == 1
+
+
+def test_b4_without_cuda_says_so_and_leaves_the_report_alone(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from bench import gpu
+
+    report = tmp_path / "benchmarks.md"
+    report.write_text("# Benchmarks\n\n## B4: GPU\n\nNot measured.\n")
+    monkeypatch.setattr(sys, "argv", ["bench.gpu", "--output", str(report)])
+    assert gpu.main() == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["B4: no CUDA device here; nothing measured, docs/benchmarks.md left alone"]
+    assert report.read_text() == "# Benchmarks\n\n## B4: GPU\n\nNot measured.\n"

@@ -106,6 +106,39 @@ def test_the_sweep_never_offers_0_or_1_and_reaches_the_top_of_the_grid():
     assert thresholds == [pytest.approx(100 / 101, abs=1e-6)] and tuned == [True]
 
 
+def test_report_agrees_with_sklearn_on_ranking_metrics_and_with_macro_f1():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    result = report(PROBS, Y, M, ["a", "b", "c"], [0.5] * 3)
+    assert result["macro_f1"] == macro_f1(PROBS, Y, M, [0.5] * 3)
+    y, p = Y[M[:, 0] == 1, 0], PROBS[M[:, 0] == 1, 0]
+    assert result["per_label"]["a"]["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+    assert result["per_label"]["a"]["pr_auc"] == pytest.approx(average_precision_score(y, p))
+    assert result["per_label"]["c"]["roc_auc"] is None  # one class only
+
+
+def test_label_confusion_counts_are_whole_numbers():
+    assert all(type(v) is int for row in label_confusion(PROBS, Y, M, [0.5] * 3) for v in row)
+
+
+def test_a_probability_on_a_grid_point_is_positive_at_that_threshold():
+    grid = np.linspace(0, 1, 102)[1:-1]
+    probs = np.array([[grid[30]], [grid[29]]])  # 31/101 (positive) and 30/101 (negative)
+    thresholds, _ = sweep_thresholds(probs, np.array([[1], [0]]), np.ones((2, 1)))
+    assert thresholds == [pytest.approx(31 / 101, abs=1e-6)]
+
+
+@pytest.mark.parametrize("loss", ["asl", "bce"])
+def test_label_weights_scale_each_labels_term(loss):
+    from cockatoo_lib.losses import asymmetric_loss
+
+    fn = asymmetric_loss if loss == "asl" else masked_bce
+    logits, targets, mask = torch.tensor([[0.3, -1.2]]), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2)
+    single = [fn(logits[:, [j]], targets[:, [j]], mask[:, [j]]) for j in range(2)]
+    weighted = fn(logits, targets, mask, weights=torch.tensor([2.0, 0.5]))
+    assert weighted.item() == pytest.approx((2.0 * single[0].item() + 0.5 * single[1].item()) / 2)
+
+
 def test_loss_is_the_mean_over_each_rows_annotated_labels_then_over_annotated_rows():
     per_element = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])

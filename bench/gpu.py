@@ -1,0 +1,237 @@
+"""B4: training throughput on a GPU (`make bench-gpu`).
+
+Each guide model is built from its published config (cockatoo_lib/configs) with random
+weights (nothing is downloaded) and trained through the project's own trainer, collator and
+optimizer on B1's token lengths. Rows per model: the guide's split, eager; the split derived
+for this card, eager; the derived split, compiled; and the model alone (forward and backward,
+no trainer, no optimizer) at the same widths, as the ceiling. For CLIP, text rows and rows
+with an image.
+
+MFU counts 6 × non-embedding parameters × real tokens (for CLIP image rows, the vision
+tower's parameters × its 257 patch tokens as well) against the card's dense bf16 peak.
+
+Without CUDA it prints one line and exits 0, leaving docs/benchmarks.md alone; the CPU test
+(tests/test_bench.py) runs the same code on tiny configs so that it cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import RESULTS, ROOT, machine, social_media_lengths
+
+# Dense bf16 peaks in TFLOP/s (without sparsity), by the name torch reports.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+GUIDE_MODELS = ("deberta", "modernbert", "clip-vit")
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in device_name:
+            return tflops * 1e12
+    return None
+
+
+def build_model(model_type: str, config: dict, labels: int):
+    """A classifier of the published (or given) architecture with random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from cockatoo_lib.models import CLIPClassifier
+
+    torch.manual_seed(0)
+    hf_config = AutoConfig.for_model(**config, num_labels=labels)
+    if hf_config.model_type == "clip":
+        return CLIPClassifier(hf_config)
+    return AutoModelForSequenceClassification.from_config(hf_config)
+
+
+WARM_STEPS = 3
+
+
+def text_parameters(model) -> int:
+    """Non-embedding parameters that text rows pass through (CLIP's vision tower excluded)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "vision" not in n)
+
+
+class _StepClock:
+    """The time at the end of each optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                clock.ends.append(time.perf_counter())
+
+        self.ends: list[float] = []
+        self.callback = Callback()
+
+
+def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int, *,
+            compiled: bool = False, model_only: bool = False) -> dict:
+    """One row of B4: `steps` optimizer steps (or forward-backward passes for `model_only`)
+    after WARM_STEPS unmeasured ones."""
+    import torch
+
+    from bench.harness import _synthetic_split
+    from cockatoo_lib.train import CockatooTrainer, PaddingCollator, training_arguments
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = build_model(model_type, config, labels=7)
+    text_config = getattr(model.config, "text_config", model.config)
+    data = _synthetic_split(lengths, text_config.vocab_size, 7)
+    collator = PaddingCollator(0, 8 if cuda else 1, None, plan.max_length)
+    seen = {"tokens": 0, "real": 0}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    total = steps + WARM_STEPS
+    clock = _StepClock()
+    if model_only:  # the same rows, batched by the length-grouped sampler's megabatches' effect
+        model.to(device).train()
+        dtype = torch.bfloat16 if plan.bf16 else torch.float16 if plan.fp16 else torch.float32
+        rng = np.random.default_rng(0)
+        start = time.perf_counter()
+        for _ in range(total * plan.gradient_accumulation_steps):
+            idx = rng.choice(len(lengths), plan.batch_size, replace=False)
+            batch = collator([data[int(i)] for i in idx])
+            seen["tokens"] += batch["input_ids"].numel()
+            seen["real"] += int(batch["attention_mask"].sum())
+            inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask")}
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                model(**inputs).logits.float().sum().backward()
+            model.zero_grad(set_to_none=True)
+            clock.callback.on_step_end(None, None, None)
+    else:
+        with tempfile.TemporaryDirectory() as work:
+            args = dataclasses.replace(
+                training_arguments(plan, work, cuda=cuda), eval_strategy="no",
+                save_strategy="no", logging_strategy="no", load_best_model_at_end=False,
+                disable_tqdm=True, torch_compile=compiled, max_steps=total)
+            trainer = CockatooTrainer(model=model, args=args, data_collator=collator, train_dataset=data,
+                                      plan=plan, callbacks=[clock.callback])
+            original = trainer.compute_loss
+
+            def counting(model, inputs, *a, **k):
+                seen["tokens"] += inputs["input_ids"].numel()
+                seen["real"] += int(inputs["attention_mask"].sum())
+                return original(model, inputs, *a, **k)
+
+            trainer.compute_loss = counting
+            start = time.perf_counter()
+            trainer.train()
+    # The model alone logs each micro-batch; the trainer each optimizer step.
+    step_ends = clock.ends[plan.gradient_accumulation_steps - 1::plan.gradient_accumulation_steps] \
+        if model_only else clock.ends
+    warm_end = step_ends[WARM_STEPS - 1]
+    seconds = step_ends[-1] - warm_end
+    step_seconds = seconds / steps
+    rows = steps * plan.effective_batch_size
+    real_share = seen["real"] / max(seen["tokens"], 1)
+    real_tokens = float(lengths.mean()) * rows
+    peak = peak_flops(torch.cuda.get_device_name(0)) if cuda else None
+    flops = 6 * text_parameters(model) * real_tokens
+    return {"samples_per_s": rows / seconds, "real_tokens_per_s": real_tokens / seconds,
+            "padding_share": 1 - real_share,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
+            "mfu": flops / seconds / peak if peak else None,
+            "warm_up_seconds_beyond_steps": max(0.0, warm_end - start - WARM_STEPS * step_seconds)
+            if compiled else None,
+            "split": f"{plan.batch_size} x {plan.gradient_accumulation_steps}"
+                     f"{' ckpt' if plan.gradient_checkpointing else ''}"}
+
+
+def bench_model(model_type: str, config: dict, seed_plan, derived_plan, lengths: np.ndarray,
+                steps: int, compile_rows: bool = True) -> dict:
+    """B4's rows for one model, measured side by side in one process (the CPU test leaves the
+    compiled row out: inductor on CPU needs a C compiler and minutes)."""
+    rows = {
+        "guide split, eager": measure(model_type, config, seed_plan, lengths, steps),
+        "derived split, eager": measure(model_type, config, derived_plan, lengths, steps),
+    }
+    if compile_rows:
+        rows["derived split, compiled"] = measure(model_type, config, derived_plan, lengths, steps,
+                                                  compiled=True)
+    rows["model alone (ceiling)"] = measure(model_type, config, derived_plan, lengths, steps, model_only=True)
+    ceiling = rows["model alone (ceiling)"]["samples_per_s"]
+    for row in rows.values():
+        row["share_of_ceiling"] = row["samples_per_s"] / ceiling
+    best = rows.get("derived split, compiled", rows["derived split, eager"])
+    rows["speedup_over_guide"] = best["samples_per_s"] / rows["guide split, eager"]["samples_per_s"]
+    return rows
+
+
+def bench_gpu(steps: int) -> dict:
+    from cockatoo_lib.batch_split import published_config
+    from cockatoo_lib.registry import detect_hardware, resolve_plan
+
+    hardware = detect_hardware()
+    results = {}
+    for model_type in GUIDE_MODELS:
+        seed = resolve_plan(model_type, {"batch_split": "seed", "dataloader_num_workers": 0}, hardware)
+        derived = resolve_plan(model_type, {"dataloader_num_workers": 0}, hardware)
+        lengths = social_media_lengths(derived.effective_batch_size * (steps + WARM_STEPS) * 2,
+                                       derived.max_length)
+        results[model_type] = bench_model(model_type, published_config(model_type), seed, derived, lengths,
+                                          steps)
+    return results
+
+
+def section(m: dict, b4: dict) -> list[str]:
+    lines = ["## B4: GPU", "",
+             f"{m['gpu']}, `make bench-gpu` (bench/gpu.py), {m['date']}. Published configs, random weights, "
+             "B1's lengths, the full training step (trainer, collator, 8-bit AdamW). MFU: 6 × non-embedding "
+             "parameters × real tokens against the card's dense bf16 peak. CLIP: text rows.", "",
+             "| model | row | split | samples/s | real tokens/s | padding | peak GiB | MFU | % of ceiling |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, rows in b4.items():
+        for name, row in rows.items():
+            if isinstance(row, dict):
+                mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+                lines.append(f"| {model} | {name} | {row['split']} | {row['samples_per_s']:,.0f} | "
+                             f"{row['real_tokens_per_s']:,.0f} | {row['padding_share']:.1%} | "
+                             f"{row['peak_memory_gib']:.1f} | {mfu} | {row['share_of_ceiling']:.0%} |")
+        lines.append(f"| {model} | derived compiled / guide eager | | **{rows['speedup_over_guide']:.1f}×** "
+                     "| | | | | |")
+    return lines
+
+
+def main() -> int:
+    import torch
+
+    parser = argparse.ArgumentParser(description="B4: training throughput on a GPU")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("B4: no CUDA device here; nothing measured, docs/benchmarks.md left alone")
+        return 0
+    m = machine()
+    b4 = bench_gpu(args.steps)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "b4.json").write_text(json.dumps({"machine": m, "b4": b4}, indent=2))
+    text = args.output.read_text()
+    start = text.index("## B4")
+    end = text.find("\n## B", start + 1)
+    rest = "\n" + text[end:] if end > 0 else "\n"
+    args.output.write_text(text[:start] + "\n".join(section(m, b4)) + rest)
+    print(f"wrote B4 into {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
