@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 REGISTRY ?= localhost:5000/cockatoo
 TAG ?= dev
 
-.PHONY: install demo test lint bench format golden compile images clean
+.PHONY: install demo test test-gpu mutate lint bench bench-gpu format golden compile images clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,17 @@ demo: install
 test: lint
 	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term
 
+# Tests marked `gpu` (skipped where there is no CUDA); docs/gpu.md says how to run them on an
+# offline GPU machine.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -p no:randomly
+
+# Mutation testing of the numeric core (metrics, losses, optim); figures in docs/testing.md.
+mutate: install
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/hadolint images/cpu/Dockerfile images/cuda/Dockerfile
@@ -34,6 +45,11 @@ lint: install
 # runs some of them and keeps the other sections' recorded figures.
 bench: install
 	$(PY) -m bench.harness $(if $(ONLY),--only $(ONLY))
+
+# B4 on a CUDA machine: writes the B4 section of docs/benchmarks.md (one line and nothing
+# written elsewhere).
+bench-gpu: install
+	$(PY) -m bench.gpu
 
 # Regenerate the compiled pipeline the golden-file test compares against.
 golden: install
