@@ -103,3 +103,17 @@ def test_the_split_used_is_in_the_manifest_and_the_runs_metrics(tiny_models, sma
     scalars, _ = kfp_metrics(evaluate(tmp_path / "model", tmp_path / "tok", tmp_path / "eval"))
     assert (scalars["train_micro_batch"], scalars["train_gradient_accumulation_steps"],
             scalars["train_gradient_checkpointing"]) == (16, 2, 0)
+
+
+def test_the_readmes_table_is_what_the_plan_derives():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("| model | guide split | derived, 80 GiB"):].split("\n\n")[0].splitlines()[2:]
+    for line in table:
+        model, guide, *derived = [c.strip() for c in line.strip("|").split("|")]
+        seed = resolve_plan(model)
+        assert guide.startswith(f"{seed.batch_size} × {seed.gradient_accumulation_steps}")
+        for memory_gib, cell in zip((80, 24, 16), derived):
+            split = derive_split(seed, memory_gib)
+            assert cell == f"{split.micro_batch} × {split.accumulation}", (model, memory_gib)
