@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cockatoo_lib.registry import Plan
+
+# ASL's defaults are the plan's, declared once there.
+GAMMA_NEG, GAMMA_POS, CLIP = (Plan.model_fields[f"asl_{name}"].default
+                              for name in ("gamma_neg", "gamma_pos", "clip"))
+
 
 def _reduce(per_element: torch.Tensor, mask: torch.Tensor,
             weights: torch.Tensor | None = None, rows: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -27,14 +33,14 @@ def _reduce(per_element: torch.Tensor, mask: torch.Tensor,
 
 
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                    gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05,
+                    gamma_neg: float = GAMMA_NEG, gamma_pos: float = GAMMA_POS, clip: float = CLIP,
                     eps: float = 1e-8, weights: torch.Tensor | None = None,
                     rows: torch.Tensor | int | None = None) -> torch.Tensor:
     """ASL (Ridnik et al., 2021): focusing on hard examples, with easy negatives shifted away
     by `clip`, so the many negatives of a multi-label task do not drown the positives."""
     logits, targets = logits.float(), targets.float()
     p = torch.sigmoid(logits)
-    p_neg = (p - clip).clamp(min=0) if clip > 0 else p
+    p_neg = (p - clip).clamp(min=0)  # clip 0 leaves p as it is
     # log(p) through logsigmoid: a clamp would cut the gradient of a positive whose logit is
     # below about -18, exactly the badly wrong positives that most need it.
     loss_pos = targets * F.logsigmoid(logits) * (1 - p) ** gamma_pos
