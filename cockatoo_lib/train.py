@@ -19,6 +19,7 @@ from cockatoo_lib.metrics import macro_f1, mean_average_precision, sigmoid, swee
 from cockatoo_lib.models import init_head_bias, load_base_model
 from cockatoo_lib.optim import build_optimizer
 from cockatoo_lib.registry import Plan
+from cockatoo_lib.sampling import LengthGroupedShuffle
 from cockatoo_lib.tokenize import load_processors, load_tokenized
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,14 @@ class CockatooTrainer(Trainer):
         if rows is not None and self.args.world_size > 1:
             loss = loss * self.args.world_size  # the processes' gradients are averaged, not summed
         return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length grouping that keeps padding at the sorted bound at any data size
+        (cockatoo_lib/sampling.py), in place of transformers' megabatches."""
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or "length" not in data.column_names:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedShuffle(data["length"], self.args.per_device_train_batch_size, self.args.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
