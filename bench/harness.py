@@ -141,6 +141,7 @@ def _throughput(model_config: dict, lengths: np.ndarray, plan, grouped: bool, st
 
 def bench_training(repeats: int, steps: int) -> dict:
     from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.sampling import sorted_bound
 
     plan = resolve_plan("deberta", {"gradient_accumulation_steps": 1, "dataloader_num_workers": 0,
                                     "fp16": False, "tf32": False})
@@ -160,7 +161,7 @@ def bench_training(repeats: int, steps: int) -> dict:
             "steps": steps, "repeats": repeats,
             "length_mean": float(lengths.mean()), "length_p50": float(np.median(lengths)),
             "length_p99": float(np.percentile(lengths, 99)), "length_max": int(lengths.max()),
-            "median": med,
+            "median": med, "sorted_bound": sorted_bound(lengths, plan.batch_size),
             "ratio_samples_per_s": med["grouped"]["samples_per_s"] / med["padded"]["samples_per_s"]}
 
 
@@ -427,6 +428,10 @@ def _section_b1(m: dict, b1: dict) -> list[str]:
         f"{p['tokens_per_s']:.0f} | {p['padded_tokens_per_s']:.0f} | {p['padding_share']:.1%} |",
         "",
         f"**Ratio: {b1['ratio_samples_per_s']:.2f}× samples/s** (target: at least 3×).",
+        *([f"Padding of the project's batches against the bound of sorting every row by length: "
+           f"{g['padding_share']:.1%} against {b1['sorted_bound']:.1%} "
+           f"({g['padding_share'] / max(b1['sorted_bound'], 1e-9):.2f}×; target at most 1.25×)."]
+          if "sorted_bound" in b1 else []),
     ]
 
 
