@@ -88,14 +88,15 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     import torch
 
     from bench.harness import _synthetic_split
-    from cockatoo_lib.train import CockatooTrainer, PaddingCollator, training_arguments
+    from cockatoo_lib.train import CockatooTrainer, PaddingCollator, pad_multiple, training_arguments
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     model = build_model(model_type, config, labels=7)
     text_config = getattr(model.config, "text_config", model.config)
     data = _synthetic_split(lengths, text_config.vocab_size, 7)
-    collator = PaddingCollator(0, 8 if cuda else 1, None, plan.max_length)
+    plan = plan.model_copy(update={"torch_compile": compiled})
+    collator = PaddingCollator(0, pad_multiple(plan, cuda), None, plan.max_length)
     seen = {"tokens": 0, "real": 0}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +122,7 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
             args = dataclasses.replace(
                 training_arguments(plan, work, cuda=cuda), eval_strategy="no",
                 save_strategy="no", logging_strategy="no", load_best_model_at_end=False,
-                disable_tqdm=True, torch_compile=compiled, max_steps=total)
+                disable_tqdm=True, max_steps=total)
             trainer = CockatooTrainer(model=model, args=args, data_collator=collator, train_dataset=data,
                                       plan=plan, callbacks=[clock.callback])
             original = trainer.compute_loss

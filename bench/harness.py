@@ -428,7 +428,7 @@ def _section_b1(m: dict, b1: dict) -> list[str]:
         f"{p['tokens_per_s']:.0f} | {p['padded_tokens_per_s']:.0f} | {p['padding_share']:.1%} |",
         "",
         f"**Ratio: {b1['ratio_samples_per_s']:.2f}× samples/s** (target: at least 3×).",
-        *([f"Padding of the project's batches against the bound of sorting every row by length: "
+        *(["", f"Padding of the project's batches against the bound of sorting every row by length: "
            f"{g['padding_share']:.1%} against {b1['sorted_bound']:.1%} "
            f"({g['padding_share'] / max(b1['sorted_bound'], 1e-9):.2f}×; target at most 1.25×)."]
           if "sorted_bound" in b1 else []),

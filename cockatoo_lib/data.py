@@ -283,7 +283,7 @@ def read_source(src: Source, base_dir: str) -> pd.DataFrame:
         try:
             # Texts stay as written: no reader may turn "007" or "1e5" into a number.
             if fmt == "csv":
-                frame = pd.read_csv(handle, dtype={c: str for c in (src.text_column, src.image_column) if c})
+                frame = pd.read_csv(handle, dtype={src.text_column: str})
             elif fmt == "jsonl":
                 frame = pd.read_json(handle, lines=True, dtype=False)
             elif fmt == "json":

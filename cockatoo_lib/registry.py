@@ -78,6 +78,9 @@ class Plan(BaseModel):
     # and picks the micro-batch and checkpointing for the card (cockatoo_lib/batch_split.py),
     # and bf16 where the card has it; "seed" trains with the values above exactly.
     batch_split: Literal["derived", "seed"] = "derived"
+    # torch.compile the model on CUDA (never on CPU), with padded widths bucketed to multiples
+    # of COMPILE_WIDTH_MULTIPLE so that the shapes it compiles for stay few.
+    torch_compile: bool = True
     seed: int = Field(default=42, ge=RANGES["seed"][0], le=RANGES["seed"][1])
     # What resolve_plan changed to fit the hardware; set by resolve_plan only.
     adjustments: tuple[str, ...] = ()

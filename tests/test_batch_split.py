@@ -98,7 +98,7 @@ def test_the_split_used_is_in_the_manifest_and_the_runs_metrics(tiny_models, sma
     manifest = train(tmp_path / "tok", plan, tmp_path / "model")
     assert manifest["batch_split"] == {
         "micro_batch": 16, "gradient_accumulation_steps": 2, "effective_batch": 32,
-        "gradient_checkpointing": False, "precision": "fp16", "how": "seed",
+        "gradient_checkpointing": False, "precision": "fp16", "torch_compile": False, "how": "seed",
         "why": ["the plan's values, pinned"]}
     scalars, _ = kfp_metrics(evaluate(tmp_path / "model", tmp_path / "tok", tmp_path / "eval"))
     assert (scalars["train_micro_batch"], scalars["train_gradient_accumulation_steps"],
@@ -117,3 +117,17 @@ def test_the_readmes_table_is_what_the_plan_derives():
         for memory_gib, cell in zip((80, 24, 16), derived):
             split = derive_split(seed, memory_gib)
             assert cell == f"{split.micro_batch} × {split.accumulation}", (model, memory_gib)
+
+
+def test_on_cuda_the_model_is_compiled_on_bucketed_widths_from_pinned_memory():
+    from cockatoo_lib.train import COMPILE_WIDTH_MULTIPLE, PaddingCollator, pad_multiple, training_arguments
+
+    plan = resolve_plan("deberta", {"fp16": False, "tf32": False})
+    assert pad_multiple(plan, cuda=True) == COMPILE_WIDTH_MULTIPLE == 64
+    assert pad_multiple(plan.model_copy(update={"torch_compile": False}), cuda=True) == 8
+    assert pad_multiple(plan, cuda=False) == 1
+    cpu = training_arguments(plan, "unused", cuda=False)
+    assert not cpu.torch_compile and not cpu.dataloader_pin_memory
+    batch = PaddingCollator(0, pad_multiple(plan, cuda=True), max_length=256)(
+        [{"input_ids": [5] * n, "labels": [1], "label_mask": [1]} for n in (3, 70)])
+    assert batch["input_ids"].shape == (2, 128) and batch["input_ids"].dtype.is_floating_point is False
