@@ -56,9 +56,21 @@ def build_model(model_type: str, config: dict, labels: int):
 WARM_STEPS = 3
 
 
-def text_parameters(model) -> int:
-    """Non-embedding parameters that text rows pass through (CLIP's vision tower excluded)."""
-    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "vision" not in n)
+def tower_parameters(model, vision: bool) -> int:
+    """Non-embedding parameters of the text model, or of CLIP's vision tower."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if "embed" not in name and ("vision" in name) == vision)
+
+
+def _with_images(data, size: int):
+    """Every row with an image: random uint8 pixels as the tokenize cache stores them."""
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, 3 * size * size, dtype=np.uint8).tobytes() for _ in range(len(data))]
+    spec = {"shape": [3, size, size], "dtype": "uint8", "rescale_factor": 1 / 255,
+            "image_mean": [0.481, 0.458, 0.408], "image_std": [0.269, 0.261, 0.276]}
+    from cockatoo_lib.images import PIXEL_COLUMN
+
+    return data.add_column(PIXEL_COLUMN, pixels), spec
 
 
 class _StepClock:
@@ -82,7 +94,7 @@ class _StepClock:
 
 
 def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int, *,
-            compiled: bool = False, model_only: bool = False) -> dict:
+            compiled: bool = False, model_only: bool = False, images: bool = False) -> dict:
     """One row of B4: `steps` optimizer steps (or forward-backward passes for `model_only`)
     after WARM_STEPS unmeasured ones."""
     import torch
@@ -94,9 +106,11 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     device = torch.device("cuda" if cuda else "cpu")
     model = build_model(model_type, config, labels=7)
     text_config = getattr(model.config, "text_config", model.config)
-    data = _synthetic_split(lengths, text_config.vocab_size, 7)
+    data, pixels = _synthetic_split(lengths, text_config.vocab_size, 7), None
+    if images:
+        data, pixels = _with_images(data, model.config.vision_config.image_size)
     plan = plan.model_copy(update={"torch_compile": compiled})
-    collator = PaddingCollator(0, pad_multiple(plan, cuda), None, plan.max_length)
+    collator = PaddingCollator(0, pad_multiple(plan, cuda), pixels, plan.max_length)
     seen = {"tokens": 0, "real": 0}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -112,7 +126,8 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
             batch = collator([data[int(i)] for i in idx])
             seen["tokens"] += batch["input_ids"].numel()
             seen["real"] += int(batch["attention_mask"].sum())
-            inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask")}
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                      if k in ("input_ids", "attention_mask", "pixel_values", "has_image")}
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 model(**inputs).logits.float().sum().backward()
             model.zero_grad(set_to_none=True)
@@ -145,7 +160,11 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     real_share = seen["real"] / max(seen["tokens"], 1)
     real_tokens = float(lengths.mean()) * rows
     peak = peak_flops(torch.cuda.get_device_name(0)) if cuda else None
-    flops = 6 * text_parameters(model) * real_tokens
+    flops = 6 * tower_parameters(model, vision=False) * real_tokens
+    if images:
+        vision = model.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2 + 1
+        flops += 6 * tower_parameters(model, vision=True) * patches * rows
     return {"samples_per_s": rows / seconds, "real_tokens_per_s": real_tokens / seconds,
             "padding_share": 1 - real_share,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
@@ -157,17 +176,18 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
 
 
 def bench_model(model_type: str, config: dict, seed_plan, derived_plan, lengths: np.ndarray,
-                steps: int, compile_rows: bool = True) -> dict:
+                steps: int, compile_rows: bool = True, images: bool = False) -> dict:
     """B4's rows for one model, measured side by side in one process (the CPU test leaves the
     compiled row out: inductor on CPU needs a C compiler and minutes)."""
     rows = {
-        "guide split, eager": measure(model_type, config, seed_plan, lengths, steps),
-        "derived split, eager": measure(model_type, config, derived_plan, lengths, steps),
+        "guide split, eager": measure(model_type, config, seed_plan, lengths, steps, images=images),
+        "derived split, eager": measure(model_type, config, derived_plan, lengths, steps, images=images),
     }
     if compile_rows:
         rows["derived split, compiled"] = measure(model_type, config, derived_plan, lengths, steps,
-                                                  compiled=True)
-    rows["model alone (ceiling)"] = measure(model_type, config, derived_plan, lengths, steps, model_only=True)
+                                                  compiled=True, images=images)
+    rows["model alone (ceiling)"] = measure(model_type, config, derived_plan, lengths, steps, model_only=True,
+                                            images=images)
     ceiling = rows["model alone (ceiling)"]["samples_per_s"]
     for row in rows.values():
         row["share_of_ceiling"] = row["samples_per_s"] / ceiling
@@ -189,6 +209,9 @@ def bench_gpu(steps: int) -> dict:
                                        derived.max_length)
         results[model_type] = bench_model(model_type, published_config(model_type), seed, derived, lengths,
                                           steps)
+        if model_type == "clip-vit":
+            results["clip-vit, images"] = bench_model(model_type, published_config(model_type), seed, derived,
+                                                      lengths, steps, images=True)
     return results
 
 
@@ -196,7 +219,8 @@ def section(m: dict, b4: dict) -> list[str]:
     lines = ["## B4: GPU", "",
              f"{m['gpu']}, `make bench-gpu` (bench/gpu.py), {m['date']}. Published configs, random weights, "
              "B1's lengths, the full training step (trainer, collator, 8-bit AdamW). MFU: 6 × non-embedding "
-             "parameters × real tokens against the card's dense bf16 peak. CLIP: text rows.", "",
+             "parameters × tokens (image rows: plus the vision tower × 257 patches) against the card's "
+             "dense bf16 peak.", "",
              "| model | row | split | samples/s | real tokens/s | padding | peak GiB | MFU | % of ceiling |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model, rows in b4.items():

@@ -89,8 +89,9 @@ TINY_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("model_type", ["deberta", "modernbert", "clip-vit"])
-def test_b4_measures_the_training_step_and_its_ceiling_on_tiny_configs(model_type):
+@pytest.mark.parametrize(("model_type", "images"), [("deberta", False), ("modernbert", False),
+                                                    ("clip-vit", False), ("clip-vit", True)])
+def test_b4_measures_the_training_step_and_its_ceiling_on_tiny_configs(model_type, images):
     from bench.gpu import WARM_STEPS, bench_model
     from bench.harness import social_media_lengths
     from cockatoo_lib.registry import Hardware, resolve_plan
@@ -101,7 +102,7 @@ def test_b4_measures_the_training_step_and_its_ceiling_on_tiny_configs(model_typ
     derived = seed.model_copy(update={"batch_size": 8, "gradient_accumulation_steps": 1})
     lengths = social_media_lengths(8 * (2 + WARM_STEPS) * 2, min(seed.max_length, 64))
     rows = bench_model(model_type, TINY_CONFIGS[model_type], seed, derived, lengths, steps=2,
-                       compile_rows=False)
+                       compile_rows=False, images=images)
     assert set(rows) == {"guide split, eager", "derived split, eager", "model alone (ceiling)",
                          "speedup_over_guide"}
     assert rows["guide split, eager"]["split"].startswith("4 x 2")
