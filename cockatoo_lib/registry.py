@@ -75,11 +75,12 @@ class Plan(BaseModel):
     save_total_limit: int = Field(default=2, gt=0)
     train_sampling_strategy: Literal["group_by_length", "random"] = "group_by_length"
     # On CUDA, "derived" keeps the effective batch (batch_size × gradient_accumulation_steps)
-    # and picks the micro-batch and checkpointing for the card (cockatoo_lib/batch_split.py),
-    # and bf16 where the card has it; "seed" trains with the values above exactly.
+    # and picks the micro-batch and checkpointing for the card (cockatoo_lib/batch_split.py)
+    # unless the user set one of those three, and bf16 where the card has it unless the user
+    # set fp16 or bf16; "seed" trains with the values above exactly.
     batch_split: Literal["derived", "seed"] = "derived"
     # torch.compile the model on CUDA (never on CPU), with padded widths bucketed to multiples
-    # of COMPILE_WIDTH_MULTIPLE so that the shapes it compiles for stay few.
+    # of 64 (cockatoo_lib/train.py) so that the shapes it compiles for stay few.
     torch_compile: bool = True
     seed: int = Field(default=42, ge=RANGES["seed"][0], le=RANGES["seed"][1])
     # What resolve_plan changed to fit the hardware; set by resolve_plan only.
@@ -260,7 +261,8 @@ def _fit_to_hardware(plan: Plan, hw: Hardware, pinned: set[str] = frozenset()) -
         changes.update(fp16=False, bf16=True)
         notes.append(f"{hw.device_name} has bf16: bf16 instead of fp16 (fp16's range needs a loss "
                      "scaler; bf16's does not)")
-    if derived and hw.memory_gib:
+    split_asked_for = {"batch_size", "gradient_accumulation_steps", "gradient_checkpointing"} & pinned
+    if derived and hw.memory_gib and not split_asked_for:  # a split the user set is kept as set
         from cockatoo_lib.batch_split import derive_split
 
         split = derive_split(plan, hw.memory_gib)

@@ -50,6 +50,14 @@ def test_without_a_card_the_plan_is_the_seeds_and_a_setting_pins_it(capsys, monk
     assert "batch_size                   8\n" in out and "adjustment" not in out
 
 
+def test_a_split_the_user_sets_is_kept(capsys, monkeypatch):
+    _, out, _ = run_cli(["plan", "-m", "modernbert", "--gpu-memory-gib", "80", "--set", "batch_size=4"],
+                        capsys, monkeypatch)
+    rows = dict(line.split(None, 1) for line in out.strip().splitlines() if not line.startswith("adjustment"))
+    assert (rows["batch_size"], rows["gradient_accumulation_steps"], rows["bf16"]) == ("4", "12", "True")
+    assert "batch split" not in out
+
+
 def test_a_small_card_turns_checkpointing_on_only_when_nothing_useful_fits():
     plan = resolve_plan("modernbert")
     small = derive_split(plan, 8)
