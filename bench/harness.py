@@ -7,7 +7,7 @@ B2  tokenization: rows/s of a cold run over 100,000 rows, and a cache hit's time
     fraction of it.
 B3  optimizer memory: bytes of optimizer state, bitsandbytes AdamW8bit against
     torch.optim.AdamW, for a model of deberta-v3-base's published size (random weights).
-B4  GPU figures: not measured yet (no GPU was available); never estimated.
+B4  GPU throughput (bench/gpu.py, `make bench-gpu` on a CUDA machine); not measured here.
 B5  data prep at scale: 1,000,000 rows from three sources (CSV, JSON lines, Parquet) through
     `cockatoo prepare` in a fresh process: wall time and peak RSS.
 B6  images for CLIP: photo-sized JPEGs through prepare (fetch, decode check) and tokenize
@@ -517,12 +517,16 @@ def _section_b7(m: dict, b7: dict) -> list[str]:
 SECTIONS = {"b1": _section_b1, "b2": _section_b2, "b3": _section_b3, "b5": _section_b5,
             "b6": _section_b6, "b7": _section_b7}
 B4_TEXT = [
-    "## B4: GPU",
-    "",
-    "Not yet measured: no NVIDIA GPU was available when these figures were taken, and nothing",
-    "here is estimated. Wanted, on an H100: deberta-v3-base, ModernBERT-large and CLIP-L/14 at",
-    "the registry's batch sizes and max lengths; samples/s, tokens/s, peak memory; fp16 vs bf16,",
-    "with and without gradient checkpointing, ModernBERT sdpa vs eager; model FLOPs utilization.",
+    '## B4: GPU',
+    '',
+    '**Not measured.** No GPU was lent to the sessions that built B4; nothing here is estimated.',
+    '`make bench-gpu` (bench/gpu.py, docs/gpu.md) writes this section on a CUDA machine: for',
+    'deberta-v3-base, ModernBERT-large and CLIP ViT-L/14 (text rows, and rows with an image),',
+    "built from their published configs with random weights on B1's lengths, the guide's split",
+    'eager, the derived split eager and compiled, and the model alone as the ceiling; samples/s,',
+    'real tokens/s, padding share, peak memory, MFU and share of the ceiling. Targets on one H100:',
+    'ModernBERT-large at least 2,500 samples/s (about 21% MFU), deberta 4,000, CLIP text rows',
+    '3,000, every model at least 10x its guide split, peak memory at most 90% of the card.',
 ]
 
 
