@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import RESULTS, ROOT, machine, social_media_lengths
+from bench.harness import RESULTS, ROOT, counting_trainer, machine, social_media_lengths
 
 # Dense bf16 peaks in TFLOP/s (without sparsity), by the name torch reports.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -100,7 +100,7 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     import torch
 
     from bench.harness import _synthetic_split
-    from cockatoo_lib.train import CockatooTrainer, PaddingCollator, pad_multiple, training_arguments
+    from cockatoo_lib.train import PaddingCollator, pad_multiple, training_arguments
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -138,18 +138,10 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
                 training_arguments(plan, work, cuda=cuda), eval_strategy="no",
                 save_strategy="no", logging_strategy="no", load_best_model_at_end=False,
                 disable_tqdm=True, max_steps=total)
-            trainer = CockatooTrainer(model=model, args=args, data_collator=collator, train_dataset=data,
-                                      plan=plan, callbacks=[clock.callback])
-            original = trainer.compute_loss
-
-            def counting(model, inputs, *a, **k):
-                seen["tokens"] += inputs["input_ids"].numel()
-                seen["real"] += int(inputs["attention_mask"].sum())
-                return original(model, inputs, *a, **k)
-
-            trainer.compute_loss = counting
+            trainer, counted = counting_trainer(model, args, collator, data, plan, [clock.callback])
             start = time.perf_counter()
             trainer.train()
+            seen = counted
     # The model alone logs each micro-batch; the trainer each optimizer step.
     step_ends = clock.ends[plan.gradient_accumulation_steps - 1::plan.gradient_accumulation_steps] \
         if model_only else clock.ends

@@ -101,11 +101,30 @@ class PadToMaxCollator:
         return batch
 
 
+def counting_trainer(model, args, collator, data, plan, callbacks=None):
+    """The project's trainer, and a count of the tokens it feeds the model (`tokens`, padding
+    included, and `real`), filled as it trains."""
+    from cockatoo_lib.train import CockatooTrainer
+
+    trainer = CockatooTrainer(model=model, args=args, data_collator=collator, train_dataset=data, plan=plan,
+                              callbacks=callbacks)
+    seen = {"tokens": 0, "real": 0}
+    original = trainer.compute_loss
+
+    def counting(model, inputs, *a, **k):
+        seen["tokens"] += inputs["input_ids"].numel()
+        seen["real"] += int(inputs["attention_mask"].sum())
+        return original(model, inputs, *a, **k)
+
+    trainer.compute_loss = counting
+    return trainer, seen
+
+
 def _throughput(model_config: dict, lengths: np.ndarray, plan, grouped: bool, steps: int) -> dict:
     import torch
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    from cockatoo_lib.train import CockatooTrainer, PaddingCollator, training_arguments
+    from cockatoo_lib.train import PaddingCollator, training_arguments
 
     torch.manual_seed(0)
     config = DebertaV2Config(**model_config, num_labels=7, problem_type="multi_label_classification")
@@ -118,18 +137,7 @@ def _throughput(model_config: dict, lengths: np.ndarray, plan, grouped: bool, st
             training_arguments(run_plan, work, cuda=torch.cuda.is_available()),
             max_steps=steps, eval_strategy="no", save_strategy="no", logging_strategy="no",
             load_best_model_at_end=False, disable_tqdm=True)
-        trainer = CockatooTrainer(model=model, args=args, data_collator=collator, train_dataset=data,
-                                  plan=run_plan)
-        # Count the tokens the model really processed, padding included.
-        seen = {"tokens": 0, "real": 0}
-        original = trainer.compute_loss
-
-        def counting(model, inputs, *a, **k):
-            seen["tokens"] += inputs["input_ids"].numel()
-            seen["real"] += int(inputs["attention_mask"].sum())
-            return original(model, inputs, *a, **k)
-
-        trainer.compute_loss = counting
+        trainer, seen = counting_trainer(model, args, collator, data, run_plan)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
