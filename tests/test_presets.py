@@ -57,3 +57,19 @@ def test_every_source_maps_its_real_schema(prepared):
     stats = manifest["sources"]["measuring_hate_speech"]
     assert (stats["rows_read"], stats["items"]) == (6, 3)  # one item per comment_id
     assert np.isclose(sum(s["rows_kept"] for s in manifest["sources"].values()), len(rows))
+
+
+def test_every_data_file_of_the_library_is_packaged():
+    """The images install the project as a wheel: a file package-data misses is not there."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    library = root / "cockatoo_lib"
+    data = [p.relative_to(library).as_posix() for p in library.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert data
+    missing = [f for f in data if not any(fnmatch.fnmatch(f, pat) for pat in patterns["cockatoo_lib"])]
+    assert missing == []
