@@ -84,13 +84,17 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, An
     from kfp import components, local
 
     check_params(params)
-    # The runner starts each step with `python3` from PATH: make that this interpreter, whose
-    # environment has cockatoo_lib and kfp installed.
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=False)
     compiled = compile_pipeline(Path(pipeline_root) / f"{PIPELINE_NAME}.yaml", Cluster(for_local=True))
-    task = components.load_component_from_file(str(compiled))(**params)
+    # The runner starts each step with `python3` from PATH: make that this interpreter, whose
+    # environment has cockatoo_lib and kfp installed, for the run only.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path}"
+    try:
+        task = components.load_component_from_file(str(compiled))(**params)
+    finally:
+        os.environ["PATH"] = path
     if not task.outputs:
         raise CockatooError(f"the local run failed; the failing step's log is above ({pipeline_root})")
     from cockatoo_lib.steps import evaluation_files

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import socket
 from pathlib import Path
@@ -175,13 +176,15 @@ def test_tokenize_on_a_cluster_refuses_a_local_cache_root(small_data, tmp_path):
 # ------------------------------------------------------------------ local runs
 
 
-def test_local_run_of_the_whole_pipeline_from_its_compiled_file(tiny_models, tmp_path):
+def test_local_run_of_the_whole_pipeline_from_its_compiled_file(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # python3 here is not this environment's
     result = run_local({"model_type": "modernbert", "base_model": str(tiny_models["modernbert"]),
                         "max_train_samples": 300, "overrides": FAST,
                         "tokenized_cache_root": str(tmp_path / "cache")}, tmp_path / "root")
     assert (Path(result["model"]) / "cockatoo.json").exists()
     assert 0 <= result["test_macro_f1"] <= 1
     assert Path(result["report"]).read_text().startswith("<!doctype html>")
+    assert os.environ["PATH"] == "/usr/bin:/bin"  # the run left the caller's environment alone
     # What ran is the compiled file a cluster would receive.
     assert (tmp_path / "root" / f"{PIPELINE_NAME}.yaml").read_text().startswith("# PIPELINE DEFINITION")
 
