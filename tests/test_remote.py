@@ -19,7 +19,9 @@ def quick_timeout(monkeypatch):
     monkeypatch.setenv(SETTING, "1")
 
 
-def _prepare_fails(config, tmp_path, capsys, monkeypatch, bound_seconds):
+def _prepare_fails(uri, tmp_path, capsys, monkeypatch, bound_seconds):
+    """Prepare one source at `uri`; it must fail within `bound_seconds`. Returns the error line."""
+    config = write_config(tmp_path, [{"name": "src", "path": uri, "labels": {"scam": "label"}}])
     started = time.monotonic()
     code, _, err = run_cli(["prepare", "-c", config, "-o", tmp_path / "out"], capsys, monkeypatch)
     elapsed = time.monotonic() - started
@@ -31,9 +33,8 @@ def _prepare_fails(config, tmp_path, capsys, monkeypatch, bound_seconds):
 def test_an_http_source_that_never_answers(quick_timeout, tmp_path, capsys, monkeypatch):
     with SilentHost() as host:
         url = f"{host}/posts.csv"
-        config = write_config(tmp_path, [{"name": "web", "path": url, "labels": {"scam": "label"}}])
-        line = _prepare_fails(config, tmp_path, capsys, monkeypatch, bound_seconds=20)
-    assert f"source web: cannot open {url}: no answer within 1 s per request" in line
+        line = _prepare_fails(url, tmp_path, capsys, monkeypatch, bound_seconds=20)
+    assert f"source src: cannot open {url}: no answer within 1 s per request" in line
     assert SETTING in line
 
 
@@ -47,13 +48,11 @@ def test_an_s3_source_that_never_answers(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
         s3fs.S3FileSystem.clear_instance_cache()  # instances remember their endpoint
         try:
-            config = write_config(tmp_path, [{"name": "b", "path": "s3://posts/d.csv",
-                                              "labels": {"scam": "label"}}])
             # s3fs: 5 attempts, each waiting 0.3 s to connect and 0.3 s between bytes.
-            line = _prepare_fails(config, tmp_path, capsys, monkeypatch, bound_seconds=10)
+            line = _prepare_fails("s3://posts/d.csv", tmp_path, capsys, monkeypatch, bound_seconds=10)
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
-    assert "source b: cannot open s3://posts/d.csv: no answer within 0.3 s per request" in line
+    assert "source src: cannot open s3://posts/d.csv: no answer within 0.3 s per request" in line
     assert SETTING in line
 
 
@@ -69,12 +68,10 @@ def test_a_gcs_source_that_never_answers(quick_timeout, tmp_path, capsys, monkey
         monkeypatch.setattr(gcsfs.retry.asyncio, "sleep", no_backoff, raising=True)
         gcsfs.GCSFileSystem.clear_instance_cache()
         try:
-            config = write_config(tmp_path, [{"name": "g", "path": "gs://posts/d.csv",
-                                              "labels": {"scam": "label"}}])
-            line = _prepare_fails(config, tmp_path, capsys, monkeypatch, bound_seconds=30)
+            line = _prepare_fails("gs://posts/d.csv", tmp_path, capsys, monkeypatch, bound_seconds=30)
         finally:
             gcsfs.GCSFileSystem.clear_instance_cache()
-    assert "source g: cannot open gs://posts/d.csv: no answer within 1 s per request" in line
+    assert "source src: cannot open gs://posts/d.csv: no answer within 1 s per request" in line
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "soon", "7200"])
