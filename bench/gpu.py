@@ -100,6 +100,7 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     import torch
 
     from bench.harness import _synthetic_split
+    from cockatoo_lib.sampling import LengthGroupedShuffle
     from cockatoo_lib.train import PaddingCollator, pad_multiple, training_arguments
 
     cuda = torch.cuda.is_available()
@@ -111,18 +112,19 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
         data, pixels = _with_images(data, model.config.vision_config.image_size)
     plan = plan.model_copy(update={"torch_compile": compiled})
     collator = PaddingCollator(0, pad_multiple(plan, cuda), pixels, plan.max_length)
-    seen = {"tokens": 0, "real": 0}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     total = steps + WARM_STEPS
     clock = _StepClock()
-    if model_only:  # the same rows, batched by the length-grouped sampler's megabatches' effect
+    if model_only:  # the trainer's batches (same sampler, same widths), without trainer or optimizer
         model.to(device).train()
         dtype = torch.bfloat16 if plan.bf16 else torch.float16 if plan.fp16 else torch.float32
-        rng = np.random.default_rng(0)
+        order = np.fromiter(LengthGroupedShuffle(lengths, plan.batch_size, plan.seed), dtype=np.int64)
+        seen = {"tokens": 0, "real": 0}
         start = time.perf_counter()
-        for _ in range(total * plan.gradient_accumulation_steps):
-            idx = rng.choice(len(lengths), plan.batch_size, replace=False)
+        for k in range(total * plan.gradient_accumulation_steps):
+            first = k * plan.batch_size % len(order)
+            idx = order[first:first + plan.batch_size]
             batch = collator([data[int(i)] for i in idx])
             seen["tokens"] += batch["input_ids"].numel()
             seen["real"] += int(batch["attention_mask"].sum())
@@ -138,10 +140,9 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
                 training_arguments(plan, work, cuda=cuda), eval_strategy="no",
                 save_strategy="no", logging_strategy="no", load_best_model_at_end=False,
                 disable_tqdm=True, max_steps=total)
-            trainer, counted = counting_trainer(model, args, collator, data, plan, [clock.callback])
+            trainer, seen = counting_trainer(model, args, collator, data, plan, [clock.callback])
             start = time.perf_counter()
             trainer.train()
-            seen = counted
     # The model alone logs each micro-batch; the trainer each optimizer step.
     step_ends = clock.ends[plan.gradient_accumulation_steps - 1::plan.gradient_accumulation_steps] \
         if model_only else clock.ends
