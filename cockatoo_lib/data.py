@@ -7,6 +7,7 @@ never filled with 0: a zero would teach the model that those rows are negatives.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import posixpath
@@ -37,6 +38,7 @@ KNOWN_LABELS = ("scam", "violence", "nsfw", "harassment", "hate_speech", "toxici
                 "obscenity", "jailbreaking", "genocide")
 LABEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 SPLITS = ("train", "validation", "test")
+HOLDOUT = "holdout"  # the data config's fixed holdout: scored by the promote gate, never trained on
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 MANIFEST = "manifest.json"
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -158,6 +160,14 @@ class DataConfig(BaseModel):
     image_fetch: Fetch = Field(default_factory=Fetch)
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    # Salts the content hash that places each item in a split (see content_split). Apart from
+    # the run seed, so that retrains with any seed score on the same test rows; changing it
+    # reshuffles every split, and the promote gate then refuses to compare with the champion.
+    split_seed: int = Field(default=42, ge=0)
+    # Sources of a fixed holdout set: mapped like `sources`, written to holdout.parquet, never
+    # trained on (training rows that repeat a holdout item are dropped); the promote gate
+    # scores champion and challenger on it.
+    holdout: list[Source] = Field(default_factory=list)
     base_dir: str = Field(default=".", exclude=True)  # a folder or URI; relative paths start here
 
     @property
@@ -177,6 +187,9 @@ class DataConfig(BaseModel):
     @model_validator(mode="after")
     def _every_label_mapped(self) -> DataConfig:
         mapped = [name for src in self.sources for name in src.labels]
+        clash = sorted({s.name for s in self.sources} & {s.name for s in self.holdout})
+        if clash:
+            raise ValueError(f"source name {clash[0]!r} is both a training source and a holdout source")
         if self.labels is None:
             known = [x for x in KNOWN_LABELS if x in mapped]
             self.labels = known + [x for x in dict.fromkeys(mapped) if x not in known]
@@ -464,8 +477,8 @@ def load_rows(config: DataConfig, store: ImageStore | None = None
     frame = pd.concat(frames, ignore_index=True)
     y, m = np.concatenate(label_parts), np.concatenate(mask_parts)
     digests = frame["image_digest"] if config.has_images else None
-    keep, y, m, dup, conflict, group = deduplicate(frame["text"], y, m, config.dedup, digests)
-    frame["group"] = group  # copies kept by keep_all go to one split together
+    keep, y, m, dup, conflict, _ = deduplicate(frame["text"], y, m, config.dedup, digests)
+    frame["split_key"] = dedup_key(frame["text"], digests)  # copies share a key, so a split
     source = frame["source"].to_numpy()
     for name in stats:
         here = source == name
@@ -501,6 +514,12 @@ def normalize_text(text: pd.Series) -> pd.Series:
     return text.str.lower().str.replace(r"\s+", " ", regex=True)
 
 
+def dedup_key(text: pd.Series, image_digests: pd.Series | None = None) -> pd.Series:
+    """What makes two rows copies: the normalized text, and the image's digest if any."""
+    key = normalize_text(text)
+    return key if image_digests is None else key + "\x00" + image_digests
+
+
 def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
                 image_digests: pd.Series | None = None):
     """Returns (rows to keep, labels, mask, is-duplicate, in-conflict, group), vectorized;
@@ -509,10 +528,7 @@ def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
     A row is a duplicate when its normalized text (and image, if any) appeared before; its
     group is in conflict when one label is annotated positive in one copy and negative in
     another. Two different images with the same caption are not duplicates."""
-    key = normalize_text(text)
-    if image_digests is not None:
-        key = key + "\x00" + image_digests
-    codes, _ = pd.factorize(key)
+    codes, _ = pd.factorize(dedup_key(text, image_digests))
     first = ~pd.Series(codes).duplicated().to_numpy()
     grouped = pd.DataFrame(np.hstack([y * m, (1 - y) * m, m])).groupby(codes).transform("max").to_numpy()
     width = y.shape[1]
@@ -528,39 +544,27 @@ def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
 # --------------------------------------------------------------------------- splitting
 
 
-def split_indices(y: np.ndarray, m: np.ndarray, seed: int, val_frac: float,
-                  test_frac: float, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Seeded split, stratified on label combinations (unannotated counted as its own value).
+SPLIT_RULE = ("blake2b-64 of 'cockatoo-split-v1:<split_seed>:' + dedup key (normalized text, "
+              "+ NUL + image digest) as u in [0, 1): test if u < test_fraction, validation if "
+              "u < test_fraction + validation_fraction, else train")
 
-    Combinations too rare to reach every split are pooled, so they are still spread at random.
-    Rows of one group (copies of a text) land in one split, the one its first row draws; with
-    no two rows in a group the split is the same as without groups.
-    """
-    if groups is not None:
-        codes = pd.factorize(groups)[0]
-        firsts = ~pd.Series(codes).duplicated().to_numpy()
-        by_group = split_indices(y[firsts], m[firsts], seed, val_frac, test_frac)
-        which = np.empty(int(firsts.sum()), dtype=np.int8)
-        for k, name in enumerate(SPLITS):
-            which[by_group[name]] = k
-        row_split = which[codes]
-        return {name: np.flatnonzero(row_split == k) for k, name in enumerate(SPLITS)}
-    combo = (y.astype(np.int16) + 2 * (1 - m)).astype(np.int8)  # 0, 1, or 2 = unannotated
-    _, strata = np.unique(combo, axis=0, return_inverse=True)
-    strata = strata.reshape(-1)
-    counts = np.bincount(strata)
-    min_count = int(np.ceil(1 / min(val_frac, test_frac)))
-    strata = np.where(counts[strata] >= min_count, strata, -1)
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for stratum in np.unique(strata):
-        idx = rng.permutation(np.flatnonzero(strata == stratum))
-        n_test = int(round(len(idx) * test_frac))
-        n_val = int(round(len(idx) * val_frac))
-        parts["test"].append(idx[:n_test])
-        parts["validation"].append(idx[n_test:n_test + n_val])
-        parts["train"].append(idx[n_test + n_val:])
-    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
+
+def content_split(keys: pd.Series, split_seed: int, val_frac: float, test_frac: float
+                  ) -> dict[str, np.ndarray]:
+    """Row indices per split, each row's split a function of its own content (SPLIT_RULE).
+
+    Adding or removing other rows never moves a row, so a model retrained on grown data is
+    never scored on rows an earlier model trained on; copies of an item share a split.
+    Sizes are binomial around the fractions (within a point of them past a few thousand
+    items) and labels are spread at random, not stratified: stratifying would make a row's
+    split depend on the other rows."""
+    salt = f"cockatoo-split-v1:{split_seed}:".encode()
+    draws = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big") for k in keys),
+        dtype=np.uint64, count=len(keys))
+    u = draws / 2.0**64
+    which = np.where(u < test_frac, 2, np.where(u < test_frac + val_frac, 1, 0))
+    return {name: np.flatnonzero(which == k) for k, name in enumerate(SPLITS)}
 
 
 def _list_column(values: np.ndarray) -> pa.Array:
@@ -609,24 +613,37 @@ def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int
              store: ImageStore) -> dict:
     labels = config.labels
     frame, y, m, stats = load_rows(config, store)
+    holdout = None
+    if config.holdout:
+        holdout = load_rows(config.model_copy(update={"sources": config.holdout}), store)
+        seen = frame["split_key"].isin(set(holdout[0]["split_key"])).to_numpy()
+        frame, y, m = frame[~seen].reset_index(drop=True), y[~seen], m[~seen]
+        if not len(frame):
+            raise CockatooError("every training row repeats an item of the holdout set; nothing is "
+                                "left to train on")
     if max_samples and len(frame) > max_samples:
         keep = np.sort(np.random.default_rng(seed).choice(len(frame), max_samples, replace=False))
         frame, y, m = frame.iloc[keep].reset_index(drop=True), y[keep], m[keep]
-    split = split_indices(y, m, seed, config.validation_fraction, config.test_fraction,
-                          groups=frame["group"].to_numpy())
+    split = content_split(frame["split_key"], config.split_seed, config.validation_fraction,
+                          config.test_fraction)
     train_rows, balance = rebalance(y[split["train"]], m[split["train"]], labels, config.rebalance, seed)
     split["train"] = split["train"][train_rows]
     manifest: dict = {"format_version": 1, "labels": labels, "seed": seed, "sources": stats,
+                      "split_rule": {"rule": SPLIT_RULE, "split_seed": config.split_seed,
+                                     "validation_fraction": config.validation_fraction,
+                                     "test_fraction": config.test_fraction},
                       "splits": {}, "warnings": []}
+    parts = {name: (frame.iloc[idx], y[idx], m[idx]) for name, idx in split.items()}
     with atomic_output_dir(output) as tmp:
-        for name, idx in split.items():
-            write_split(tmp / f"{name}.parquet", frame.iloc[idx], y[idx], m[idx], store)
-            manifest["splits"][name] = {
-                "rows": int(len(idx)),
-                **({"images": int((frame["image_id"].iloc[idx] >= 0).sum())} if config.has_images else {}),
-                "positives": dict(zip(labels, (y[idx] * m[idx]).sum(axis=0).tolist())),
-                "annotated": dict(zip(labels, m[idx].sum(axis=0).tolist())),
-            }
+        for name, (rows, ys, ms) in parts.items():
+            write_split(tmp / f"{name}.parquet", rows, ys, ms, store)
+            manifest["splits"][name] = _split_stats(rows, ys, ms, labels, config.has_images)
+        if holdout is not None:
+            rows, ys, ms, holdout_stats = holdout
+            write_split(tmp / f"{HOLDOUT}.parquet", rows, ys, ms, store)
+            manifest[HOLDOUT] = {**_split_stats(rows, ys, ms, labels, config.has_images),
+                                 "sources": holdout_stats, "training_rows_dropped": int(seen.sum()),
+                                 "fingerprint": sha256_files([tmp / f"{HOLDOUT}.parquet"])}
         if config.has_images:
             manifest["images"] = {"column": "image", "bad_images": config.bad_images,
                                   "dropped": sum(s.get("images_missing", 0) + s.get("images_corrupt", 0)
@@ -643,6 +660,14 @@ def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int
         manifest["fingerprint"] = sha256_files(files)
         write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _split_stats(frame: pd.DataFrame, y: np.ndarray, m: np.ndarray, labels: list[str],
+                 images: bool) -> dict:
+    return {"rows": int(len(frame)),
+            **({"images": int((frame["image_id"] >= 0).sum())} if images else {}),
+            "positives": dict(zip(labels, (y * m).sum(axis=0).tolist())),
+            "annotated": dict(zip(labels, m.sum(axis=0).tolist()))}
 
 
 def read_manifest(data_dir: str | Path) -> dict:

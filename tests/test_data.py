@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import error_line, run_cli, write_config
 
-from cockatoo_lib.data import load_data_config, prepare, split_indices
+from cockatoo_lib.data import content_split, load_data_config, prepare
 
 
 def _read(folder, split="train"):
@@ -32,8 +32,10 @@ def test_sample_preset_masks_what_a_source_does_not_annotate(sample_data):
     assert (mask["jigsaw"] == [0, 1, 1, 1, 1, 1, 0]).all()
     counts = {s: v["rows"] for s, v in manifest["splits"].items()}
     assert sum(counts.values()) == len(rows)
-    assert counts["validation"] == pytest.approx(0.1 * len(rows), abs=8)
-    assert counts["test"] == pytest.approx(0.1 * len(rows), abs=8)
+    # Content-hashed splits are binomial: three standard deviations of 10% of ~2,000 rows.
+    spread = 3 * (0.09 * len(rows)) ** 0.5
+    assert counts["validation"] == pytest.approx(0.1 * len(rows), abs=spread)
+    assert counts["test"] == pytest.approx(0.1 * len(rows), abs=spread)
     train = _read(sample_data)
     y, m = np.stack(train["labels"].to_numpy()), np.stack(train["label_mask"].to_numpy())
     assert manifest["splits"]["train"]["positives"] == dict(zip(labels, (y * m).sum(0).tolist()))
@@ -41,27 +43,54 @@ def test_sample_preset_masks_what_a_source_does_not_annotate(sample_data):
     assert all(0 < w <= 10 for w in manifest["class_weights"].values())
 
 
-def test_same_inputs_and_seed_give_byte_identical_splits(tmp_path):
+def test_splits_depend_on_the_split_seed_not_the_run_seed(tmp_path):
     config = load_data_config("sample")
     prepare(config, tmp_path / "a", seed=7)
-    prepare(config, tmp_path / "b", seed=7)
-    prepare(config, tmp_path / "c", seed=8)
+    prepare(config, tmp_path / "b", seed=8)
+    prepare(config.model_copy(update={"split_seed": 1}), tmp_path / "c", seed=7)
     for split in ("train", "validation", "test"):
         a = (tmp_path / "a" / f"{split}.parquet").read_bytes()
         assert a == (tmp_path / "b" / f"{split}.parquet").read_bytes()
         assert a != (tmp_path / "c" / f"{split}.parquet").read_bytes()
+    rule = json.loads((tmp_path / "a" / "manifest.json").read_text())["split_rule"]
+    assert rule["split_seed"] == 42 and rule["test_fraction"] == 0.1 and "blake2b" in rule["rule"]
 
 
-def test_split_is_stratified_on_label_combinations():
+def _texts(folder, split):
+    return set(_read(folder, split)["text"])
+
+
+def test_adding_rows_never_moves_an_old_row_to_another_split(tmp_path):
     rng = np.random.default_rng(0)
-    y = (rng.random((5000, 3)) < [0.05, 0.3, 0.5]).astype(np.int8)
-    m = np.ones_like(y)
-    parts = split_indices(y, m, seed=1, val_frac=0.1, test_frac=0.1)
-    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(5000))
+    words = np.array(["spam", "prize", "hello", "kill", "meeting", "click", "free", "lunch"])
+    texts = [" ".join(rng.choice(words, 6)) + f" {i}" for i in range(3300)]
+    labels = rng.integers(0, 2, 3300)
+    old = pd.DataFrame({"text": texts[:3000], "label": labels[:3000]})
+    # The grown source: 10% new rows, shuffled in among the old ones.
+    grown = pd.DataFrame({"text": texts, "label": labels}).sample(frac=1, random_state=1)
+    splits = {}
+    for name, frame in (("old", old), ("grown", grown)):
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        config = write_config(tmp_path, [{"name": "s", "path": f"{name}.csv", "labels": {"scam": "label"}}])
+        prepare(load_data_config(str(config)), tmp_path / name)
+        splits[name] = {s: _texts(tmp_path / name, s) for s in ("train", "validation", "test")}
+    for split in ("train", "validation", "test"):
+        assert splits["old"][split] <= splits["grown"][split], split
+        assert len(splits["grown"][split] - splits["old"][split]) > 0
+    sizes = {s: len(v) / 3300 for s, v in splits["grown"].items()}
+    assert sizes == pytest.approx({"train": 0.8, "validation": 0.1, "test": 0.1}, abs=0.02)
+
+
+def test_content_split_sizes_stay_within_a_point_of_the_fractions_on_large_data():
+    keys = pd.Series([f"text number {i}" for i in range(50_000)])
+    parts = content_split(keys, 42, val_frac=0.1, test_frac=0.1)
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(50_000))
     for split, frac in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
-        share = y[parts[split]].mean(0)
-        assert np.allclose(share, y.mean(0), atol=0.01), (split, share)
-        assert len(parts[split]) == pytest.approx(5000 * frac, abs=10)
+        assert len(parts[split]) / 50_000 == pytest.approx(frac, abs=0.01)
+    # The same key lands in the same split whatever else is split beside it.
+    alone = content_split(keys[:10], 42, 0.1, 0.1)
+    for split, idx in alone.items():
+        assert set(idx) == set(parts[split][parts[split] < 10])
 
 
 def test_mapping_kinds_threshold_merge_and_missing_values(tmp_path):
@@ -254,3 +283,28 @@ def test_dedup_policies(policy, texts, labels, masks, dropped, tmp_path):
     assert np.stack(rows["labels"].to_numpy()).tolist() == labels
     if masks:
         assert np.stack(rows["label_mask"].to_numpy()).tolist() == masks
+
+
+def test_holdout_is_written_apart_and_its_items_are_never_trained_on(tmp_path):
+    pd.DataFrame({"text": [f"row {i}" for i in range(200)] + ["Shared   ITEM"],
+                  "label": [i % 2 for i in range(201)]}).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"body": ["shared item", "only in holdout"], "flag": [1, 0]}).to_csv(
+        tmp_path / "fixed.csv", index=False)
+    config = write_config(tmp_path, [{"name": "s", "path": "train.csv", "labels": {"scam": "label"}}],
+                          holdout=[{"name": "fixed", "path": "fixed.csv", "text_column": "body",
+                                    "labels": {"scam": "flag"}}])
+    manifest = prepare(load_data_config(str(config)), tmp_path / "out")
+    assert set(_read(tmp_path / "out", "holdout")["text"]) == {"shared item", "only in holdout"}
+    trained = set(_all_rows(tmp_path / "out")["text"])
+    assert "Shared   ITEM" not in trained and len(trained) == 200
+    assert manifest["holdout"]["rows"] == 2 and manifest["holdout"]["training_rows_dropped"] == 1
+    assert manifest["holdout"]["positives"] == {"scam": 1}
+
+
+def test_a_holdout_source_may_not_share_a_training_source_name(tmp_path, capsys, monkeypatch):
+    pd.DataFrame({"text": ["a"], "label": [1]}).to_csv(tmp_path / "d.csv", index=False)
+    source = {"name": "s", "path": "d.csv", "labels": {"scam": "label"}}
+    config = write_config(tmp_path, [source], holdout=[source])
+    code, _, err = run_cli(["prepare", "--config", config, "--output", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 2 and "'s' is both a training source and a holdout source" in error_line(err)
+    assert not (tmp_path / "out").exists()
