@@ -112,6 +112,68 @@ def evaluate(model: Path = typer.Option(..., "--model"),
                f"linear baseline {results['baseline']['macro_f1']:.4f}")
 
 
+REGISTRY_URI = typer.Option(None, "--registry-uri", envvar="MLFLOW_TRACKING_URI",
+                            help="MLflow registry: sqlite:///PATH or http://HOST:PORT")
+
+
+@app.command()
+def gate(model: Path = typer.Option(..., "--model"),
+         data: Path = typer.Option(..., "--data", "-d"),
+         evaluation: Path = typer.Option(..., "--evaluation"),
+         output: Path = typer.Option(..., "--output", "-o"),
+         registry_uri: str = REGISTRY_URI,
+         model_name: str = typer.Option("cockatoo-moderation", "--model-name"),
+         min_improvement: float = typer.Option(0.0, "--min-improvement"),
+         max_label_drop: float = typer.Option(0.02, "--max-label-drop"),
+         allow_label_change: bool = typer.Option(False, "--allow-label-change")):
+    """Register a trained model and promote it to champion if it beats the current one."""
+    from cockatoo_lib.steps import promote_step
+
+    meta = promote_step(str(model), str(data), str(evaluation), registry_uri, model_name, "",
+                        min_improvement, max_label_drop, allow_label_change, str(output), str(output))
+    typer.echo(f"{meta['model_uri']}: {'promoted to champion' if meta['promoted'] else 'not promoted'}; "
+               + "; ".join(meta["reasons"]))
+
+
+@app.command()
+def promote(model_name: str = typer.Option(..., "--model-name"),
+            version: str = typer.Option(..., "--version"),
+            registry_uri: str = REGISTRY_URI):
+    """Make a registered version the champion by hand (a rollback); the old one becomes previous."""
+    from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, open_registry
+
+    registry = open_registry(registry_uri)
+    if registry.version(model_name, version) is None:
+        raise CockatooError(f"model registry {registry.uri}: {model_name} has no version {version}")
+    before = registry.by_alias(model_name, CHAMPION)
+    if before is not None and before.version != version:
+        registry.set_alias(model_name, PREVIOUS, before.version)
+    registry.set_alias(model_name, CHAMPION, version)
+    registry.tag_version(model_name, version, {"gate": "promoted by hand"})
+    typer.echo(f"{model_name}: champion is version {version}"
+               + (f" (was {before.version}, now previous)" if before and before.version != version else ""))
+
+
+@app.command()
+def predict(model: str = typer.Option(..., "--model",
+                                      help="model folder, gs://…, s3://… or models:/NAME@ALIAS"),
+            input_: str = typer.Option(..., "--input", "-i",
+                                       help="CSV, JSONL or Parquet, local or in a bucket"),
+            output: str = typer.Option(..., "--output", "-o", help="CSV, JSONL or Parquet, by suffix"),
+            text_column: str = typer.Option("text", "--text-column"),
+            image_column: str = typer.Option(None, "--image-column", help="for a model that reads images"),
+            registry_uri: str = REGISTRY_URI,
+            batch_size: int = typer.Option(64, "--batch-size")):
+    """Score a file with a trained model: each label's probability and the labels at its thresholds."""
+    from cockatoo_lib.limits import check_range
+    from cockatoo_lib.predict import predict_file
+
+    check_range("batch_size", batch_size, "--batch-size")
+    info = predict_file(model, input_, output, text_column, image_column, registry_uri, batch_size)
+    typer.echo(f"{output}: {info['rows']} rows; predicted positives: "
+               + ", ".join(f"{k} {v}" for k, v in info["positives"].items()))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -256,17 +256,17 @@ def _open(uri: str, what: str):
         raise CockatooError(f"{what}: cannot open {uri}: {why}") from None
 
 
-def _format(src: Source, uri: str) -> str:
+def table_format(uri: str, what: str, fmt: str | None = None) -> str:
     """The format from the suffix under any compression suffix that fsspec opens here (the
     reader opens with compression="infer", so the two agree by construction)."""
     name = uri.lower()
     if infer_compression(name) is not None:
         name = posixpath.splitext(name)[0]
     suffix = posixpath.splitext(name)[1]
-    fmt = src.format or FORMATS.get(suffix)
+    fmt = fmt or FORMATS.get(suffix)
     if fmt is None:
         raise CockatooError(
-            f"source {src.name}: cannot tell the format of {uri} from its suffix "
+            f"{what}: cannot tell the format of {uri} from its suffix "
             f"{suffix or '(none)'}; use one of {', '.join(FORMATS)} or set 'format'")
     return fmt
 
@@ -290,13 +290,17 @@ def read_source(src: Source, base_dir: str) -> pd.DataFrame:
         if frame.empty:
             raise CockatooError(f"source {src.name}: hub data set {src.hub} has no rows")
         return frame
-    uri = _source_path(src, base_dir)
-    fmt = _format(src, uri)
-    with _open(uri, f"source {src.name}") as handle:
+    return read_table(_source_path(src, base_dir), f"source {src.name}", src.format, src.text_column)
+
+
+def read_table(uri: str, what: str, fmt: str | None = None, text_column: str | None = None) -> pd.DataFrame:
+    """A CSV, JSON(L) or Parquet file, local or remote, maybe compressed; never empty."""
+    fmt = table_format(uri, what, fmt)
+    with _open(uri, what) as handle:
         try:
             # Texts stay as written: no reader may turn "007" or "1e5" into a number.
             if fmt == "csv":
-                frame = pd.read_csv(handle, dtype={src.text_column: str})
+                frame = pd.read_csv(handle, dtype={text_column: str} if text_column else None)
             elif fmt == "jsonl":
                 frame = pd.read_json(handle, lines=True, dtype=False)
             elif fmt == "json":
@@ -307,15 +311,14 @@ def read_source(src: Source, base_dir: str) -> pd.DataFrame:
             else:
                 frame = pd.read_parquet(handle)
         except pd.errors.EmptyDataError:
-            raise CockatooError(f"source {src.name}: {uri} is empty") from None
+            raise CockatooError(f"{what}: {uri} is empty") from None
         except Exception as exc:  # readers raise many types; all mean "not this format"
             if remote.is_timeout(exc):
-                hint = remote.timeout_hint()
-                raise CockatooError(f"source {src.name}: cannot read {uri}: {hint}") from None
+                raise CockatooError(f"{what}: cannot read {uri}: {remote.timeout_hint()}") from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CockatooError(f"source {src.name}: cannot read {uri} as {fmt}: {first}") from None
+            raise CockatooError(f"{what}: cannot read {uri} as {fmt}: {first}") from None
     if frame.empty:
-        raise CockatooError(f"source {src.name}: {uri} has no rows")
+        raise CockatooError(f"{what}: {uri} has no rows")
     return frame
 
 

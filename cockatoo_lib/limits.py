@@ -12,6 +12,10 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "max_samples": (0, None),  # 0: all rows
     "gpus": (0, 64),
     "gpu_memory_gib": (1.0, 1024.0),
+    "batch_size": (1, 65536),  # predict's
+    # The promote gate's rules, in macro-F1 and F1 points.
+    "min_improvement": (-1.0, 1.0),
+    "max_label_drop": (0.0, 1.0),
 }
 
 

@@ -107,3 +107,27 @@ def evaluation_files(evaluation_dir: str) -> dict[str, Path]:
     folder = Path(evaluation_dir)
     return {"metrics": folder / METRICS_FILE, "report": folder / REPORT_FILE,
             "model_card": folder / MODEL_CARD}
+
+
+def promote_step(model_dir: str, data_dir: str, evaluation_dir: str, registry_uri: str, model_name: str,
+                 run_id: str, min_improvement: float, max_label_drop: float, allow_label_change: bool,
+                 output: str, output_uri: str) -> dict:
+    """Register the model and run the champion/challenger gate (cockatoo_lib.gate)."""
+    from cockatoo_lib.gate import GateRules, promote
+    from cockatoo_lib.model_registry import open_registry
+
+    if not registry_uri and "://" in output_uri:
+        raise CockatooError(f"registry_uri is empty, but this step runs on a cluster (its output is "
+                            f"{output_uri}); set it to the MLflow tracking server, e.g. "
+                            "http://mlflow.mlflow:5000")
+    from cockatoo_lib.limits import check_range
+
+    check_range("min_improvement", min_improvement)
+    check_range("max_label_drop", max_label_drop)
+    rules = GateRules(min_improvement=min_improvement, max_label_drop=max_label_drop,
+                      allow_label_change=allow_label_change)
+    decision = promote(open_registry(registry_uri), model_name, model_dir, data_dir, evaluation_dir, output,
+                       run_id, rules)
+    return {"model_name": model_name, "version": decision["challenger"], "promoted": decision["promoted"],
+            "champion_before": decision["champion"], "reasons": decision["reasons"],
+            "model_uri": f"models:/{model_name}/{decision['challenger']}"}

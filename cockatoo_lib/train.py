@@ -57,8 +57,9 @@ class PaddingCollator:
             for i, (f, n) in enumerate(zip(features, lengths)):
                 out[i, :n] = f[key]
             batch[key] = torch.from_numpy(out)
-        batch["labels"] = torch.from_numpy(np.asarray([f["labels"] for f in features], np.float32))
-        batch["label_mask"] = torch.from_numpy(np.asarray([f["label_mask"] for f in features], np.float32))
+        if "labels" in features[0]:  # absent when predicting
+            for key in ("labels", "label_mask"):
+                batch[key] = torch.from_numpy(np.asarray([f[key] for f in features], np.float32))
         if self.pixels is not None and PIXEL_COLUMN in features[0]:
             batch.update(collate_pixels([f[PIXEL_COLUMN] for f in features], self.pixels))
         return batch

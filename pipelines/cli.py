@@ -71,6 +71,13 @@ def run(model_type: str = typer.Option(None, "--model-type", "-m"),
     typer.echo(f"test macro-F1: {result['test_macro_f1']:.4f} at tuned thresholds "
                f"({result['test_macro_f1_at_0_5']:.4f} at 0.5); linear baseline "
                f"{result['baseline_test_macro_f1']:.4f}; pipeline took {time.perf_counter() - start:.0f} s")
+    decision = result["decision"]
+    typer.echo(f"gate:    {decision['model_name']} version {decision['challenger']} "
+               f"{'promoted to champion' if decision['promoted'] else 'not promoted'} "
+               f"(champion before: {decision['champion'] or 'none'}; {result['gate']})")
+    for reason in decision["reasons"]:
+        typer.echo(f"         - {reason}")
+    typer.echo(f"registry: {result['registry_uri']}")
 
 
 @app.command(name="compile")

@@ -1,12 +1,13 @@
-"""The `cockatoo-train` pipeline: prepare -> tokenize -> train -> evaluate.
+"""The `cockatoo-train` pipeline: prepare -> tokenize -> train -> evaluate -> promote.
 
 Caching (KFP keys its cache on parameter values and upstream artifact IDs):
 - prepare is never cached (and takes the run's schedule time), so every run reads its
   sources afresh;
 - tokenize reruns whenever prepare did, but hits our content cache (seconds, not minutes);
 - train and evaluate read the tokenized data through an importer of the cache entry's URI,
-  which names the data by content: when data and plan are unchanged, KFP reuses them.
-No dsl.If/Else: kfp.local 2.16 runs both branches.
+  which names the data by content: when data and plan are unchanged, KFP reuses them;
+- promote is never cached: it reads and moves the registry's aliases, which change between runs.
+No dsl.If/Else: kfp.local 2.16 runs both branches; the gate decides inside its step.
 """
 
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
-from components import evaluate, prepare_data, tokenize, train
+from components import evaluate, prepare_data, promote, tokenize, train
 from components.images import DEFAULT_IMAGES, Images
 
 PIPELINE_NAME = "cockatoo-train"
@@ -31,7 +32,11 @@ class Cluster:
     tolerations: list[dict] = field(default_factory=list)
     # Secrets reach steps as environment variables only, never as parameters.
     hf_token_secret: str = "cockatoo-hf-token"
+    # MLflow credentials (keys username, password, token: MLFLOW_TRACKING_*), for the promote step.
+    mlflow_secret: str = "cockatoo-mlflow"
     cache_root: str = ""
+    # Default of the registry_uri run parameter: the MLflow tracking server on a cluster.
+    registry_uri: str = ""
     gpus: int = 1
     # A volume of this size (e.g. "100Gi") for prepare's and tokenize's temporary files, which
     # hold a data set's images twice over; empty: the pod's ephemeral storage.
@@ -45,10 +50,16 @@ class PipelineOutputs(NamedTuple):
     evaluation: Artifact
     report: HTML
     model_card: Markdown
+    decision: Artifact
+    gate: Markdown
 
+
+MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD",
+                      "token": "MLFLOW_TRACKING_TOKEN"}
 
 RESOURCES = {  # (cpu, memory) requests per step
     "prepare": ("2", "8G"), "tokenize": ("4", "8G"), "train": ("8", "48G"), "evaluate": ("2", "8G"),
+    "promote": ("2", "8G"),
 }
 
 
@@ -86,6 +97,11 @@ def build_pipeline(cluster: Cluster = Cluster()):
         max_train_samples: int = 0,
         tokenized_cache_root: str = cluster.cache_root,
         gpus: int = cluster.gpus,
+        registry_uri: str = cluster.registry_uri,
+        model_name: str = "cockatoo-moderation",
+        min_improvement: float = 0.0,
+        max_label_drop: float = 0.02,
+        allow_label_change: bool = False,
     ) -> PipelineOutputs:
         prepare = prepare_data(
             data_config=data_config, labels=labels, seed=seed, max_samples=max_train_samples,
@@ -112,8 +128,18 @@ def build_pipeline(cluster: Cluster = Cluster()):
         scored = evaluate(model=fit.outputs["model"], tokenized=tokenized.output)
         _configure(scored, "evaluate", cluster.images.cpu, cluster)
 
+        gate = promote(model=fit.outputs["model"], data=prepare.outputs["data"],
+                       evaluation=scored.outputs["evaluation"], registry_uri=registry_uri,
+                       model_name=model_name, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                       min_improvement=min_improvement, max_label_drop=max_label_drop,
+                       allow_label_change=allow_label_change)
+        _configure(gate, "promote", cluster.images.cpu, cluster)
+        kubernetes.use_secret_as_env(gate, cluster.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+        gate.set_caching_options(False)
+
         return PipelineOutputs(model=fit.outputs["model"], evaluation=scored.outputs["evaluation"],
-                               report=scored.outputs["report"], model_card=scored.outputs["model_card"])
+                               report=scored.outputs["report"], model_card=scored.outputs["model_card"],
+                               decision=gate.outputs["decision"], gate=gate.outputs["decision_report"])
 
     return cockatoo_train
 

@@ -59,7 +59,8 @@ def check_params(params: dict[str, Any]) -> None:
     if not isinstance(values["overrides"], dict):
         raise CockatooError(f"parameter overrides must be a JSON object, got {values['overrides']!r}")
     for name, value in (("seed", values["seed"]), ("max_samples", values["max_train_samples"]),
-                        ("gpus", values["gpus"])):
+                        ("gpus", values["gpus"]), ("min_improvement", values["min_improvement"]),
+                        ("max_label_drop", values["max_label_drop"])):
         check_range(name, value, {"max_samples": "max_train_samples"}.get(name, name))
     step_plan(values["model_type"], values["overrides"], values["base_model"])
     if "://" not in values["data_config"]:
@@ -83,7 +84,11 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, An
     the compiled pipeline file, as a cluster would receive it, not the Python definition."""
     from kfp import components, local
 
+    from cockatoo_lib.model_registry import local_registry_uri
+
     check_params(params)
+    if not params.get("registry_uri"):  # the embedded registry: SQLite under the output root
+        params = {**params, "registry_uri": local_registry_uri(pipeline_root)}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=False)
     compiled = compile_pipeline(Path(pipeline_root) / f"{PIPELINE_NAME}.yaml", Cluster(for_local=True))
@@ -97,11 +102,14 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, An
         os.environ["PATH"] = path
     if not task.outputs:
         raise CockatooError(f"the local run failed; the failing step's log is above ({pipeline_root})")
+    from cockatoo_lib.gate import DECISION_JSON
     from cockatoo_lib.steps import evaluation_files
 
     files = evaluation_files(task.outputs["evaluation"].path)
     metrics = json.loads(files["metrics"].read_text())
+    decision = json.loads((Path(task.outputs["decision"].path) / DECISION_JSON).read_text())
     return {"model": task.outputs["model"].path, **{k: str(v) for k, v in files.items()},
+            "gate": task.outputs["gate"].path, "decision": decision, "registry_uri": params["registry_uri"],
             "test_macro_f1": metrics["macro_f1"], "test_macro_f1_at_0_5": metrics["at_0.5"]["macro_f1"],
             "baseline_test_macro_f1": metrics["baseline"]["macro_f1"]}
 

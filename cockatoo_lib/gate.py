@@ -1,0 +1,216 @@
+"""The champion/challenger gate: register the new model, score it beside the current
+champion on rows neither trained on, and move the `champion` alias only when it wins.
+
+Both models score the raw prepared rows (each with its own tokenizer), so a champion of another
+model type compares fairly. The rules, on the run's test split and on the data config's
+holdout when it has one:
+- the macro-F1 gain over the labels both models know is at least `min_improvement`;
+- no such label's F1 drops by more than `max_label_drop`;
+- the challenger knows every label the champion knows, unless `allow_label_change`;
+- the champion was split by the same rule (else the test split may hold its training rows).
+A paired bootstrap 95% interval of the macro-F1 gain is recorded beside the decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cockatoo_lib.data import HOLDOUT, read_manifest
+from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, write_json
+from cockatoo_lib.metrics import _f1, report, support
+from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, ModelRegistry, Registration, plan_params
+
+log = logging.getLogger(__name__)
+
+DECISION_JSON, DECISION_MD = "decision.json", "decision.md"
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class GateRules:
+    min_improvement: float = 0.0
+    max_label_drop: float = 0.02
+    allow_label_change: bool = False
+
+
+def _rows(data_dir: Path, split: str) -> dict | None:
+    path = data_dir / f"{split}.parquet"
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    return {"text": table.column("text").to_pylist(),
+            "images": table.column("image").to_pylist() if "image" in table.column_names else None,
+            "y": np.asarray(table.column("labels").to_pylist(), dtype=np.int8),
+            "m": np.asarray(table.column("label_mask").to_pylist(), dtype=np.int8)}
+
+
+def _scores(classifier, rows: dict) -> np.ndarray:
+    images = rows["images"] if classifier.image_processor is not None else None
+    return classifier.predict_proba(rows["text"], images)
+
+
+def bootstrap_gain(challenger_hits: np.ndarray, champion_hits: np.ndarray, y: np.ndarray, m: np.ndarray,
+                   samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list[float]:
+    """Paired bootstrap 95% interval of macro-F1(challenger) - macro-F1(champion): rows are
+    resampled with replacement, the same rows for both models; a resample's labels without a
+    positive are left out of its macro averages, as in `report`."""
+    y, m = y.astype(bool), m.astype(bool)
+    n, width = y.shape
+    # How often each row is drawn in each resample; a resample's counts are then one product.
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=samples).astype(float)
+
+    def macro(hits):
+        hits = hits.astype(bool)
+        per_row = np.concatenate([hits & y & m, hits & ~y & m, ~hits & y & m], axis=1).astype(float)
+        tp, fp, fn = (weights @ per_row).reshape(samples, 3, width).transpose(1, 0, 2)
+        return _f1(tp, fp, fn)
+
+    supported = weights @ (y & m).astype(float) > 0
+    difference = (macro(challenger_hits) - macro(champion_hits)) * supported
+    gain = difference.sum(1) / np.maximum(supported.sum(1), 1)
+    low, high = np.percentile(gain[supported.any(1)], [2.5, 97.5]) if supported.any() else (0.0, 0.0)
+    return [round(float(low), 6), round(float(high), 6)]
+
+
+def compare(challenger, champion, rows: dict, rules: GateRules, name: str) -> dict:
+    """Both models on one set of rows, over the labels both know; the rules' verdicts."""
+    common = [x for x in champion.labels if x in challenger.labels]
+    new_cols = [challenger.labels.index(x) for x in common]
+    old_cols = [champion.labels.index(x) for x in champion.labels if x in common]
+    data_cols = new_cols  # the prepared rows carry the challenger's labels
+    y, m = rows["y"][:, data_cols], rows["m"][:, data_cols]
+    new_probs, old_probs = _scores(challenger, rows)[:, new_cols], _scores(champion, rows)[:, old_cols]
+    new_t, old_t = challenger.thresholds[new_cols], champion.thresholds[old_cols]
+    new, old = report(new_probs, y, m, common, list(new_t)), report(old_probs, y, m, common, list(old_t))
+    per_label = {x: {"challenger_f1": round(new["per_label"][x]["f1"], 6),
+                     "champion_f1": round(old["per_label"][x]["f1"], 6),
+                     "support": new["per_label"][x]["support"]} for x in common}
+    gain = new["macro_f1"] - old["macro_f1"]
+    drops = {x: round(v["champion_f1"] - v["challenger_f1"], 6) for x, v in per_label.items()
+             if v["support"] > 0 and v["champion_f1"] - v["challenger_f1"] > rules.max_label_drop}
+    reasons = []
+    if gain < rules.min_improvement:
+        reasons.append(f"{name}: macro-F1 gain {gain:+.4f} is below min_improvement "
+                       f"{rules.min_improvement:g}")
+    for label, drop in drops.items():
+        reasons.append(f"{name}: F1 of {label} drops by {drop:.4f} (more than max_label_drop "
+                       f"{rules.max_label_drop:g})")
+    return {"rows": len(y), "labels": common, "supported_labels": int((support(y, m) > 0).sum()),
+            "challenger_macro_f1": round(new["macro_f1"], 6), "champion_macro_f1": round(old["macro_f1"], 6),
+            "macro_f1_gain": round(gain, 6),
+            "gain_95_interval": bootstrap_gain(new_probs >= new_t, old_probs >= old_t, y, m),
+            "per_label": per_label, "passed": not reasons, "reasons": reasons}
+
+
+def registration(model_dir: Path, evaluation_dir: Path, data_manifest: dict, run_id: str) -> Registration:
+    from cockatoo_lib.evaluate import METRICS_FILE
+    from cockatoo_lib.steps import kfp_metrics
+    from cockatoo_lib.train import read_model_manifest
+
+    model = read_model_manifest(model_dir)
+    results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")
+    scalars, _ = kfp_metrics(results)
+    tags = {"kfp_run_id": run_id or "local", "data_fingerprint": data_manifest["fingerprint"],
+            "model_type": model["model_type"], "base_model": model["base_model"],
+            "labels": ",".join(model["labels"]), "split_rule": split_rule_tag(data_manifest),
+            "test_macro_f1": f"{results['macro_f1']:.6f}", "plan": json.dumps(model["plan"], sort_keys=True)}
+    return Registration(str(model_dir), tags, plan_params(model["plan"]), scalars,
+                        model.get("validation_by_epoch", []), [str(evaluation_dir / METRICS_FILE)])
+
+
+def split_rule_tag(data_manifest: dict) -> str:
+    return json.dumps(data_manifest.get("split_rule"), sort_keys=True)
+
+
+def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, data_dir: str | Path,
+            evaluation_dir: str | Path, output: str | Path, run_id: str = "",
+            rules: GateRules = GateRules()) -> dict:
+    """Register the challenger, decide, move the aliases; write decision.json and decision.md."""
+    from cockatoo_lib.predict import Classifier
+
+    check_output(output)
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    data_manifest = read_manifest(data_dir)
+    challenger_version = registry.register(model_name, registration(model_dir, Path(evaluation_dir),
+                                                                    data_manifest, run_id))
+    champion_version = registry.by_alias(model_name, CHAMPION)
+    decision = {"model_name": model_name, "registry": registry.uri, "challenger": challenger_version.version,
+                "champion": champion_version.version if champion_version else None,
+                "rules": asdict(rules), "sets": {}, "reasons": []}
+    if champion_version is None:
+        decision.update(promoted=True, reasons=["no champion yet: the first registered version becomes it"])
+    else:
+        decision.update(_judge(registry, Classifier(model_dir), champion_version, data_dir, data_manifest,
+                               rules))
+    if decision["promoted"]:
+        # `previous` first: should the second move fail, the champion is still the old one.
+        if champion_version is not None:
+            registry.set_alias(model_name, PREVIOUS, champion_version.version)
+        registry.set_alias(model_name, CHAMPION, challenger_version.version)
+    registry.tag_version(model_name, challenger_version.version,
+                         {"gate": "promoted" if decision["promoted"] else "rejected",
+                          "gate_reasons": "; ".join(decision["reasons"])[:5000]})
+    with atomic_output_dir(output) as tmp:
+        write_json(tmp / DECISION_JSON, decision)
+        (tmp / DECISION_MD).write_text(render_decision(decision))
+    log.info("gate: %s version %s %s: %s", model_name, challenger_version.version,
+             "promoted to champion" if decision["promoted"] else "not promoted",
+             "; ".join(decision["reasons"]))
+    return decision
+
+
+def _judge(registry, challenger, champion_version, data_dir: Path, data_manifest: dict, rules) -> dict:
+    from cockatoo_lib.predict import Classifier
+
+    reasons = []
+    if champion_version.tags.get("split_rule") != split_rule_tag(data_manifest):
+        reasons.append("the champion was trained on data split by another rule (split_seed or "
+                       "fractions changed), so this run's test split may hold its training rows; "
+                       "promote by hand if intended")
+    with tempfile.TemporaryDirectory(prefix="cockatoo-champion-") as work:
+        champion = Classifier(registry.download(champion_version.uri, work))
+        lost = [x for x in champion.labels if x not in challenger.labels]
+        if lost and not rules.allow_label_change:
+            reasons.append(f"the challenger lacks label(s) the champion has: {', '.join(lost)} "
+                           "(set allow_label_change to promote anyway)")
+        if not [x for x in champion.labels if x in challenger.labels]:
+            raise CockatooError("champion and challenger share no label; nothing to compare")
+        sets = {"test": compare(challenger, champion, _rows(data_dir, "test"), rules, "test")}
+        if HOLDOUT in data_manifest:
+            sets[HOLDOUT] = compare(challenger, champion, _rows(data_dir, HOLDOUT), rules, HOLDOUT)
+    for scored in sets.values():
+        reasons += scored["reasons"]
+    if not reasons:
+        reasons = [f"{name}: macro-F1 {s['challenger_macro_f1']:.4f} against the champion's "
+                   f"{s['champion_macro_f1']:.4f} ({s['macro_f1_gain']:+.4f}), no label down by more than "
+                   f"{rules.max_label_drop:g}" for name, s in sets.items()]
+        return {"promoted": True, "sets": sets, "reasons": reasons}
+    return {"promoted": False, "sets": sets, "reasons": reasons}
+
+
+def render_decision(decision: dict) -> str:
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    rules = decision["rules"]
+    lines = [f"# Gate: {decision['model_name']} version {decision['challenger']} {verdict}", "",
+             f"Champion before: {decision['champion'] or 'none'}. Rules: min_improvement "
+             f"{rules['min_improvement']:g}, max_label_drop {rules['max_label_drop']:g}, "
+             f"allow_label_change {rules['allow_label_change']}.", "", "## Reasons", ""]
+    lines += [f"- {r}" for r in decision["reasons"]]
+    for name, s in decision["sets"].items():
+        low, high = s["gain_95_interval"]
+        lines += ["", f"## {name} ({s['rows']} rows)", "",
+                  f"Macro-F1: challenger {s['challenger_macro_f1']:.4f}, champion "
+                  f"{s['champion_macro_f1']:.4f}, gain {s['macro_f1_gain']:+.4f} "
+                  f"(paired bootstrap 95% interval {low:+.4f} to {high:+.4f}).",
+                  "", "| label | challenger F1 | champion F1 | support |", "|---|---|---|---|"]
+        lines += [f"| {x} | {v['challenger_f1']:.4f} | {v['champion_f1']:.4f} | {v['support']} |"
+                  for x, v in s["per_label"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,199 @@
+"""Classify new rows with a trained model: a model folder, a folder in a bucket, or a
+registered version (`models:/NAME@ALIAS`, `models:/NAME/VERSION`).
+
+Rows are tokenized at the model's inference max length, sorted by length and padded per batch
+(similar lengths pad little), and scored under inference mode; results come back in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from cockatoo_lib import remote
+from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.fileio import check_output
+from cockatoo_lib.images import PIXEL_COLUMN
+from cockatoo_lib.metrics import sigmoid
+from cockatoo_lib.train import MODEL_MANIFEST, PaddingCollator, read_model_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64
+PROBABILITY_PREFIX = "p_"  # one output column per label: p_<label>
+LABELS_COLUMN = "labels"  # the labels at the model's thresholds, comma-separated
+
+
+class Classifier:
+    """A trained model ready to score texts (and images, for CLIP)."""
+
+    def __init__(self, model_dir: str | Path, *, keep_alive=None, device: str | None = None):
+        from transformers import AutoTokenizer
+
+        from cockatoo_lib.models import load_trained_model
+
+        self.model_dir = Path(model_dir)
+        self.manifest = read_model_manifest(self.model_dir)
+        self.labels: list[str] = self.manifest["labels"]
+        self.thresholds = np.array([self.manifest["thresholds"][x] for x in self.labels])
+        self.max_length = int(self.manifest.get("inference_max_length") or self.manifest["max_length"])
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.model = load_trained_model(self.model_dir, self.manifest["architecture"]).to(self.device).eval()
+        self.image_processor = None
+        if self.manifest["architecture"] == "clip":
+            from cockatoo_lib.images import load_image_processor
+
+            self.image_processor = load_image_processor(str(self.model_dir))
+        self._keep_alive = keep_alive  # the temporary folder a downloaded model lives in
+
+    @classmethod
+    def load(cls, uri: str | Path, registry_uri: str | None = None, device: str | None = None) -> Classifier:
+        """A model folder, an fsspec URI of one (gs://, s3://), or models:/NAME@ALIAS."""
+        uri = str(uri)
+        if uri.startswith("models:/"):
+            from cockatoo_lib.model_registry import open_registry
+
+            work = tempfile.TemporaryDirectory(prefix="cockatoo-model-")
+            folder = open_registry(registry_uri).download(uri, work.name)
+            return cls(folder, keep_alive=work, device=device)
+        if "://" in uri:
+            work = tempfile.TemporaryDirectory(prefix="cockatoo-model-")
+            return cls(_download_folder(uri, Path(work.name) / "model"), keep_alive=work, device=device)
+        if not (Path(uri) / MODEL_MANIFEST).is_file():
+            raise CockatooError(f"{uri} is not a cockatoo model folder: it has no {MODEL_MANIFEST}")
+        return cls(uri, device=device)
+
+    def predict_proba(self, texts: list[str], images: list[bytes | None] | None = None,
+                      batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> np.ndarray:
+        """Probabilities, one row per text and one column per label (self.labels order)."""
+        texts = ["" if t is None or (isinstance(t, float) and np.isnan(t)) else str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, len(self.labels)))
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        columns = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        pixels = self._pixels(images, len(texts))
+        cuda = self.device.type == "cuda"
+        collator = PaddingCollator(self.tokenizer.pad_token_id or 0, pad_to_multiple_of=8 if cuda else 1,
+                                   pixels=self._pixel_spec, max_length=self.max_length)
+        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        starts = range(0, len(order), batch_size)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+            for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+                idx = order[start:start + batch_size]
+                rows = [{**{k: encoded[k][i] for k in columns},
+                         **({PIXEL_COLUMN: pixels[i]} if pixels is not None else {})} for i in idx]
+                batch = {k: v.to(self.device, non_blocking=cuda) for k, v in collator(rows).items()}
+                out[idx] = sigmoid(self.model(**batch).logits.float().cpu().numpy())
+        return out
+
+    def predict(self, texts: list[str], images: list[bytes | None] | None = None,
+                batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
+        """Per text: each label's probability, and the labels at the model's thresholds."""
+        probs = self.predict_proba(texts, images, batch_size)
+        return [{"probabilities": dict(zip(self.labels, map(float, row))),
+                 "labels": [x for x, hit in zip(self.labels, row >= self.thresholds) if hit]}
+                for row in probs]
+
+    @property
+    def _pixel_spec(self) -> dict | None:
+        if self.image_processor is None:
+            return None
+        from cockatoo_lib.images import pixel_spec
+
+        return pixel_spec(self.image_processor)
+
+    def _pixels(self, images, n: int) -> list[bytes | None] | None:
+        if images is None or self.image_processor is None:
+            if images is not None:
+                raise CockatooError(f"the {self.manifest['model_type']} model at {self.model_dir} "
+                                    "reads text only; leave out the image column")
+            return None
+        if len(images) != n:
+            raise CockatooError(f"{len(images)} images for {n} texts")
+        from cockatoo_lib.images import check_image, to_pixels
+
+        for i, data in enumerate(images):
+            if data is not None and (why := check_image(data)):
+                raise CockatooError(f"image of row {i}: {why}")
+        return to_pixels(list(images), self.image_processor)
+
+
+def _download_folder(uri: str, dest: Path) -> Path:
+    fs, path = remote.url_to_fs(uri)
+    try:
+        if not fs.exists(f"{path.rstrip('/')}/{MODEL_MANIFEST}"):
+            raise CockatooError(f"{uri} is not a cockatoo model folder: it has no {MODEL_MANIFEST}")
+        fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
+    except CockatooError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each storage client raises its own types
+        raise CockatooError(f"cannot download the model {uri}: {remote.failure(exc) or exc}") from None
+    return dest
+
+
+def predict_file(model: str, input_uri: str, output: str | Path, text_column: str = "text",
+                 image_column: str | None = None, registry_uri: str | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """Score a CSV, JSONL or Parquet file; write its rows with p_<label> and `labels` columns,
+    in a format named by the output's suffix, in one step (nothing on failure)."""
+    from cockatoo_lib.data import read_table, table_format
+
+    output = str(output)
+    out_format = table_format(output, "predict output")
+    if "://" not in output:
+        check_output(output)
+    frame = read_table(input_uri, "predict input", text_column=text_column)
+    for kind, column in (("text", text_column), ("image", image_column)):
+        if column is not None and column not in frame.columns:
+            raise CockatooError(f"predict input {input_uri}: {kind} column {column!r} not found; "
+                                f"columns: {', '.join(map(str, frame.columns))}")
+    images = None
+    if image_column is not None:  # paths, URIs, URLs or bytes, as a data config's image column
+        from cockatoo_lib.data import _parent
+        from cockatoo_lib.images import ImageStore, load_image_column
+
+        with ImageStore() as store:
+            ids = load_image_column(frame[image_column], _parent(input_uri), "predict input", input_uri,
+                                    image_column, "error", store).ids
+            images = store.take(ids).to_pylist()
+    classifier = Classifier.load(model, registry_uri)
+    probs = classifier.predict_proba(frame[text_column].tolist(), images, batch_size, progress=True)
+    result = frame.drop(columns=[image_column] if image_column else [])
+    for j, label in enumerate(classifier.labels):
+        result[f"{PROBABILITY_PREFIX}{label}"] = probs[:, j]
+    hits = probs >= classifier.thresholds
+    result[LABELS_COLUMN] = [",".join(x for x, h in zip(classifier.labels, row) if h) for row in hits]
+    _write_table(result, output, out_format)
+    return {"rows": len(result), "labels": classifier.labels, "output": output,
+            "positives": dict(zip(classifier.labels, hits.sum(axis=0).tolist()))}
+
+
+def _write_table(frame: pd.DataFrame, output: str, fmt: str) -> None:
+    writers = {"csv": lambda f: frame.to_csv(f, index=False),
+               "jsonl": lambda f: frame.to_json(f, orient="records", lines=True, force_ascii=False),
+               "json": lambda f: frame.to_json(f, orient="records", force_ascii=False),
+               "parquet": lambda f: frame.to_parquet(f, index=False)}
+    if "://" in output:  # an object store publishes one object in one step
+        fs, path = remote.url_to_fs(output)
+        with fs.open(path, "wb") as handle:
+            writers[fmt](handle)
+        return
+    folder = Path(output).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(output).name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            writers[fmt](handle)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
