@@ -202,3 +202,30 @@ def s3(_s3_server, monkeypatch):
     if not fs.exists("cockatoo-data"):
         fs.mkdir("cockatoo-data")
     return fs
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_models, small_data, tmp_path_factory):
+    """A tiny DeBERTa trained on small_data with its evaluation, and a copy of it ("blind")
+    whose thresholds of 1.0 flag nothing: every F1 0."""
+    import json
+    import shutil
+
+    from cockatoo_lib.evaluate import evaluate
+    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.tokenize import tokenize
+    from cockatoo_lib.train import MODEL_MANIFEST, train
+
+    root = tmp_path_factory.mktemp("trained")
+    plan = resolve_plan("deberta", {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,
+                                    "learning_rate": 1e-3, "dataloader_num_workers": 0,
+                                    "base_model": str(tiny_models["deberta"])})
+    tokenize(small_data, plan, root / "tok", cache_root=str(root / "cache"))
+    train(root / "tok", plan, root / "model", data_dir=small_data)
+    evaluate(root / "model", root / "tok", root / "eval")
+    shutil.copytree(root / "model", root / "blind")
+    manifest = json.loads((root / "blind" / MODEL_MANIFEST).read_text())
+    manifest["thresholds"] = {label: 1.0 for label in manifest["thresholds"]}
+    (root / "blind" / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    return {"data": small_data, "tok": root / "tok", "model": root / "model", "blind": root / "blind",
+            "eval": root / "eval", "labels": manifest["labels"]}

@@ -2,7 +2,6 @@
 champion/challenger gate, promotion by hand, and predict from a registered version."""
 
 import json
-import shutil
 import sys
 
 import numpy as np
@@ -10,32 +9,9 @@ import pandas as pd
 import pytest
 from helpers import error_line, free_port, run_cli, serve
 
-from cockatoo_lib.evaluate import evaluate
 from cockatoo_lib.gate import DECISION_JSON, DECISION_MD, GateRules, bootstrap_gain, compare, promote
 from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
-from cockatoo_lib.registry import resolve_plan
-from cockatoo_lib.tokenize import tokenize
-from cockatoo_lib.train import MODEL_MANIFEST, train
-
-FAST = {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-        "dataloader_num_workers": 0}
-
-
-@pytest.fixture(scope="module")
-def run(tiny_models, small_data, tmp_path_factory):
-    """One trained tiny model with its evaluation, and a copy whose thresholds flag nothing."""
-    root = tmp_path_factory.mktemp("gate")
-    plan = resolve_plan("deberta", {**FAST, "base_model": str(tiny_models["deberta"])})
-    tokenize(small_data, plan, root / "tok", cache_root=str(root / "cache"))
-    train(root / "tok", plan, root / "model", data_dir=small_data)
-    evaluate(root / "model", root / "tok", root / "eval")
-    # The same weights at thresholds of 1.0: no label is ever predicted, every F1 is 0.
-    shutil.copytree(root / "model", root / "blind")
-    manifest = json.loads((root / "blind" / MODEL_MANIFEST).read_text())
-    manifest["thresholds"] = {label: 1.0 for label in manifest["thresholds"]}
-    (root / "blind" / MODEL_MANIFEST).write_text(json.dumps(manifest))
-    return {"data": small_data, "model": root / "model", "blind": root / "blind", "eval": root / "eval",
-            "labels": manifest["labels"]}
+from cockatoo_lib.train import MODEL_MANIFEST
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +32,14 @@ def _gate(registry, name, run, model, out, **rules):
 
 
 def test_the_gate_promotes_only_a_better_challenger_and_predict_reads_the_champion(
-        run, mlflow_server, tmp_path, capsys, monkeypatch):
+        trained_run, mlflow_server, tmp_path, capsys, monkeypatch):
     registry = MLflowRegistry(mlflow_server)
     name = "gate-test"
-    first = _gate(registry, name, run, "blind", tmp_path / "first")
+    first = _gate(registry, name, trained_run, "blind", tmp_path / "first")
     assert first["promoted"] and first["champion"] is None and "no champion yet" in first["reasons"][0]
     assert registry.by_alias(name, CHAMPION).version == "1"
 
-    better = _gate(registry, name, run, "model", tmp_path / "better")
+    better = _gate(registry, name, trained_run, "model", tmp_path / "better")
     assert better["promoted"] and better["champion"] == "1"
     test = better["sets"]["test"]
     assert test["champion_macro_f1"] == 0 and test["challenger_macro_f1"] > 0.2
@@ -72,7 +48,7 @@ def test_the_gate_promotes_only_a_better_challenger_and_predict_reads_the_champi
     assert registry.by_alias(name, CHAMPION).version == "2"
     assert registry.by_alias(name, PREVIOUS).version == "1"
 
-    worse = _gate(registry, name, run, "blind", tmp_path / "worse")
+    worse = _gate(registry, name, trained_run, "blind", tmp_path / "worse")
     assert not worse["promoted"] and worse["champion"] == "2"
     assert any("below min_improvement" in r for r in worse["reasons"])
     assert any("drops by" in r for r in worse["reasons"])
@@ -84,12 +60,12 @@ def test_the_gate_promotes_only_a_better_challenger_and_predict_reads_the_champi
     version = registry.version(name, "3")
     assert version.tags["gate"] == "rejected" and "drops by" in version.tags["gate_reasons"]
     assert version.tags["kfp_run_id"] == "run-worse" and version.tags["model_type"] == "deberta"
-    assert version.tags["data_fingerprint"] == json.loads((run["data"] / "manifest.json").read_text())[
-        "fingerprint"]
+    data_manifest = json.loads((trained_run["data"] / "manifest.json").read_text())
+    assert version.tags["data_fingerprint"] == data_manifest["fingerprint"]
     # The run holds the test metrics and the per-epoch training metrics.
     mlflow_run = registry.client.get_run(registry.client.get_model_version(name, "2").run_id)
     assert mlflow_run.data.metrics["test_macro_f1"] == pytest.approx(
-        json.loads((run["eval"] / "metrics.json").read_text())["macro_f1"], abs=1e-6)
+        json.loads((trained_run["eval"] / "metrics.json").read_text())["macro_f1"], abs=1e-6)
     history = registry.client.get_metric_history(mlflow_run.info.run_id, "validation_f1")
     assert [m.step for m in history] == [1, 2]
 
@@ -106,25 +82,25 @@ def test_the_gate_promotes_only_a_better_challenger_and_predict_reads_the_champi
     assert code == 0
     result = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert list(result["id"]) == [7, 8]
-    assert list(result.columns) == ["id", "text", *[f"p_{x}" for x in run["labels"]], "labels"]
+    assert list(result.columns) == ["id", "text", *[f"p_{x}" for x in trained_run["labels"]], "labels"]
     assert list(result["labels"]) == ["", ""]  # the blind copy's thresholds flag nothing
 
 
-def test_embedded_registry_for_local_runs_keeps_its_files_under_the_root(run, tmp_path, monkeypatch):
+def test_embedded_registry_for_local_runs_keeps_its_files_under_the_root(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working folder (MLflow's default ./mlruns)
     registry = MLflowRegistry(local_registry_uri(tmp_path / "root"))
-    decision = _gate(registry, "local", run, "model", tmp_path / "out")
+    decision = _gate(registry, "local", trained_run, "model", tmp_path / "out")
     assert decision["promoted"] and decision["registry"].startswith("sqlite:///")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "root"]
     downloaded = registry.download("models:/local@champion", tmp_path / "dl")
-    assert (downloaded / MODEL_MANIFEST).read_bytes() == (run["model"] / MODEL_MANIFEST).read_bytes()
+    assert (downloaded / MODEL_MANIFEST).read_bytes() == (trained_run["model"] / MODEL_MANIFEST).read_bytes()
 
 
-def test_a_champion_split_by_another_rule_is_not_compared(run, tmp_path):
+def test_a_champion_split_by_another_rule_is_not_compared(trained_run, tmp_path):
     registry = MLflowRegistry(local_registry_uri(tmp_path))
-    _gate(registry, "m", run, "blind", tmp_path / "a")
+    _gate(registry, "m", trained_run, "blind", tmp_path / "a")
     registry.tag_version("m", "1", {"split_rule": json.dumps({"split_seed": 7})})
-    decision = _gate(registry, "m", run, "model", tmp_path / "b")
+    decision = _gate(registry, "m", trained_run, "model", tmp_path / "b")
     assert not decision["promoted"]
     assert decision["reasons"][0].startswith("the champion was trained on data split by another rule")
 
@@ -174,19 +150,19 @@ def test_bootstrap_interval_of_the_gain():
     assert bootstrap_gain(y, noisy, y, m) == [low, high]  # seeded
 
 
-def test_promote_by_hand_refuses_an_unknown_version(run, tmp_path, capsys, monkeypatch):
+def test_promote_by_hand_refuses_an_unknown_version(trained_run, tmp_path, capsys, monkeypatch):
     uri = local_registry_uri(tmp_path)
-    _gate(MLflowRegistry(uri), "m", run, "model", tmp_path / "a")
+    _gate(MLflowRegistry(uri), "m", trained_run, "model", tmp_path / "a")
     code, _, err = run_cli(["promote", "--model-name", "m", "--version", "9", "--registry-uri", uri],
                            capsys, monkeypatch)
     assert code == 2 and error_line(err).endswith("m has no version 9")
 
 
-def test_unreachable_registry_is_one_line(run, tmp_path, capsys, monkeypatch):
+def test_unreachable_registry_is_one_line(trained_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    code, _, err = run_cli(["gate", "--model", run["model"], "--data", run["data"],
-                            "--evaluation", run["eval"], "--output", tmp_path / "out",
+    code, _, err = run_cli(["gate", "--model", trained_run["model"], "--data", trained_run["data"],
+                            "--evaluation", trained_run["eval"], "--output", tmp_path / "out",
                             "--registry-uri", f"http://127.0.0.1:{free_port()}"], capsys, monkeypatch)
     assert code == 2 and "model registry http://127.0.0.1:" in error_line(err)
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,137 @@
+"""Predict: the Classifier gives what the trained model gives, in input order; files in and out
+in every format, local and in a bucket; bad input is one line and writes nothing."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import error_line, run_cli
+
+from cockatoo_lib.metrics import sigmoid
+from cockatoo_lib.models import load_trained_model, predict_logits
+from cockatoo_lib.predict import Classifier
+from cockatoo_lib.tokenize import load_tokenized
+from cockatoo_lib.train import PaddingCollator
+
+
+def test_classifier_scores_as_the_trained_model_in_input_order(trained_run):
+    datasets, _ = load_tokenized(trained_run["tok"])
+    test = datasets["test"]
+    model = load_trained_model(trained_run["model"], "sequence-classification")
+    batch = PaddingCollator(0)([test[i] for i in range(len(test))])
+    expected = sigmoid(predict_logits(model, [batch]).numpy())
+
+    classifier = Classifier.load(trained_run["model"])
+    # Batches of 8 over rows sorted by length: the results must come back in input order.
+    probs = classifier.predict_proba(test["text"], batch_size=8)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    rows = classifier.predict(test["text"][:20])
+    thresholds = classifier.manifest["thresholds"]
+    for row, p in zip(rows, probs[:20]):
+        assert row["probabilities"] == pytest.approx(dict(zip(classifier.labels, p)), abs=1e-5)
+        assert row["labels"] == [x for x, v in zip(classifier.labels, p) if v >= thresholds[x]]
+    assert classifier.predict([]) == []
+
+
+def test_long_texts_are_cut_at_the_inference_max_length(trained_run):
+    classifier = Classifier.load(trained_run["model"])
+    seen = []
+    forward = classifier.model.forward
+    classifier.model.forward = lambda **batch: seen.append(batch["input_ids"].shape[1]) or forward(**batch)
+    classifier.predict_proba(["word " * 5000, "short"])
+    assert max(seen) == classifier.max_length == classifier.manifest["inference_max_length"]
+
+
+@pytest.mark.parametrize("source, output", [("in.jsonl", "out.parquet"), ("in.parquet", "out.csv"),
+                                            ("in.csv.gz", "out.jsonl")])
+def test_predict_reads_and_writes_every_format(trained_run, tmp_path, capsys, monkeypatch, source, output):
+    frame = pd.DataFrame({"body": ["win a free prize now", "007", "", "see you at lunch"],
+                          "ref": ["a", "b", "c", "d"]})
+    path = tmp_path / source
+    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     "parquet": lambda: frame.to_parquet(path),
+     "gz": lambda: frame.to_csv(path, index=False)}[source.rsplit(".", 1)[1]]()
+    code, out, _ = run_cli(["predict", "--model", trained_run["model"], "--input", path,
+                            "--text-column", "body", "--output", tmp_path / output], capsys, monkeypatch)
+    assert code == 0 and "4 rows" in out
+    result = {"parquet": pd.read_parquet, "csv": lambda p: pd.read_csv(p, dtype={"body": str},
+                                                                       keep_default_na=False),
+              "jsonl": lambda p: pd.read_json(p, lines=True, dtype=False)}[output.rsplit(".", 1)[1]](
+        tmp_path / output)
+    assert list(result["ref"]) == ["a", "b", "c", "d"] and result["body"].iloc[1] == "007"
+    expected = Classifier.load(trained_run["model"]).predict_proba(frame["body"].tolist())
+    labels = trained_run["labels"]
+    np.testing.assert_allclose(result[[f"p_{x}" for x in labels]].to_numpy(), expected, atol=1e-5)
+
+
+def test_predict_from_a_bucket_to_a_bucket(trained_run, s3, tmp_path, capsys, monkeypatch):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(trained_run["model"]) + "/", "s3://cockatoo/models/m/", recursive=True)
+    pd.DataFrame({"text": ["hello there", "free money"]}).to_json(
+        tmp_path / "in.jsonl", orient="records", lines=True)
+    fs.put(str(tmp_path / "in.jsonl"), "s3://cockatoo/in.jsonl")
+    code, _, err = run_cli(["predict", "--model", "s3://cockatoo/models/m", "--input", "s3://cockatoo/in.jsonl",
+                            "--output", "s3://cockatoo/out/predictions.parquet"], capsys, monkeypatch)
+    assert code == 0, err
+    with fs.open("s3://cockatoo/out/predictions.parquet", "rb") as handle:
+        result = pd.read_parquet(handle)
+    assert list(result["text"]) == ["hello there", "free money"] and "labels" in result
+    expected = Classifier.load(trained_run["model"]).predict_proba(["hello there", "free money"])
+    columns = [f"p_{x}" for x in trained_run["labels"]]
+    np.testing.assert_allclose(result[columns].to_numpy(), expected, atol=1e-5)
+
+
+def _bad(tmp_path, write, args, trained_run=None):
+    path = tmp_path / "in.csv"
+    write(path)
+    model = trained_run["model"] if trained_run else tmp_path
+    return ["predict", "--model", model, "--input", path, "--output", tmp_path / "out" / "p.csv", *args]
+
+
+@pytest.mark.parametrize("write, args, message", [
+    (lambda p: pd.DataFrame({"body": ["x"]}).to_csv(p, index=False), [],
+     "predict input {input}: text column 'text' not found; columns: body"),
+    (lambda p: p.write_text(""), [], "predict input: {input} is empty"),
+    (lambda p: p.write_text("text\n"), [], "predict input: {input} has no rows"),
+    (lambda p: pd.DataFrame({"text": ["x"]}).to_csv(p, index=False), ["--image-column", "img"],
+     "predict input {input}: image column 'img' not found; columns: text"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(trained_run, tmp_path, capsys, monkeypatch, write, args,
+                                                  message):
+    code, _, err = run_cli(_bad(tmp_path, write, args, trained_run), capsys, monkeypatch)
+    assert code == 2 and error_line(err) == "error: " + message.format(input=tmp_path / "in.csv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_cockatoo_json_is_not_a_model(tmp_path, capsys, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    args = _bad(tmp_path, lambda p: pd.DataFrame({"text": ["x"]}).to_csv(p, index=False), [])
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2
+    assert error_line(err) == f"error: {tmp_path} is not a cockatoo model folder: it has no cockatoo.json"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_is_never_replaced(trained_run, tmp_path, capsys, monkeypatch):
+    pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "in.csv", index=False)
+    (tmp_path / "mine.csv").write_text("a user's file\n")
+    code, _, err = run_cli(["predict", "--model", trained_run["model"], "--input", tmp_path / "in.csv",
+                            "--output", tmp_path / "mine.csv"], capsys, monkeypatch)
+    assert code == 2 and "already exists" in error_line(err)
+    assert (tmp_path / "mine.csv").read_text() == "a user's file\n"
+
+
+def test_a_text_model_refuses_images(trained_run):
+    with pytest.raises(Exception, match="reads text only"):
+        Classifier.load(trained_run["model"]).predict_proba(["x"], images=[None])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_classifier_on_cuda_agrees_with_cpu(trained_run):
+    texts = ["win a free prize", "see you at lunch"] * 8
+    cpu = Classifier.load(trained_run["model"], device="cpu").predict_proba(texts)
+    cuda = Classifier.load(trained_run["model"], device="cuda").predict_proba(texts)
+    np.testing.assert_allclose(cuda, cpu, atol=2e-2)  # bf16 autocast on CUDA
