@@ -15,7 +15,7 @@ TAG = typer.Option(None, "--image-tag", help="tag of the images")
 
 
 def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu",
-             node_selector=None, toleration=None, cache_root="", gpus=1, scratch_size=""):
+             node_selector=None, toleration=None, cache_root="", gpus=1, scratch_size="", registry_uri=""):
     from cockatoo_lib.limits import check_range
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
     from pipelines.cockatoo_train import Cluster
@@ -27,7 +27,8 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
                    for k, v in (_pair(t, "--toleration") for t in toleration or [])]
     return Cluster(images=Images(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG),
                    accelerator_type=accelerator_type, node_selector=selectors,
-                   tolerations=tolerations, cache_root=cache_root, gpus=gpus, scratch_size=scratch_size)
+                   tolerations=tolerations, cache_root=cache_root, gpus=gpus, scratch_size=scratch_size,
+                   registry_uri=registry_uri)
 
 
 def _pair(text: str, option: str) -> tuple[str, str]:
@@ -91,12 +92,14 @@ def compile_(output: Path = typer.Option(Path("cockatoo-train.yaml"), "--output"
                                             help="default tokenized_cache_root, e.g. gs://bucket/cache"),
              scratch_size: str = typer.Option("", "--scratch-size",
                                               help="a volume for prepare's and tokenize's temporary "
-                                                   "files, e.g. 100Gi (image data sets)")):
+                                                   "files, e.g. 100Gi (image data sets)"),
+             registry_uri: str = typer.Option("", "--registry-uri",
+                                              help="default registry_uri: the MLflow tracking server")):
     """Compile the pipeline to a KFP YAML package."""
     from pipelines.runner import compile_pipeline
 
     cluster = _cluster(image_registry, image_tag, accelerator_type, node_selector, toleration,
-                       cache_root, gpus, scratch_size)
+                       cache_root, gpus, scratch_size, registry_uri)
     path = compile_pipeline(output, cluster)
     typer.echo(f"compiled {path} (images {cluster.images.cpu}, {cluster.images.cuda})")
 

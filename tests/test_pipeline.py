@@ -12,14 +12,16 @@ from helpers import error_line, run_cli
 from kfp import dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from cockatoo_lib.model_registry import MLflowRegistry, local_registry_uri
 from cockatoo_lib.train import read_model_manifest
-from components import evaluate, prepare_data, tokenize, train
+from components import evaluate, prepare_data, promote, tokenize, train
 from pipelines.cockatoo_train import PIPELINE_NAME
 from pipelines.runner import compile_pipeline, pipeline_inputs, run_local
 
 GOLDEN = Path(__file__).parent / "golden" / "cockatoo-train.yaml"
 PARAMETERS = {"model_type", "data_config", "labels", "overrides", "base_model", "seed",
-              "max_train_samples", "tokenized_cache_root", "gpus"}
+              "max_train_samples", "tokenized_cache_root", "gpus", "registry_uri", "model_name",
+              "min_improvement", "max_label_drop", "allow_label_change"}
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
 
 
@@ -40,15 +42,16 @@ def test_compiled_yaml_is_a_pipeline_spec_with_resources_caching_and_secrets():
     assert set(spec.root.input_definitions.parameters) == PARAMETERS
     assert spec.root.input_definitions.parameters["model_type"].default_value.string_value == "deberta"
     tasks = spec.root.dag.tasks
-    assert set(tasks) >= {"prepare-data", "tokenize", "train", "evaluate"}
+    assert set(tasks) >= {"prepare-data", "tokenize", "train", "evaluate", "promote"}
     schedule = tasks["prepare-data"].inputs.parameters["schedule_time"].runtime_value.constant
     assert schedule.string_value == dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER
     assert not tasks["prepare-data"].caching_options.enable_cache
     assert all(tasks[t].caching_options.enable_cache for t in ("tokenize", "train", "evaluate"))
-    # The run form's seed drives both the split and training.
+    # The run form's seed drives prepare's sampling and training (the split has its own seed).
     for task in ("prepare-data", "train"):
         assert tasks[task].inputs.parameters["seed"].component_input_parameter == "seed"
-    assert set(spec.root.dag.outputs.artifacts) == {"model", "evaluation", "report", "model_card"}
+    assert set(spec.root.dag.outputs.artifacts) == {"model", "evaluation", "report", "model_card", "decision",
+                                                    "gate"}
     importer = next(t for n, t in tasks.items() if n.startswith("importer"))
     assert importer.component_ref.name.startswith("comp-importer")
     assert "importer" in str(tasks["train"].inputs.artifacts["tokenized"])
@@ -72,14 +75,16 @@ def test_compile_command_sets_images_accelerator_and_placement(tmp_path, capsys,
     out = tmp_path / "p.yaml"
     code, _, err = run_cli(["compile", "-o", out, "--image-registry", "europe-docker.pkg.dev/p/r",
                             "--image-tag", "1.2.3", "--accelerator-type", "nvidia-tesla-a100",
-                            "--gpus", "2", "--node-selector", "pool=gpu", "--toleration", "gpu=true"],
-                           capsys, monkeypatch)
+                            "--gpus", "2", "--node-selector", "pool=gpu", "--toleration", "gpu=true",
+                            "--registry-uri", "http://mlflow.mlflow:5000"], capsys, monkeypatch)
     assert code == 0, err
     text = out.read_text()
     assert "europe-docker.pkg.dev/p/r/cockatoo-cuda:1.2.3" in text
     assert "europe-docker.pkg.dev/p/r/cockatoo-cpu:1.2.3" in text
     spec, platform = _docs(out)
     assert spec.root.input_definitions.parameters["gpus"].default_value.number_value == 2
+    assert spec.root.input_definitions.parameters["registry_uri"].default_value.string_value == \
+        "http://mlflow.mlflow:5000"
     train_config = json_format.MessageToDict(platform)["platforms"]["kubernetes"]["deploymentSpec"][
         "executors"]["exec-train"]
     assert train_config["nodeSelector"]["labels"] == {"pool": "gpu"}
@@ -153,6 +158,16 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
     assert outputs["evaluation"].metadata["test_macro_f1"] == pytest.approx(
         outputs["metrics"].metadata["test_macro_f1"], abs=1e-6)
 
+    registry_uri = local_registry_uri(tmp_path / "root")
+    gate = {"decision": dsl.Artifact(uri=str(tmp_path / "decision")),
+            "decision_report": dsl.Markdown(uri=str(tmp_path / "decision.md"))}
+    promote.python_func(model=model, data=data, evaluation=outputs["evaluation"], registry_uri=registry_uri,
+                        model_name="m", run_id="run-1", min_improvement=0.0, max_label_drop=0.02,
+                        allow_label_change=False, **gate)
+    assert gate["decision"].metadata["promoted"] is True and gate["decision"].metadata["version"] == "1"
+    assert gate["decision"].metadata["model_uri"] == "models:/m/1"
+    assert Path(gate["decision_report"].path).read_text().startswith("# Gate: m version 1 promoted")
+
 
 def test_bad_model_type_fails_the_first_step_listing_valid_values(tmp_path):
     from cockatoo_lib.errors import CockatooError
@@ -162,6 +177,18 @@ def test_bad_model_type_fails_the_first_step_listing_valid_values(tmp_path):
                                  model_type="gpt", overrides={}, base_model="", schedule_time="",
                                  data=dsl.Dataset(uri=str(tmp_path / "data")))
     assert not (tmp_path / "data").exists()
+
+
+def test_promote_on_a_cluster_needs_a_registry_uri(trained_run):
+    from cockatoo_lib.errors import CockatooError
+
+    with pytest.raises(CockatooError, match="registry_uri is empty, but this step runs on a cluster"):
+        promote.python_func(model=dsl.Model(uri=str(trained_run["model"])),
+                            data=dsl.Dataset(uri=str(trained_run["data"])),
+                            evaluation=dsl.Artifact(uri=str(trained_run["eval"])), registry_uri="",
+                            model_name="m", run_id="r", min_improvement=0.0, max_label_drop=0.02,
+                            allow_label_change=False, decision=dsl.Artifact(uri="gs://bucket/run/decision"),
+                            decision_report=dsl.Markdown(uri="gs://bucket/run/decision.md"))
 
 
 def test_tokenize_on_a_cluster_refuses_a_local_cache_root(small_data, tmp_path):
@@ -185,6 +212,12 @@ def test_local_run_of_the_whole_pipeline_from_its_compiled_file(tiny_models, tmp
     assert 0 <= result["test_macro_f1"] <= 1
     assert Path(result["report"]).read_text().startswith("<!doctype html>")
     assert os.environ["PATH"] == "/usr/bin:/bin"  # the run left the caller's environment alone
+    # The gate ran in the run: the first version of the embedded registry is the champion.
+    assert result["decision"]["promoted"] and result["decision"]["challenger"] == "1"
+    assert result["registry_uri"] == local_registry_uri(tmp_path / "root")
+    version = MLflowRegistry(result["registry_uri"]).by_alias("cockatoo-moderation", "champion")
+    assert version.version == "1" and version.tags["model_type"] == "modernbert"
+    assert version.tags["kfp_run_id"] not in ("", "local")  # kfp.local's run id
     # What ran is the compiled file a cluster would receive.
     assert (tmp_path / "root" / f"{PIPELINE_NAME}.yaml").read_text().startswith("# PIPELINE DEFINITION")
 

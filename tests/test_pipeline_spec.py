@@ -12,7 +12,7 @@ from pipelines.cockatoo_train import Cluster
 from pipelines.runner import compile_pipeline, pipeline_inputs
 
 README = Path(__file__).parents[1] / "README.md"
-STEPS = ("prepare-data", "tokenize", "train", "evaluate")
+STEPS = ("prepare-data", "tokenize", "train", "evaluate", "promote")
 
 
 def _compiled(tmp_path, cluster: Cluster = Cluster()):
@@ -43,6 +43,11 @@ WIRING = {
     "max_train_samples": {"prepare-data": "max_samples"},
     "tokenized_cache_root": {"tokenize": "cache_root"},
     "gpus": {"train": "pipelinechannel--gpus"},
+    "registry_uri": {"promote": "registry_uri"},
+    "model_name": {"promote": "model_name"},
+    "min_improvement": {"promote": "min_improvement"},
+    "max_label_drop": {"promote": "max_label_drop"},
+    "allow_label_change": {"promote": "allow_label_change"},
 }
 
 
@@ -61,8 +66,10 @@ def test_parameter_defaults_are_the_readmes(tmp_path):
     assert set(rows) == set(pipeline_inputs())
     for name, default in pipeline_inputs().items():
         shown = {"[]": [], "{}": {}, '""': ""}.get(rows[name], rows[name])
-        if isinstance(default, int):
-            shown = int(shown)
+        if isinstance(default, bool):
+            shown = shown == "true"
+        elif isinstance(default, int | float):
+            shown = type(default)(shown)
         assert shown == default, name
 
 
@@ -75,7 +82,7 @@ def test_gpus_and_accelerator_type_reach_the_train_step_only(tmp_path):
     # The count is the run's `gpus` parameter, read at run time, not the compile-time default.
     assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
     assert _inputs(tasks["train"])["pipelinechannel--gpus"] == "gpus"
-    for step in ("prepare-data", "tokenize", "evaluate"):
+    for step in ("prepare-data", "tokenize", "evaluate", "promote"):
         assert "accelerator" not in executors[f"exec-{step}"]["container"]["resources"], step
 
 
@@ -102,8 +109,10 @@ def test_images_caching_and_resources_per_step(tmp_path):
         kind = "cuda" if step == "train" else "cpu"
         assert container["image"] == f"europe-docker.pkg.dev/p/r/cockatoo-{kind}:1.2.3", step
         assert float(container["resources"]["cpuRequest"]) > 0 and container["resources"]["memoryRequest"] > 0
-        # Prepare must read its sources afresh every run; the rest are keyed on their inputs.
-        assert tasks[step]["cachingOptions"].get("enableCache", False) is (step != "prepare-data"), step
+        # Prepare must read its sources afresh every run, and promote the registry's aliases as
+        # they are now; the rest are keyed on their inputs.
+        cached = step not in ("prepare-data", "promote")
+        assert tasks[step]["cachingOptions"].get("enableCache", False) is cached, step
 
 
 @pytest.mark.parametrize("secret", ["cockatoo-hf-token", "team-hf"])
@@ -117,7 +126,7 @@ def test_placement_secret_scratch_and_shm(secret, tmp_path):
         assert config["nodeSelector"]["labels"] == {"pool": "gpu"}, step
         assert config["tolerations"] == [toleration], step
         # Every step may download from the hub: the token reaches each as an env variable.
-        (env_secret,) = config["secretAsEnv"]
+        env_secret, *others = config["secretAsEnv"]
         assert env_secret["secretName"] == secret and env_secret["optional"] is True, step
         assert env_secret["keyToEnv"] == [{"secretKey": "token", "envVar": "HF_TOKEN"}], step
         has_scratch = step in ("prepare-data", "tokenize")
@@ -131,8 +140,27 @@ def test_placement_secret_scratch_and_shm(secret, tmp_path):
         assert bool(shm) is (step in ("tokenize", "train")), step
 
 
-def test_the_cache_root_option_is_the_parameters_default(tmp_path):
-    pipeline, tasks, _, _ = _compiled(tmp_path, Cluster(cache_root="gs://bucket/cache"))
+def test_the_cache_root_and_registry_options_are_the_parameters_defaults(tmp_path):
+    pipeline, tasks, _, _ = _compiled(tmp_path, Cluster(cache_root="gs://bucket/cache",
+                                                        registry_uri="http://mlflow.mlflow:5000"))
+    assert pipeline["root"]["inputDefinitions"]["parameters"]["registry_uri"]["defaultValue"] == \
+        "http://mlflow.mlflow:5000"
     assert pipeline["root"]["inputDefinitions"]["parameters"]["tokenized_cache_root"]["defaultValue"] == \
         "gs://bucket/cache"
     assert _inputs(tasks["tokenize"])["cache_root"] == "tokenized_cache_root"
+
+
+def test_promote_takes_the_runs_data_model_and_evaluation_and_the_mlflow_secret(tmp_path):
+    _, tasks, _, k8s = _compiled(tmp_path, Cluster(mlflow_secret="team-mlflow", registry_uri="http://m:5000"))
+    artifacts = tasks["promote"]["inputs"]["artifacts"]
+    assert {name: (a["taskOutputArtifact"]["producerTask"], a["taskOutputArtifact"]["outputArtifactKey"])
+            for name, a in artifacts.items()} == {
+        "data": ("prepare-data", "data"), "model": ("train", "model"),
+        "evaluation": ("evaluate", "evaluation")}
+    assert _inputs(tasks["promote"])["run_id"] == "constant:{{$.pipeline_job_uuid}}"
+    (mlflow,) = [s for s in k8s["exec-promote"]["secretAsEnv"] if s["secretName"] == "team-mlflow"]
+    assert mlflow["optional"] is True
+    assert {e["envVar"] for e in mlflow["keyToEnv"]} == {
+        "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
+    for step in STEPS[:-1]:  # credentials reach the step that needs them, no other
+        assert all(s["secretName"] != "team-mlflow" for s in k8s[f"exec-{step}"]["secretAsEnv"]), step
