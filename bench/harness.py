@@ -16,6 +16,8 @@ B6  images for CLIP: photo-sized JPEGs through prepare (fetch, decode check) and
 B7  model quality on real, imbalanced, multi-label data (bench/quality.py): test macro-F1 of
     the default minilm recipe against the linear baseline on the same splits, and ASL
     against BCE.
+B8  predict: rows/s of `cockatoo predict` (file in, file out) against transformers'
+    pipeline("text-classification") on the same model folder and batch size.
 
 Every figure is a median over several repeats; every comparison a ratio of medians taken
 side by side in the same run.
@@ -417,6 +419,86 @@ def bench_images(images: int, repeats: int) -> dict:
 # ------------------------------------------------------------------ report
 
 
+# ------------------------------------------------------------------ B8
+
+
+def posts(lengths: np.ndarray, seed: int = 0) -> list[str]:
+    """Texts of about these many words, from the demo's templates (B1's length mix)."""
+    words = " ".join(_texts(2000, seed)).split()
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(words) - lengths.max(), len(lengths))
+    return [" ".join(words[s:s + n]) for s, n in zip(starts, lengths)]
+
+
+def demo_model_folder(folder: Path, labels: list[str]) -> Path:
+    """A cockatoo model folder of the demo's model (all-MiniLM-L6-v2, offline package) with an
+    untrained head: throughput does not depend on what the head learnt."""
+    from transformers import AutoTokenizer
+
+    from cockatoo_lib.fileio import write_json
+    from cockatoo_lib.models import load_base_model
+    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.train import MODEL_MANIFEST
+
+    plan = resolve_plan("minilm")
+    load_base_model(plan, labels).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(plan.base_model).save_pretrained(folder)
+    write_json(folder / MODEL_MANIFEST, {
+        "model_type": plan.model_type, "architecture": plan.architecture, "base_model": plan.base_model,
+        "labels": labels, "thresholds": dict.fromkeys(labels, 0.5), "max_length": plan.max_length,
+        "inference_max_length": plan.inference_max_length, "plan": plan.model_dump(mode="json")})
+    return folder
+
+
+def bench_predict(rows: int, repeats: int, batch_size: int = 64) -> dict:
+    """`cockatoo predict` against transformers' pipeline, alternately, on one model and file."""
+    import logging
+
+    import pandas as pd
+    from transformers import pipeline
+
+    from cockatoo_lib.predict import Classifier, predict_file
+    from cockatoo_lib.registry import resolve_plan
+
+    logging.getLogger("cockatoo_lib").setLevel(logging.WARNING)
+    labels = ["scam", "violence", "harassment", "hate_speech", "toxicity", "obscenity", "jailbreaking"]
+    max_length = resolve_plan("minilm").inference_max_length
+    lengths = social_media_lengths(rows, max_length)
+    texts = posts(lengths)
+    ours, theirs = [], []
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        folder = demo_model_folder(work / "model", labels)
+        pd.DataFrame({"text": texts}).to_parquet(work / "in.parquet")
+        for i in range(repeats):
+            start = time.perf_counter()
+            predict_file(str(folder), str(work / "in.parquet"), work / f"out{i}.parquet",
+                         batch_size=batch_size)
+            ours.append(time.perf_counter() - start)
+            start = time.perf_counter()  # what a user would write instead, from the same file
+            classify = pipeline("text-classification", model=str(folder), batch_size=batch_size,
+                                top_k=None, function_to_apply="sigmoid")
+            frame = pd.read_parquet(work / "in.parquet")
+            out = classify(frame["text"].tolist(), truncation=True, max_length=max_length)
+            pd.DataFrame([{f"p_{d['label']}": d["score"] for d in row} for row in out]).to_parquet(
+                work / f"theirs{i}.parquet")
+            theirs.append(time.perf_counter() - start)
+        # Both score the same: the comparison is of speed alone.
+        mine = pd.read_parquet(work / "out0.parquet")[[f"p_{x}" for x in labels]].to_numpy()
+        other = pd.read_parquet(work / "theirs0.parquet")[[f"p_{x}" for x in labels]].to_numpy()
+        agreement = float(np.abs(mine - other).max())
+        tokens = Classifier(folder).tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return {"rows": rows, "repeats": repeats, "batch_size": batch_size, "max_length": max_length,
+            "model": "all-MiniLM-L6-v2 (22M parameters), 7 labels",
+            "length_mean": float(np.mean([len(t) for t in tokens])),
+            "length_max": int(max(len(t) for t in tokens)),
+            "cockatoo_s": statistics.median(ours), "pipeline_s": statistics.median(theirs),
+            "cockatoo_rows_per_s": rows / statistics.median(ours),
+            "pipeline_rows_per_s": rows / statistics.median(theirs),
+            "ratio": statistics.median(theirs) / statistics.median(ours),
+            "max_probability_difference": agreement}
+
+
 def _section_b1(m: dict, b1: dict) -> list[str]:
     g, p = b1["median"]["grouped"], b1["median"]["padded"]
     return [
@@ -522,8 +604,29 @@ def _section_b7(m: dict, b7: dict) -> list[str]:
     return render(b7)
 
 
+def _section_b8(m: dict, b8: dict) -> list[str]:
+    return [
+        "## B8: predict",
+        "",
+        f"{b8['rows']:,} texts of B1's length mix ({b8['length_mean']:.0f} tokens on average, the longest "
+        f"{b8['length_max']}), {b8['model']}, batch {b8['batch_size']}, max length {b8['max_length']}, "
+        f"{m['cores']} CPU cores, {b8['repeats']} repeats alternating; both read the same Parquet file, "
+        "load the model and write Parquet.",
+        "",
+        "| | seconds | rows/s |",
+        "|---|---|---|",
+        f"| `cockatoo predict` (length-sorted batches, inference mode) | {b8['cockatoo_s']:.2f} | "
+        f"{b8['cockatoo_rows_per_s']:,.0f} |",
+        f"| transformers `pipeline(\"text-classification\")` | {b8['pipeline_s']:.2f} | "
+        f"{b8['pipeline_rows_per_s']:,.0f} |",
+        "",
+        f"**Ratio: {b8['ratio']:.2f}× rows/s** (target: at least 2×). Largest difference between the two "
+        f"sides' probabilities: {b8['max_probability_difference']:.1e}.",
+    ]
+
+
 SECTIONS = {"b1": _section_b1, "b2": _section_b2, "b3": _section_b3, "b5": _section_b5,
-            "b6": _section_b6, "b7": _section_b7}
+            "b6": _section_b6, "b7": _section_b7, "b8": _section_b8}
 B4_TEXT = [
     '## B4: GPU',
     '',
@@ -570,7 +673,7 @@ def write_report(results: dict, path: Path) -> None:
         f"{m['transformers']}, bitsandbytes {m['bitsandbytes']}; {m['date']}. Sections it did not measure "
         "(`--only`) keep the figures of the run that did, on the same kind of machine.",
     ]
-    for key in ("b1", "b2", "b3", "b4", "b5", "b6", "b7"):
+    for key in ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8"):
         if key in results:
             section = SECTIONS[key](m, results[key])
         elif key == "b4":
@@ -583,7 +686,7 @@ def write_report(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-BENCHES = ("b3", "b2", "b5", "b6", "b1", "b7")
+BENCHES = ("b3", "b2", "b5", "b6", "b1", "b7", "b8")
 
 
 def main() -> None:
@@ -595,8 +698,9 @@ def main() -> None:
     parser.add_argument("--prepare-rows", type=int, default=1_000_000, help="B5 rows")
     parser.add_argument("--images", type=int, default=1000, help="B6 images")
     parser.add_argument("--quality-rows", type=int, default=QUALITY_ROWS, help="B7 rows (0: all 7,674)")
+    parser.add_argument("--predict-rows", type=int, default=4000, help="B8 rows")
     parser.add_argument("--only", default=",".join(BENCHES),
-                        help="comma-separated benchmarks to run (b1,b2,b3,b5,b6,b7); the rest of the "
+                        help="comma-separated benchmarks to run (b1,b2,b3,b5,b6,b7,b8); the rest of the "
                              "report keeps its recorded figures")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
@@ -612,6 +716,7 @@ def main() -> None:
         "b6": ("B6 images", lambda: bench_images(args.images, args.repeats)),
         "b1": ("B1 training throughput", lambda: bench_training(args.repeats, args.steps)),
         "b7": ("B7 quality on real imbalanced data", lambda: bench_quality(RESULTS, args.quality_rows)),
+        "b8": ("B8 predict", lambda: bench_predict(args.predict_rows, args.repeats)),
     }
     results = {"machine": machine()}
     for key in BENCHES:

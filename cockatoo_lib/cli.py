@@ -172,6 +172,8 @@ def predict(model: str = typer.Option(..., "--model",
     info = predict_file(model, input_, output, text_column, image_column, registry_uri, batch_size)
     typer.echo(f"{output}: {info['rows']} rows; predicted positives: "
                + ", ".join(f"{k} {v}" for k, v in info["positives"].items()))
+    for text, labels in info["preview"]:
+        typer.echo(f"  {text[:70]!r:<74} -> {labels or '(none)'}")
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 64
 PROBABILITY_PREFIX = "p_"  # one output column per label: p_<label>
 LABELS_COLUMN = "labels"  # the labels at the model's thresholds, comma-separated
+PREVIEW_ROWS = 5  # rows the command line shows
 
 
 class Classifier:
@@ -173,7 +174,8 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
     hits = probs >= classifier.thresholds
     result[LABELS_COLUMN] = [",".join(x for x, h in zip(classifier.labels, row) if h) for row in hits]
     _write_table(result, output, out_format)
-    return {"rows": len(result), "labels": classifier.labels, "output": output,
+    preview = list(zip(frame[text_column].astype(str)[:PREVIEW_ROWS], result[LABELS_COLUMN][:PREVIEW_ROWS]))
+    return {"rows": len(result), "labels": classifier.labels, "output": output, "preview": preview,
             "positives": dict(zip(classifier.labels, hits.sum(axis=0).tolist()))}
 
 

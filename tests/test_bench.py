@@ -126,3 +126,16 @@ def test_b4_without_cuda_says_so_and_leaves_the_report_alone(tmp_path, capsys, m
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["B4: no CUDA device here; nothing measured, docs/benchmarks.md left alone"]
     assert report.read_text() == "# Benchmarks\n\n## B4: GPU\n\nNot measured.\n"
+
+
+def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
+    from bench.harness import bench_predict, write_report
+
+    b8 = bench_predict(rows=120, repeats=1, batch_size=32)
+    assert b8["cockatoo_s"] > 0 and b8["pipeline_s"] > 0
+    assert b8["ratio"] == pytest.approx(b8["pipeline_s"] / b8["cockatoo_s"])
+    # The same probabilities from both: a fast side that scored differently would prove nothing.
+    assert b8["max_probability_difference"] < 1e-4
+    doc = tmp_path / "benchmarks.md"
+    write_report({"machine": MACHINE, "b8": b8}, doc)
+    assert f"**Ratio: {b8['ratio']:.2f}× rows/s**" in doc.read_text()

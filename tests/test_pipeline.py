@@ -4,6 +4,8 @@ import re
 import socket
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from fake_kfp import FakeKFP
@@ -233,6 +235,20 @@ def test_local_run_of_clip_with_images(tiny_models, image_data, tmp_path):
     assert json.loads((entry / "entry-000000.json").read_text())["meta"]["images"]["shape"] == [3, 224, 224]
     metrics = json.loads(Path(result["metrics"]).read_text())
     assert metrics["model_type"] == "clip-vit" and 0 <= result["test_macro_f1"] <= 1
+    assert result["decision"]["promoted"]  # the gate scored the test split's images too
+    # Predict reads the image column as prepare does; rows with an image score differently
+    # with it than without it, rows without one the same.
+    from cockatoo_lib.predict import Classifier, predict_file
+
+    predict_file(result["model"], str(image_data / "posts.csv"), tmp_path / "p.parquet",
+                 text_column="caption", image_column="image")
+    scored = pd.read_parquet(tmp_path / "p.parquet")
+    posts = pd.read_csv(image_data / "posts.csv")
+    assert len(scored) == len(posts) and "image" not in scored
+    text_only = Classifier.load(result["model"]).predict_proba(posts["caption"].tolist())[:, 0]
+    has_image = posts["image"].notna().to_numpy()
+    assert np.allclose(scored["p_scam"][~has_image], text_only[~has_image], atol=1e-5)
+    assert not np.allclose(scored["p_scam"][has_image], text_only[has_image], atol=1e-5)
 
 
 def test_run_command_checks_parameters_before_running(tmp_path, capsys, monkeypatch):
