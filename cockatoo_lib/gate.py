@@ -134,27 +134,18 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
             evaluation_dir: str | Path, output: str | Path, run_id: str = "",
             rules: GateRules = GateRules()) -> dict:
     """Register the challenger, decide, move the aliases; write decision.json and decision.md."""
-    from cockatoo_lib.predict import Classifier
-
     check_output(output)
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     data_manifest = read_manifest(data_dir)
     challenger_version = registry.register(model_name, registration(model_dir, Path(evaluation_dir),
                                                                     data_manifest, run_id))
-    champion_version = registry.by_alias(model_name, CHAMPION)
-    decision = {"model_name": model_name, "registry": registry.uri, "challenger": challenger_version.version,
-                "champion": champion_version.version if champion_version else None,
-                "rules": asdict(rules), "sets": {}, "reasons": []}
-    if champion_version is None:
-        decision.update(promoted=True, reasons=["no champion yet: the first registered version becomes it"])
-    else:
-        decision.update(_judge(registry, Classifier(model_dir), champion_version, data_dir, data_manifest,
-                               rules))
-    if decision["promoted"]:
-        # `previous` first: should the second move fail, the champion is still the old one.
-        if champion_version is not None:
-            registry.set_alias(model_name, PREVIOUS, champion_version.version)
-        registry.set_alias(model_name, CHAMPION, challenger_version.version)
+    try:
+        decision = _decide(registry, model_name, challenger_version.version, model_dir, data_dir,
+                           data_manifest, rules)
+    except BaseException as exc:  # the version stays registered; say why it has no verdict
+        registry.tag_version(model_name, challenger_version.version,
+                             {"gate": "failed", "gate_reasons": str(exc)[:5000]})
+        raise
     registry.tag_version(model_name, challenger_version.version,
                          {"gate": "promoted" if decision["promoted"] else "rejected",
                           "gate_reasons": "; ".join(decision["reasons"])[:5000]})
@@ -164,6 +155,36 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
     log.info("gate: %s version %s %s: %s", model_name, challenger_version.version,
              "promoted to champion" if decision["promoted"] else "not promoted",
              "; ".join(decision["reasons"]))
+    return decision
+
+
+def _decide(registry: ModelRegistry, model_name: str, version: str, model_dir: Path, data_dir: Path,
+            data_manifest: dict, rules: GateRules) -> dict:
+    from cockatoo_lib.predict import Classifier
+
+    champion_version = registry.by_alias(model_name, CHAMPION)
+    decision = {"model_name": model_name, "registry": registry.uri, "challenger": version,
+                "champion": champion_version.version if champion_version else None,
+                "rules": asdict(rules), "sets": {}, "reasons": []}
+    if champion_version is None:
+        decision.update(promoted=True, reasons=["no champion yet: the first registered version becomes it"])
+    else:
+        decision.update(_judge(registry, Classifier(model_dir), champion_version, data_dir, data_manifest,
+                               rules))
+    if not decision["promoted"]:
+        return decision
+    # MLflow has no compare-and-set on aliases: look again just before moving, so that a gate
+    # beside this one (a manual rerun next to the weekly run) is not overwritten unseen.
+    now = registry.by_alias(model_name, CHAMPION)
+    if (now and now.version) != decision["champion"]:
+        decision.update(promoted=False, reasons=[
+            f"the champion changed while the gate ran (now version {now.version if now else 'none'}, "
+            f"scored against {decision['champion'] or 'none'}); rerun the gate to compare with it"])
+        return decision
+    # `previous` first: should the second move fail, the champion is still the old one.
+    if champion_version is not None:
+        registry.set_alias(model_name, PREVIOUS, champion_version.version)
+    registry.set_alias(model_name, CHAMPION, version)
     return decision
 
 

@@ -174,7 +174,8 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
     hits = probs >= classifier.thresholds
     result[LABELS_COLUMN] = [",".join(x for x, h in zip(classifier.labels, row) if h) for row in hits]
     _write_table(result, output, out_format)
-    preview = list(zip(frame[text_column].astype(str)[:PREVIEW_ROWS], result[LABELS_COLUMN][:PREVIEW_ROWS]))
+    shown = frame[text_column].fillna("").astype(str)[:PREVIEW_ROWS]
+    preview = list(zip(shown, result[LABELS_COLUMN][:PREVIEW_ROWS]))
     return {"rows": len(result), "labels": classifier.labels, "output": output, "preview": preview,
             "positives": dict(zip(classifier.labels, hits.sum(axis=0).tolist()))}
 

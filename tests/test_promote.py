@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from helpers import error_line, free_port, run_cli, serve
 
+from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.gate import DECISION_JSON, DECISION_MD, GateRules, bootstrap_gain, compare, promote
 from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
 from cockatoo_lib.train import MODEL_MANIFEST
@@ -166,3 +167,40 @@ def test_unreachable_registry_is_one_line(trained_run, tmp_path, capsys, monkeyp
                             "--registry-uri", f"http://127.0.0.1:{free_port()}"], capsys, monkeypatch)
     assert code == 2 and "model registry http://127.0.0.1:" in error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_champion_moved_by_another_gate_meanwhile_is_not_overwritten(trained_run, tmp_path):
+    class Concurrent(MLflowRegistry):
+        """Another gate promotes version 2 between this gate's first and second look."""
+
+        looks = 0
+
+        def by_alias(self, name, alias):
+            self.looks += 1
+            if self.looks == 2:
+                self.set_alias(name, CHAMPION, "2")
+            return super().by_alias(name, alias)
+
+    uri = local_registry_uri(tmp_path)
+    plain = MLflowRegistry(uri)
+    _gate(plain, "m", trained_run, "blind", tmp_path / "a")  # version 1
+    _gate(plain, "m", trained_run, "blind", tmp_path / "b")  # version 2
+    plain.set_alias("m", CHAMPION, "1")
+    decision = _gate(Concurrent(uri), "m", trained_run, "model", tmp_path / "c")  # version 3, better
+    assert not decision["promoted"]
+    assert decision["reasons"] == ["the champion changed while the gate ran (now version 2, scored "
+                                   "against 1); rerun the gate to compare with it"]
+    assert plain.by_alias("m", CHAMPION).version == "2"
+
+
+def test_a_gate_that_fails_tags_the_version_and_writes_nothing(trained_run, tmp_path):
+    registry = MLflowRegistry(local_registry_uri(tmp_path))
+    _gate(registry, "m", trained_run, "model", tmp_path / "a")
+    for path in (tmp_path / "registry" / "artifacts").rglob(MODEL_MANIFEST):
+        path.unlink()  # the champion's files are damaged
+    with pytest.raises(CockatooError, match="has no cockatoo.json|cockatoo.json"):
+        _gate(registry, "m", trained_run, "model", tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    version = registry.version("m", "2")
+    assert version.tags["gate"] == "failed" and "cockatoo.json" in version.tags["gate_reasons"]
+    assert registry.by_alias("m", CHAMPION).version == "1"
