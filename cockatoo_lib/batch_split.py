@@ -24,8 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from cockatoo_lib.errors import CockatooError
+
+if TYPE_CHECKING:
+    from cockatoo_lib.registry import Plan
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +161,21 @@ def probe(split: Split, effective_per_process: int, fits: Callable[[int], bool])
                          split.estimated_gib, f"{split.reason}; the card held {micro} at full width, "
                          f"not {split.micro_batch}")
     raise CockatooError("not even a micro-batch of 1 fits this card at full width")
+
+
+def split_for_processes(plan: Plan, processes: int) -> Plan:
+    """Data parallel: each of `processes` takes a micro-batch per step, so the guide's effective
+    batch (micro-batch x accumulation) is kept by lowering the accumulation where it divides;
+    where it cannot be kept, the nearest is taken and the note says so."""
+    if processes <= 1:
+        return plan
+    target = plan.effective_batch_size
+    accumulation = max(1, round(target / (plan.batch_size * processes)))
+    effective = plan.batch_size * processes * accumulation
+    note = (f"data parallel: micro-batch {plan.batch_size} x {processes} processes x accumulation "
+            f"{accumulation} = {effective} rows per step")
+    note += (f" (the plan's {plan.batch_size} x {plan.gradient_accumulation_steps})" if effective == target
+             else f", not the plan's {target} ({plan.batch_size} x {plan.gradient_accumulation_steps}), "
+                  f"which {processes} processes cannot split evenly")
+    return plan.model_copy(update={"gradient_accumulation_steps": accumulation,
+                                   "adjustments": plan.adjustments + (note,)})

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.fileio import check_output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train multi-label content-moderation classifiers.")
@@ -89,11 +90,25 @@ def tokenize(data: Path = typer.Option(..., "--data", "-d"),
 def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, to check against"),
           tokenized: Path = typer.Option(..., "--tokenized", "-t"),
           output: Path = typer.Option(..., "--output", "-o"),
-          model_type: str = MODEL_TYPE, set_: list[str] = SET):
+          model_type: str = MODEL_TYPE, set_: list[str] = SET,
+          processes: int = typer.Option(1, "--processes",
+                                        help="data-parallel processes on this machine (torchrun; "
+                                             "one per GPU on CUDA, gloo on CPU)")):
     """Fine-tune the model and tune per-label thresholds on validation."""
+    from cockatoo_lib import distributed
+    from cockatoo_lib.limits import check_range
     from cockatoo_lib.train import train as run
 
+    check_range("processes", processes, "--processes")
+    if processes > 1 and not distributed.launched():
+        check_output(output)  # before starting any process
+        code = distributed.launch(processes, sys.argv[1:])
+        if code:
+            raise typer.Exit(code)
+        return
     info = run(tokenized, _plan(model_type, set_), output, data_dir=data)
+    if distributed.rank() != 0:
+        return
     typer.echo(f"{output}: best validation {info['selection_metric']} {info['best_validation_metric']:.4f} "
                f"at epoch {info['best_epoch']} of {info['epochs']:g}; seed {info['seed']}")
 

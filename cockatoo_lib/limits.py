@@ -11,6 +11,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "seed": (0, 2**32 - 1),  # numpy's generators take no negative seed
     "max_samples": (0, None),  # 0: all rows
     "gpus": (0, 64),
+    "processes": (1, 64),
     "gpu_memory_gib": (1.0, 1024.0),
     "batch_size": (1, 65536),  # predict's
     # The promote gate's rules, in macro-F1 and F1 points.

@@ -57,12 +57,27 @@ def local_path(uri: str) -> str:
 
 
 def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model: str, seed: int,
-               output: str) -> dict:
-    """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one."""
-    from cockatoo_lib.train import train
+               output: str, gpus: int = 1) -> dict:
+    """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one. With
+    more than one GPU, one process per GPU (cockatoo_lib.distributed)."""
+    import json
 
-    plan = step_plan(model_type, {"seed": seed, **(overrides or {})}, base_model, detect=True)
-    info = train(local_path(tokenized_dir), plan, output)
+    from cockatoo_lib import distributed
+    from cockatoo_lib.train import read_model_manifest, train
+
+    settings = {"seed": seed, **(overrides or {}), **({"base_model": base_model} if base_model else {})}
+    plan = step_plan(model_type, settings, detect=True)
+    if gpus > 1 and not distributed.launched():
+        argv = ["train", "--tokenized", local_path(tokenized_dir), "--output", output,
+                "--model-type", model_type,
+                *[f"--set={key}={json.dumps(value)}" for key, value in settings.items()]]
+        code = distributed.launch(gpus, argv)
+        if code:
+            raise CockatooError(f"training in {gpus} processes failed (exit code {code}); the failing "
+                                "process's error is in the log above")
+        info = read_model_manifest(output)
+    else:
+        info = train(local_path(tokenized_dir), plan, output)
     return {"model_type": info["model_type"], "base_model": info["base_model"],
             "selection_metric": info["selection_metric"],
             "best_validation_metric": info["best_validation_metric"], "best_epoch": info["best_epoch"],

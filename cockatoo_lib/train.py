@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
 
+from cockatoo_lib import distributed
 from cockatoo_lib.data import read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, write_json
@@ -187,6 +189,7 @@ def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArgum
         report_to="none",
         seed=plan.seed,
         use_cpu=not cuda,
+        ddp_backend=("nccl" if cuda else "gloo") if distributed.world_size() > 1 else None,
         torch_compile=plan.torch_compile and cuda,
         # Batches go to the card from pinned memory without blocking the host.
         dataloader_pin_memory=cuda,
@@ -194,14 +197,16 @@ def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArgum
     )
 
 
-def batch_split_record(plan: Plan, cuda: bool) -> dict:
+def batch_split_record(plan: Plan, cuda: bool, processes: int = 1) -> dict:
     """How each optimizer step is split, and why: the manifest's, the log's and the UI's."""
-    why = [n for n in plan.adjustments if n.startswith(("batch split", "micro-batch")) or "bf16" in n]
+    why = [n for n in plan.adjustments
+           if n.startswith(("batch split", "micro-batch", "data parallel")) or "bf16" in n]
     if not why:
         why = ["the plan's values, pinned" if plan.batch_split == "seed" else "the plan's values"]
     return {"micro_batch": plan.batch_size,
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-            "effective_batch": plan.effective_batch_size,
+            "processes": processes,
+            "effective_batch": plan.effective_batch_size * processes,
             "gradient_checkpointing": plan.gradient_checkpointing,
             "precision": "bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
             "torch_compile": plan.torch_compile and cuda,
@@ -291,14 +296,28 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
     collator = PaddingCollator(tokenizer.pad_token_id or 0, pad_multiple(plan, cuda), tok_info.get("images"),
                                plan.max_length)
     plan = check_split_on_card(model, plan, collator, datasets["train"])
-    split = batch_split_record(plan, cuda)
-    log.info("batch split: %d x %d = %d rows per step, checkpointing %s, %s; %s", split["micro_batch"],
-             split["gradient_accumulation_steps"], split["effective_batch"],
+    world = distributed.world_size()
+    if world > 1:
+        from cockatoo_lib.batch_split import split_for_processes
+
+        plan = split_for_processes(plan, world)
+        log.info("training in %d processes (%s backend); this is process %d; %s", world,
+                 "nccl" if cuda else "gloo", distributed.rank(), plan.adjustments[-1])
+    split = batch_split_record(plan, cuda, world)
+    log.info("batch split: %d x %d processes x %d = %d rows per step, checkpointing %s, %s; %s",
+             split["micro_batch"], world, split["gradient_accumulation_steps"], split["effective_batch"],
              "on" if split["gradient_checkpointing"] else "off", split["precision"], "; ".join(split["why"]))
     pos_weight = torch.tensor([tok_info["class_weights"][x] for x in labels], dtype=torch.float32)
     loss_weights = torch.tensor([tok_info["loss_weights"][x] for x in labels])
 
-    with atomic_output_dir(output) as tmp, tempfile.TemporaryDirectory() as work:
+    # Process 0 alone writes the model; the others' saves are no-ops or go to a scratch folder.
+    main = distributed.rank() == 0
+    output_dir = atomic_output_dir(output) if main else tempfile.TemporaryDirectory()
+    # Checkpoints go to a folder every process on this node shares.
+    work_dir = (tempfile.TemporaryDirectory() if world == 1
+                else contextlib.nullcontext(str(distributed.shared_work_dir())))
+    with output_dir as tmp, work_dir as work:
+        tmp = Path(tmp)
         trainer = CockatooTrainer(
             model=model,
             args=training_arguments(plan, work, cuda),
@@ -339,6 +358,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             "inference_max_length": plan.inference_max_length,
             "plan": plan.model_dump(mode="json"),
             "batch_split": split,
+            "processes": world,
             "data_fingerprint": tok_info["data_fingerprint"],
             "tokenized_cache_key": tok_info["cache_key"],
             "train_images": tok_info.get("images", {}).get("rows", {}).get("train", 0),
@@ -353,6 +373,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             "validation_macro_f1_tuned": macro_f1(sigmoid(prediction.predictions), val_labels,
                                                   val_mask, thresholds),
             "epochs": float(trainer.state.epoch or 0),
+            "optimizer_steps": int(trainer.state.global_step),
             "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 2),
             "train_samples_per_second": float(result.metrics.get("train_samples_per_second", 0.0)),
         }

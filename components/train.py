@@ -11,9 +11,12 @@ def train(
     overrides: dict,
     base_model: str,
     seed: int,
+    gpus: int,
     model: Output[Model],
 ):
-    """Fine-tune on the tokenized splits with the run's seed; the model folder with cockatoo.json."""
+    """Fine-tune on the tokenized splits with the run's seed; the model folder with cockatoo.json.
+    With several GPUs, one data-parallel process per GPU."""
     from cockatoo_lib.steps import train_step
 
-    model.metadata.update(train_step(tokenized.path, model_type, overrides, base_model, seed, model.path))
+    model.metadata.update(train_step(tokenized.path, model_type, overrides, base_model, seed, model.path,
+                                     gpus))

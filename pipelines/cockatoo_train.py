@@ -121,7 +121,7 @@ def build_pipeline(cluster: Cluster = Cluster()):
         tokenized.set_display_name("tokenized (by content)")
 
         fit = train(tokenized=tokenized.output, model_type=model_type, overrides=overrides,
-                    base_model=base_model, seed=seed)
+                    base_model=base_model, seed=seed, gpus=gpus)
         _configure(fit, "train", cluster.images.cuda, cluster, shm=True)
         fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
 

@@ -105,7 +105,7 @@ def test_the_split_used_is_in_the_manifest_and_the_runs_metrics(tiny_models, sma
     tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
     manifest = train(tmp_path / "tok", plan, tmp_path / "model")
     assert manifest["batch_split"] == {
-        "micro_batch": 16, "gradient_accumulation_steps": 2, "effective_batch": 32,
+        "micro_batch": 16, "gradient_accumulation_steps": 2, "processes": 1, "effective_batch": 32,
         "gradient_checkpointing": False, "precision": "fp16", "torch_compile": False, "how": "seed",
         "why": ["the plan's values, pinned"]}
     scalars, _ = kfp_metrics(evaluate(tmp_path / "model", tmp_path / "tok", tmp_path / "eval"))

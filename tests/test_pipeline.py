@@ -132,9 +132,11 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
 
     entry = dsl.Dataset(uri=out.cache_uri)
     model = dsl.Model(uri=str(tmp_path / "model"))
+    # gpus=2 on a machine without CUDA: two data-parallel CPU processes (gloo), as on two GPUs.
     train.python_func(tokenized=entry, model_type="deberta", overrides=FAST, base_model=base, seed=7,
-                      model=model)
+                      gpus=2, model=model)
     assert model.metadata["model_type"] == "deberta" and model.metadata["epochs"] == 1
+    assert read_model_manifest(model.path)["processes"] == 2
     assert 0 <= model.metadata["best_validation_metric"] <= 1
     assert model.metadata["selection_metric"] == "f1"
     # The run form's seed reaches training and is recorded with the model.
