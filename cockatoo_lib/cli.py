@@ -93,20 +93,27 @@ def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, t
           model_type: str = MODEL_TYPE, set_: list[str] = SET,
           processes: int = typer.Option(1, "--processes",
                                         help="data-parallel processes on this machine (torchrun; "
-                                             "one per GPU on CUDA, gloo on CPU)")):
+                                             "one per GPU on CUDA, gloo on CPU)"),
+          checkpoint_root: str = typer.Option(None, "--checkpoint-root",
+                                              help="folder, gs:// or s3:// URI: publish checkpoints there "
+                                                   "and resume from the newest when run again"),
+          keep_checkpoints: int = typer.Option(0, "--keep-checkpoints",
+                                               help="checkpoints kept once the model is written")):
     """Fine-tune the model and tune per-label thresholds on validation."""
     from cockatoo_lib import distributed
     from cockatoo_lib.limits import check_range
     from cockatoo_lib.train import train as run
 
     check_range("processes", processes, "--processes")
+    check_range("keep_checkpoints", keep_checkpoints, "--keep-checkpoints")
     if processes > 1 and not distributed.launched():
         check_output(output)  # before starting any process
         code = distributed.launch(processes, sys.argv[1:])
         if code:
             raise typer.Exit(code)
         return
-    info = run(tokenized, _plan(model_type, set_), output, data_dir=data)
+    info = run(tokenized, _plan(model_type, set_), output, data_dir=data, checkpoint_root=checkpoint_root,
+               keep_checkpoints=keep_checkpoints)
     if distributed.rank() != 0:
         return
     typer.echo(f"{output}: best validation {info['selection_metric']} {info['best_validation_metric']:.4f} "

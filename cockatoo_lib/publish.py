@@ -74,18 +74,42 @@ def read_published(fs, root: str) -> Lookup:
     if not markers:
         return Lookup(None, None, 0)
     generation = max(markers)
-    marker = markers[generation]
+    entry, problem = read_generation(fs, root, generation, markers[generation])
+    return Lookup(entry, problem, generation + 1)
+
+
+def read_generation(fs, root: str, generation: int,
+                    marker: str | None = None) -> tuple[Entry | None, str | None]:
+    """One generation's entry, verified; or None and why it cannot be used."""
+    marker = marker or f"{root.rstrip('/')}/entry-{generation:06d}.json"
     try:
         body = json.loads(fs.cat_file(marker))
         location = f"{root.rstrip('/')}/{body['location']}"
         files: dict[str, int] = body["files"]
+    except FileNotFoundError:
+        return None, f"marker {marker} does not exist"
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        return Lookup(None, f"marker {marker} is unreadable ({type(exc).__name__})", generation + 1)
+        return None, f"marker {marker} is unreadable ({type(exc).__name__})"
     problem = _verify(fs, location, files)
     if problem:
-        return Lookup(None, f"{fs.unstrip_protocol(marker)}: {problem}", generation + 1)
-    entry = Entry(fs.unstrip_protocol(location), generation, body.get("meta", {}))
-    return Lookup(entry, None, generation + 1)
+        return None, f"{fs.unstrip_protocol(marker)}: {problem}"
+    return Entry(fs.unstrip_protocol(location), generation, body.get("meta", {})), None
+
+
+def generations(fs, root: str) -> list[int]:
+    """The generations published under `root`, newest first."""
+    return sorted(_markers(fs, root), reverse=True)
+
+
+def remove_generation(fs, root: str, generation: int) -> None:
+    """Unpublish one entry: its marker first, so that no reader ever finds a marker without data."""
+    marker = f"{root.rstrip('/')}/entry-{generation:06d}.json"
+    try:
+        location = f"{root.rstrip('/')}/{json.loads(fs.cat_file(marker))['location']}"
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return
+    fs.rm(marker)
+    fs.rm(location, recursive=True)
 
 
 def _verify(fs, location: str, files: dict[str, int]) -> str | None:

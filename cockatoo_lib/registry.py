@@ -73,6 +73,10 @@ class Plan(BaseModel):
     deterministic: bool = False
     dataloader_num_workers: int = Field(default=4, ge=0)
     save_total_limit: int = Field(default=2, gt=0)
+    # With a checkpoint root (train --checkpoint-root, the checkpoint_root run parameter), also
+    # checkpoint every this many optimizer steps, so that preemption costs less than an epoch;
+    # 0: at each epoch's end only.
+    save_steps: int = Field(default=0, ge=0)
     train_sampling_strategy: Literal["group_by_length", "random"] = "group_by_length"
     # On CUDA, "derived" keeps the effective batch (batch_size × gradient_accumulation_steps)
     # and picks the micro-batch and checkpointing for the card (cockatoo_lib/batch_split.py)

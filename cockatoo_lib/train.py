@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from cockatoo_lib import distributed
+from cockatoo_lib.checkpoints import DurableCheckpoints, checkpoint_key, checkpoint_step
 from cockatoo_lib.data import read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, write_json
@@ -158,7 +160,9 @@ def pad_multiple(plan: Plan, cuda: bool) -> int:
     return COMPILE_WIDTH_MULTIPLE if plan.torch_compile else 8
 
 
-def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArguments:
+def training_arguments(plan: Plan, output_dir: str, cuda: bool, resumable: bool = False) -> TrainingArguments:
+    """`resumable`: checkpoints hold what resuming needs (optimizer, scheduler, RNG, callbacks'
+    state), not the weights alone."""
     return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=plan.batch_size,
@@ -179,7 +183,8 @@ def training_arguments(plan: Plan, output_dir: str, cuda: bool) -> TrainingArgum
         metric_for_best_model=plan.metric_for_best_model,
         greater_is_better=True,
         save_total_limit=plan.save_total_limit,
-        save_only_model=True,
+        save_only_model=not resumable,
+        restore_callback_states_from_checkpoint=resumable,  # early stopping's patience
         full_determinism=plan.deterministic,
         dataloader_num_workers=plan.dataloader_num_workers,
         train_sampling_strategy=plan.train_sampling_strategy,
@@ -269,9 +274,14 @@ def check_same_data(tok_info: dict, tokenized_dir, data_dir) -> None:
 
 
 def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
-          data_dir: str | Path | None = None) -> dict:
+          data_dir: str | Path | None = None, checkpoint_root: str | None = None,
+          keep_checkpoints: int = 0) -> dict:
     """Fine-tune, restore the best epoch, tune per-label thresholds on validation, save the model
-    folder (weights, tokenizer, cockatoo.json). Returns the model manifest."""
+    folder (weights, tokenizer, cockatoo.json). Returns the model manifest.
+
+    With `checkpoint_root`, every checkpoint is published there (cockatoo_lib/checkpoints.py)
+    and the same training started again resumes from the newest complete one; once the model
+    is written, all but the newest `keep_checkpoints` are removed."""
     check_output(output)
     datasets, tok_info = load_tokenized(tokenized_dir)
     check_same_data(tok_info, tokenized_dir, data_dir)
@@ -310,6 +320,11 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
     pos_weight = torch.tensor([tok_info["class_weights"][x] for x in labels], dtype=torch.float32)
     loss_weights = torch.tensor([tok_info["loss_weights"][x] for x in labels])
 
+    durable = None
+    if checkpoint_root:
+        key = checkpoint_key(tok_info["cache_key"], plan.model_dump(mode="json"), world)
+        durable = DurableCheckpoints(checkpoint_root, key, plan.save_steps)
+
     # Process 0 alone writes the model; the others' saves are no-ops or go to a scratch folder.
     main = distributed.rank() == 0
     output_dir = atomic_output_dir(output) if main else tempfile.TemporaryDirectory()
@@ -320,7 +335,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
         tmp = Path(tmp)
         trainer = CockatooTrainer(
             model=model,
-            args=training_arguments(plan, work, cuda),
+            args=training_arguments(plan, work, cuda, resumable=durable is not None),
             data_collator=collator,
             train_dataset=datasets["train"],
             eval_dataset=datasets["validation"],
@@ -329,10 +344,11 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             plan=plan,
             pos_weight=pos_weight,
             loss_weights=loss_weights,
-            callbacks=[EarlyStoppingCallback(plan.early_stopping_patience)]
-            if plan.early_stopping_patience else None,
+            callbacks=[*([EarlyStoppingCallback(plan.early_stopping_patience)]
+                         if plan.early_stopping_patience else []), *([durable] if durable else [])],
         )
-        result = trainer.train()
+        resumed = _resume_point(durable, Path(work)) if durable else None
+        result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
         if cuda and plan.torch_compile:
             from torch._dynamo.utils import counters
 
@@ -374,14 +390,31 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
                                                   val_mask, thresholds),
             "epochs": float(trainer.state.epoch or 0),
             "optimizer_steps": int(trainer.state.global_step),
+            "resumed_from_step": checkpoint_step(resumed) if resumed else None,
             "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 2),
             "train_samples_per_second": float(result.metrics.get("train_samples_per_second", 0.0)),
         }
         write_json(tmp / MODEL_MANIFEST, model_manifest)
+    if durable and main:  # the model is in place: its checkpoints have served
+        log.info("this run trained %d of %d optimizer steps", durable.steps_run,
+                 model_manifest["optimizer_steps"])
+        durable.clean_up(keep_checkpoints)
     log.info("trained %s: best validation %s %.4f (epoch %s of %.1f); saved to %s", plan.model_type,
              plan.metric_for_best_model, model_manifest["best_validation_metric"] or 0.0,
              model_manifest["best_epoch"], model_manifest["epochs"], output)
     return model_manifest
+
+
+def _resume_point(durable: DurableCheckpoints, work: Path) -> Path | None:
+    """The newest complete checkpoint of this training, fetched into the work folder by one
+    process per node for all; None to start afresh."""
+    if distributed.local_rank() == 0:
+        durable.resume_point(work)
+    distributed.barrier()
+    last = get_last_checkpoint(str(work))
+    if last and distributed.rank() == 0:
+        log.info("resumed from step %d: %s", checkpoint_step(last), durable.uri)
+    return Path(last) if last else None
 
 
 def _best_epoch(by_epoch: list[dict], metric: str, best) -> float | None:
