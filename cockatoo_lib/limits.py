@@ -13,6 +13,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "gpus": (0, 64),
     "processes": (1, 64),
     "keep_checkpoints": (0, 1000),
+    "retries": (0, 20),
     "gpu_memory_gib": (1.0, 1024.0),
     "batch_size": (1, 65536),  # predict's
     # The promote gate's rules, in macro-F1 and F1 points.

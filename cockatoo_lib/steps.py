@@ -57,7 +57,7 @@ def local_path(uri: str) -> str:
 
 
 def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model: str, seed: int,
-               output: str, gpus: int = 1) -> dict:
+               output: str, gpus: int = 1, checkpoint_root: str = "", output_uri: str = "") -> dict:
     """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one. With
     more than one GPU, one process per GPU (cockatoo_lib.distributed)."""
     import json
@@ -65,19 +65,25 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
     from cockatoo_lib import distributed
     from cockatoo_lib.train import read_model_manifest, train
 
+    if "://" in output_uri and checkpoint_root and "://" not in checkpoint_root:
+        # A retry runs in a new pod: checkpoints in this one's folder would be gone.
+        raise CockatooError(f"checkpoint_root {checkpoint_root!r} is a local folder, but this step runs on a "
+                            f"cluster (its output is {output_uri}); set it to a bucket URI such as "
+                            "gs://BUCKET/cockatoo-checkpoints, or leave it empty")
     settings = {"seed": seed, **(overrides or {}), **({"base_model": base_model} if base_model else {})}
     plan = step_plan(model_type, settings, detect=True)
     if gpus > 1 and not distributed.launched():
         argv = ["train", "--tokenized", local_path(tokenized_dir), "--output", output,
                 "--model-type", model_type,
-                *[f"--set={key}={json.dumps(value)}" for key, value in settings.items()]]
+                *[f"--set={key}={json.dumps(value)}" for key, value in settings.items()],
+                *(["--checkpoint-root", checkpoint_root] if checkpoint_root else [])]
         code = distributed.launch(gpus, argv)
         if code:
             raise CockatooError(f"training in {gpus} processes failed (exit code {code}); the failing "
                                 "process's error is in the log above")
         info = read_model_manifest(output)
     else:
-        info = train(local_path(tokenized_dir), plan, output)
+        info = train(local_path(tokenized_dir), plan, output, checkpoint_root=checkpoint_root or None)
     return {"model_type": info["model_type"], "base_model": info["base_model"],
             "selection_metric": info["selection_metric"],
             "best_validation_metric": info["best_validation_metric"], "best_epoch": info["best_epoch"],

@@ -1,6 +1,8 @@
 """The full `cockatoo` command line: the library's step commands plus the pipeline commands
 (run locally, compile, submit, schedule). Lives here because those need kfp."""
 
+import functools
+import inspect
 import sys
 from pathlib import Path
 
@@ -14,21 +16,64 @@ REGISTRY = typer.Option(None, "--image-registry", help="registry of the cockatoo
 TAG = typer.Option(None, "--image-tag", help="tag of the images")
 
 
-def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu",
-             node_selector=None, toleration=None, cache_root="", gpus=1, scratch_size="", registry_uri=""):
+# The options that say where and how the steps run, taken alike by compile, submit and schedule.
+CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
+    "image_registry": (str, REGISTRY),
+    "image_tag": (str, TAG),
+    "accelerator_type": (str, typer.Option("nvidia.com/gpu", "--accelerator-type")),
+    "gpus": (int, typer.Option(1, "--gpus", help="default of the gpus run parameter")),
+    "node_selector": (list[str], typer.Option(None, "--node-selector",
+                                              help="label=value, on every step (repeatable)")),
+    "toleration": (list[str], typer.Option(None, "--toleration",
+                                           help="key=value, NoSchedule, on every step (repeatable)")),
+    "cache_root": (str, typer.Option("", "--cache-root",
+                                     help="default tokenized_cache_root, e.g. gs://bucket/cache")),
+    "scratch_size": (str, typer.Option("", "--scratch-size",
+                                       help="a volume for prepare's and tokenize's temporary files, "
+                                            "e.g. 100Gi (image data sets)")),
+    "registry_uri": (str, typer.Option("", "--registry-uri",
+                                       help="default registry_uri: the MLflow tracking server")),
+    "checkpoint_root": (str, typer.Option("", "--checkpoint-root",
+                                          help="default checkpoint_root, e.g. gs://bucket/checkpoints")),
+    "retries": (int, typer.Option(2, "--retries", help="retries of a failed train step, with backoff")),
+}
+
+
+def with_cluster_options(command):
+    """Give `command` the cluster options; it receives them as one `cluster` (a Cluster)."""
+    signature = inspect.signature(command)
+    kept = [p for p in signature.parameters.values() if p.name != "cluster"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, (kind, option) in CLUSTER_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        cluster = _cluster(**{name: kwargs.pop(name) for name in CLUSTER_OPTIONS})
+        return command(*args, cluster=cluster, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=kept + added)
+    wrapper.__annotations__ = {**{p.name: p.annotation for p in kept},
+                               **{name: kind for name, (kind, _) in CLUSTER_OPTIONS.items()}}
+    del wrapper.__wrapped__  # typer reads the signature above, not the wrapped function's
+    return wrapper
+
+
+def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu", gpus=1,
+             node_selector=None, toleration=None, cache_root="", scratch_size="", registry_uri="",
+             checkpoint_root="", retries=2):
     from cockatoo_lib.limits import check_range
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
     from pipelines.cockatoo_train import Cluster
 
     check_range("gpus", gpus, "--gpus")
-
+    check_range("retries", retries, "--retries")
     selectors = dict(_pair(s, "--node-selector") for s in node_selector or [])
     tolerations = [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}
                    for k, v in (_pair(t, "--toleration") for t in toleration or [])]
     return Cluster(images=Images(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG),
                    accelerator_type=accelerator_type, node_selector=selectors,
                    tolerations=tolerations, cache_root=cache_root, gpus=gpus, scratch_size=scratch_size,
-                   registry_uri=registry_uri)
+                   registry_uri=registry_uri, checkpoint_root=checkpoint_root, retries=retries)
 
 
 def _pair(text: str, option: str) -> tuple[str, str]:
@@ -82,57 +127,40 @@ def run(model_type: str = typer.Option(None, "--model-type", "-m"),
 
 
 @app.command(name="compile")
-def compile_(output: Path = typer.Option(Path("cockatoo-train.yaml"), "--output", "-o"),
-             image_registry: str = REGISTRY, image_tag: str = TAG,
-             accelerator_type: str = typer.Option("nvidia.com/gpu", "--accelerator-type"),
-             gpus: int = typer.Option(1, "--gpus", help="default of the gpus run parameter"),
-             node_selector: list[str] = typer.Option(None, "--node-selector", help="label=value"),
-             toleration: list[str] = typer.Option(None, "--toleration", help="key=value (NoSchedule)"),
-             cache_root: str = typer.Option("", "--cache-root",
-                                            help="default tokenized_cache_root, e.g. gs://bucket/cache"),
-             scratch_size: str = typer.Option("", "--scratch-size",
-                                              help="a volume for prepare's and tokenize's temporary "
-                                                   "files, e.g. 100Gi (image data sets)"),
-             registry_uri: str = typer.Option("", "--registry-uri",
-                                              help="default registry_uri: the MLflow tracking server")):
+@with_cluster_options
+def compile_(output: Path = typer.Option(Path("cockatoo-train.yaml"), "--output", "-o"), cluster=None):
     """Compile the pipeline to a KFP YAML package."""
     from pipelines.runner import compile_pipeline
 
-    cluster = _cluster(image_registry, image_tag, accelerator_type, node_selector, toleration,
-                       cache_root, gpus, scratch_size, registry_uri)
     path = compile_pipeline(output, cluster)
     typer.echo(f"compiled {path} (images {cluster.images.cpu}, {cluster.images.cuda})")
 
 
 @app.command()
+@with_cluster_options
 def submit(host: str = typer.Option(..., "--host", help="KFP API URL, e.g. http://localhost:8080"),
            experiment: str = typer.Option("cockatoo", "--experiment"),
            model_type: str = typer.Option(None, "--model-type", "-m"),
            set_: list[str] = SET, param: list[str] = PARAM,
-           run_name: str = typer.Option(None, "--run-name"),
-           image_registry: str = REGISTRY, image_tag: str = TAG):
+           run_name: str = typer.Option(None, "--run-name"), cluster=None):
     """Compile the pipeline and start a run on a KFP cluster; prints the run's URL."""
     from pipelines.runner import submit as run_submit
 
-    url = run_submit(host, _params(model_type, set_, param), experiment,
-                     _cluster(image_registry, image_tag), run_name)
-    typer.echo(url)
+    typer.echo(run_submit(host, _params(model_type, set_, param), experiment, cluster, run_name))
 
 
 @app.command()
+@with_cluster_options
 def schedule(host: str = typer.Option(..., "--host"),
              cron: str = typer.Option(..., "--cron", help="six fields, seconds first: '0 0 3 * * 1'"),
              experiment: str = typer.Option("cockatoo", "--experiment"),
              name: str = typer.Option("cockatoo-weekly-retrain", "--name"),
              model_type: str = typer.Option(None, "--model-type", "-m"),
-             set_: list[str] = SET, param: list[str] = PARAM,
-             image_registry: str = REGISTRY, image_tag: str = TAG):
+             set_: list[str] = SET, param: list[str] = PARAM, cluster=None):
     """Create a recurring run (one at a time, no catch-up); prints its URL."""
     from pipelines.runner import schedule as run_schedule
 
-    url = run_schedule(host, cron, _params(model_type, set_, param), experiment,
-                       _cluster(image_registry, image_tag), name)
-    typer.echo(url)
+    typer.echo(run_schedule(host, cron, _params(model_type, set_, param), experiment, cluster, name))
 
 
 def main() -> None:

@@ -38,6 +38,11 @@ class Cluster:
     # Default of the registry_uri run parameter: the MLflow tracking server on a cluster.
     registry_uri: str = ""
     gpus: int = 1
+    # Default of the checkpoint_root run parameter: where train publishes its checkpoints (a
+    # bucket on a cluster), so that a retried or rerun step resumes; empty: no checkpoints kept.
+    checkpoint_root: str = ""
+    # How often KFP retries a failed train step (a preempted spot node), with backoff.
+    retries: int = 2
     # A volume of this size (e.g. "100Gi") for prepare's and tokenize's temporary files, which
     # hold a data set's images twice over; empty: the pod's ephemeral storage.
     scratch_size: str = ""
@@ -97,6 +102,7 @@ def build_pipeline(cluster: Cluster = Cluster()):
         max_train_samples: int = 0,
         tokenized_cache_root: str = cluster.cache_root,
         gpus: int = cluster.gpus,
+        checkpoint_root: str = cluster.checkpoint_root,
         registry_uri: str = cluster.registry_uri,
         model_name: str = "cockatoo-moderation",
         min_improvement: float = 0.0,
@@ -121,9 +127,12 @@ def build_pipeline(cluster: Cluster = Cluster()):
         tokenized.set_display_name("tokenized (by content)")
 
         fit = train(tokenized=tokenized.output, model_type=model_type, overrides=overrides,
-                    base_model=base_model, seed=seed, gpus=gpus)
+                    base_model=base_model, seed=seed, gpus=gpus, checkpoint_root=checkpoint_root)
         _configure(fit, "train", cluster.images.cuda, cluster, shm=True)
         fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
+        if cluster.retries:  # a retry finds the checkpoints of the try before: same inputs, same key
+            fit.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0,
+                          backoff_max_duration="3600s")
 
         scored = evaluate(model=fit.outputs["model"], tokenized=tokenized.output)
         _configure(scored, "evaluate", cluster.images.cpu, cluster)

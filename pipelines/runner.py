@@ -89,6 +89,8 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, An
     check_params(params)
     if not params.get("registry_uri"):  # the embedded registry: SQLite under the output root
         params = {**params, "registry_uri": local_registry_uri(pipeline_root)}
+    if not params.get("checkpoint_root"):  # checkpoints under the output root, to resume a rerun
+        params = {**params, "checkpoint_root": str(pipeline_root)}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=False)
     compiled = compile_pipeline(Path(pipeline_root) / f"{PIPELINE_NAME}.yaml", Cluster(for_local=True))

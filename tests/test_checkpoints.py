@@ -106,9 +106,14 @@ def _checkpoint(folder: Path, step: int, best: int | None) -> Path:
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(os.urandom(64))
-    state = {"global_step": step, "best_model_checkpoint": f"/gone/pod/tmp/checkpoint-{best}" if best else None}
+    state = {"global_step": step,
+             "best_model_checkpoint": f"/gone/pod/tmp/checkpoint-{best}" if best else None}
     (path / "trainer_state.json").write_text(json.dumps(state))
     return path
+
+
+def _publish(durable: DurableCheckpoints, local: Path, step: int, best: int) -> None:
+    publish(durable.fs, durable.root, _checkpoint(local, step, best), {"step": step, "best_step": best}, step)
 
 
 def _durable(tmp_path) -> DurableCheckpoints:
@@ -146,7 +151,7 @@ def test_the_best_checkpoint_comes_with_the_newest_or_the_newest_is_not_used(tmp
     durable = _durable(tmp_path)
     local = tmp_path / "local"
     for step, best in ((4, 4), (8, 4), (12, 8)):
-        publish(durable.fs, durable.root, _checkpoint(local, step, best), {"step": step, "best_step": best}, step)
+        _publish(durable, local, step, best)
     work = tmp_path / "work"
     assert durable.resume_point(work) == work / "checkpoint-12"
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint-12", "checkpoint-8"]
@@ -163,7 +168,7 @@ def test_clean_up_keeps_the_newest_and_the_best_it_names(tmp_path, keep, left):
     durable = _durable(tmp_path)
     local = tmp_path / "local"
     for step, best in ((4, 4), (8, 8), (12, 8)):
-        publish(durable.fs, durable.root, _checkpoint(local, step, best), {"step": step, "best_step": best}, step)
+        _publish(durable, local, step, best)
     durable.clean_up(keep)
     assert generations(durable.fs, durable.root) == left
     named = {json.loads(p.read_text())["location"] for p in Path(durable.root).glob("entry-*.json")}

@@ -39,7 +39,8 @@ def _train(tok, out, base, processes, *extra):
     sets = [f"--set={k}={v}" for k, v in {**FAST, "base_model": base}.items()]
     return subprocess.run([sys.executable, "-m", "cockatoo_lib.cli", "train", "--tokenized", str(tok),
                            "--output", str(out), "--model-type", "deberta", *sets,
-                           "--processes", str(processes), *extra], capture_output=True, text=True, timeout=300)
+                           "--processes", str(processes), *extra],
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_two_processes_train_one_model_in_half_the_steps(tiny_models, small_data, tmp_path):
@@ -48,8 +49,8 @@ def test_two_processes_train_one_model_in_half_the_steps(tiny_models, small_data
              cache_root=str(tmp_path / "cache"))
     one = _train(tmp_path / "tok", tmp_path / "out" / "one", base, 1)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _train(tmp_path / "tok", tmp_path / "out" / "two", base, 2, "--checkpoint-root", str(tmp_path / "ck"),
-                 "--keep-checkpoints", "1")
+    two = _train(tmp_path / "tok", tmp_path / "out" / "two", base, 2,
+                 "--checkpoint-root", str(tmp_path / "ck"), "--keep-checkpoints", "1")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "training in 2 processes (gloo backend)" in two.stderr
     # Checkpoints: both processes' RNG states in the one checkpoint process 0 published.

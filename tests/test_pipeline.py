@@ -22,8 +22,8 @@ from pipelines.runner import compile_pipeline, pipeline_inputs, run_local
 
 GOLDEN = Path(__file__).parent / "golden" / "cockatoo-train.yaml"
 PARAMETERS = {"model_type", "data_config", "labels", "overrides", "base_model", "seed",
-              "max_train_samples", "tokenized_cache_root", "gpus", "registry_uri", "model_name",
-              "min_improvement", "max_label_drop", "allow_label_change"}
+              "max_train_samples", "tokenized_cache_root", "gpus", "checkpoint_root", "registry_uri",
+              "model_name", "min_improvement", "max_label_drop", "allow_label_change"}
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
 
 
@@ -134,7 +134,7 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
     model = dsl.Model(uri=str(tmp_path / "model"))
     # gpus=2 on a machine without CUDA: two data-parallel CPU processes (gloo), as on two GPUs.
     train.python_func(tokenized=entry, model_type="deberta", overrides=FAST, base_model=base, seed=7,
-                      gpus=2, model=model)
+                      gpus=2, checkpoint_root=str(tmp_path / "durable"), model=model)
     assert model.metadata["model_type"] == "deberta" and model.metadata["epochs"] == 1
     assert read_model_manifest(model.path)["processes"] == 2
     assert 0 <= model.metadata["best_validation_metric"] <= 1
@@ -193,6 +193,15 @@ def test_promote_on_a_cluster_needs_a_registry_uri(trained_run):
                             model_name="m", run_id="r", min_improvement=0.0, max_label_drop=0.02,
                             allow_label_change=False, decision=dsl.Artifact(uri="gs://bucket/run/decision"),
                             decision_report=dsl.Markdown(uri="gs://bucket/run/decision.md"))
+
+
+def test_train_on_a_cluster_refuses_a_local_checkpoint_root(tmp_path):
+    from cockatoo_lib.errors import CockatooError
+
+    with pytest.raises(CockatooError, match="checkpoint_root '/tmp/ck' is a local folder, but this step"):
+        train.python_func(tokenized=dsl.Dataset(uri=str(tmp_path)), model_type="minilm", overrides={},
+                          base_model="", seed=1, gpus=1, checkpoint_root="/tmp/ck",
+                          model=dsl.Model(uri="gs://bucket/run/train/model"))
 
 
 def test_tokenize_on_a_cluster_refuses_a_local_cache_root(small_data, tmp_path):
@@ -296,6 +305,26 @@ def test_schedule_creates_a_recurring_run_one_at_a_time_without_catch_up(capsys,
     assert recurring.runtime_config.parameters == {"model_type": "deberta"}
     assert recurring.pipeline_spec["pipeline_spec"]["root"]["dag"]["tasks"]["prepare-data"]
     assert "/#/recurringrun/details/" in out
+
+
+SPOT = ["--node-selector", "cloud.google.com/gke-spot=true", "--toleration", "cloud.google.com/gke-spot=true",
+        "--retries", "5", "--checkpoint-root", "gs://team/checkpoints", "--image-tag", "1.2.3"]
+
+
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "--cron", "0 0 3 * * 1"]])
+def test_submit_and_schedule_take_the_cluster_options_of_compile(command, capsys, monkeypatch):
+    with FakeKFP() as fake:
+        code, _, err = run_cli([command[0], "--host", fake.url, *command[1:], *SPOT], capsys, monkeypatch)
+        assert code == 0, err
+        (sent,) = fake.runs or fake.recurring_runs
+    spec, platform = sent.pipeline_spec["pipeline_spec"], sent.pipeline_spec["platform_spec"]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors["exec-train"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-spot": "true"}
+    assert executors["exec-train"]["tolerations"][0]["key"] == "cloud.google.com/gke-spot"
+    assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 5
+    assert spec["root"]["inputDefinitions"]["parameters"]["checkpoint_root"]["defaultValue"] == \
+        "gs://team/checkpoints"
+    assert spec["deploymentSpec"]["executors"]["exec-train"]["container"]["image"].endswith(":1.2.3")
 
 
 def test_schedule_reuses_the_named_experiment_and_reports_a_lookup_error(capsys, monkeypatch):

@@ -44,6 +44,7 @@ WIRING = {
     "tokenized_cache_root": {"tokenize": "cache_root"},
     # The train step reads it (one process per GPU); KFP's accelerator limit takes it as a channel.
     "gpus": {"train": ("gpus", "pipelinechannel--gpus")},
+    "checkpoint_root": {"train": "checkpoint_root"},
     "registry_uri": {"promote": "registry_uri"},
     "model_name": {"promote": "model_name"},
     "min_improvement": {"promote": "min_improvement"},
@@ -103,6 +104,18 @@ def test_tokenized_data_reaches_train_and_evaluate_through_a_content_keyed_impor
         assert source == {"outputArtifactKey": "artifact", "producerTask": importer}, step
     assert tasks["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
         "outputArtifactKey": "model", "producerTask": "train"}
+
+
+@pytest.mark.parametrize("retries", [0, 3])
+def test_train_alone_is_retried_with_backoff(retries, tmp_path):
+    _, tasks, _, _ = _compiled(tmp_path, Cluster(retries=retries))
+    for step in STEPS:
+        policy = tasks[step].get("retryPolicy")
+        if step == "train" and retries:
+            assert policy == {"maxRetryCount": retries, "backoffDuration": "60s", "backoffFactor": 2.0,
+                              "backoffMaxDuration": "3600s"}
+        else:
+            assert policy is None, step
 
 
 def test_images_caching_and_resources_per_step(tmp_path):
