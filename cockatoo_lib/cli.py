@@ -88,8 +88,9 @@ def tokenize(data: Path = typer.Option(..., "--data", "-d"),
 
 @app.command()
 def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, to check against"),
-          tokenized: Path = typer.Option(..., "--tokenized", "-t"),
-          output: Path = typer.Option(..., "--output", "-o"),
+          tokenized: str = typer.Option(..., "--tokenized", "-t", help="folder, gs:// or s3:// URI"),
+          output: str = typer.Option(..., "--output", "-o",
+                                     help="folder, or a gs:// or s3:// URI to publish the model at"),
           model_type: str = MODEL_TYPE, set_: list[str] = SET,
           processes: int = typer.Option(1, "--processes",
                                         help="data-parallel processes on this machine (torchrun; "
@@ -107,7 +108,8 @@ def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, t
     check_range("processes", processes, "--processes")
     check_range("keep_checkpoints", keep_checkpoints, "--keep-checkpoints")
     if processes > 1 and not distributed.launched():
-        check_output(output)  # before starting any process
+        if "://" not in output:
+            check_output(output)  # before starting any process
         code = distributed.launch(processes, sys.argv[1:])
         if code:
             raise typer.Exit(code)

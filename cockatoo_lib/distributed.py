@@ -9,11 +9,15 @@ torchrun does, so the same command runs there unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -63,3 +67,32 @@ def launch(processes: int, argv: list[str]) -> int:
                    f"--nproc-per-node={processes}", "-m", "cockatoo_lib.cli", *argv]
         log.info("starting %d training processes: %s", processes, " ".join(command))
         return subprocess.call(command, env={**os.environ, WORK_ENV: work})
+
+
+@contextlib.contextmanager
+def node_copy(uri: str, name: str, wait_s: float = 3600.0) -> Iterator[Path]:
+    """A local copy of the folder at `uri`, made once per node (by its local process 0) in the
+    folder this node's processes share, while the block runs; the others wait for it to appear
+    whole."""
+    from cockatoo_lib import remote
+
+    base = shared_work_dir() if launched() else Path(tempfile.mkdtemp(prefix="cockatoo-"))
+    dest, partial = base / name, base / f"{name}.partial"
+    if local_rank() == 0:
+        fs, path = remote.url_to_fs(uri)
+        for stale in (dest, partial):  # a process of an earlier try in this pod
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir(parents=True)
+        fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
+        partial.rename(dest)  # whole, in one step
+        log.info("copied %s to %s", uri, dest)
+    deadline = time.monotonic() + wait_s
+    while not dest.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{uri} was not copied to {dest} within {wait_s:.0f} s")
+        time.sleep(1)
+    try:
+        yield dest
+    finally:
+        if local_rank() == 0:
+            shutil.rmtree(dest if launched() else base, ignore_errors=True)

@@ -12,6 +12,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "max_samples": (0, None),  # 0: all rows
     "gpus": (0, 64),
     "processes": (1, 64),
+    "nodes": (1, 256),
     "keep_checkpoints": (0, 1000),
     "retries": (0, 20),
     "gpu_memory_gib": (1.0, 1024.0),

@@ -57,9 +57,11 @@ def local_path(uri: str) -> str:
 
 
 def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model: str, seed: int,
-               output: str, gpus: int = 1, checkpoint_root: str = "", output_uri: str = "") -> dict:
+               output: str, gpus: int = 1, checkpoint_root: str = "", output_uri: str = "",
+               nodes: int = 1, tokenized_uri: str = "") -> dict:
     """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one. With
-    more than one GPU, one process per GPU (cockatoo_lib.distributed)."""
+    more than one GPU, one process per GPU (cockatoo_lib.distributed); with more than one node,
+    a Kubeflow Trainer TrainJob does the training (cockatoo_lib.trainjob)."""
     import json
 
     from cockatoo_lib import distributed
@@ -71,8 +73,11 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
                             f"cluster (its output is {output_uri}); set it to a bucket URI such as "
                             "gs://BUCKET/cockatoo-checkpoints, or leave it empty")
     settings = {"seed": seed, **(overrides or {}), **({"base_model": base_model} if base_model else {})}
-    plan = step_plan(model_type, settings, detect=True)
-    if gpus > 1 and not distributed.launched():
+    plan = step_plan(model_type, settings, detect=nodes == 1)
+    if nodes > 1:
+        info = _train_on_nodes(tokenized_uri, model_type, settings, output, output_uri or output, gpus, nodes,
+                               checkpoint_root)
+    elif gpus > 1 and not distributed.launched():
         argv = ["train", "--tokenized", local_path(tokenized_dir), "--output", output,
                 "--model-type", model_type,
                 *[f"--set={key}={json.dumps(value)}" for key, value in settings.items()],
@@ -89,6 +94,40 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
             "best_validation_metric": info["best_validation_metric"], "best_epoch": info["best_epoch"],
             "epochs": info["epochs"], "seed": info["seed"], "batch_split": info["batch_split"],
             "labels": info["labels"], "thresholds": info["thresholds"]}
+
+
+def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output: str, output_uri: str,
+                    gpus: int, nodes: int, checkpoint_root: str) -> dict:
+    import os
+
+    from cockatoo_lib import remote, trainjob
+    from cockatoo_lib.fileio import atomic_output_dir
+    from cockatoo_lib.publish import read_published
+    from cockatoo_lib.train import read_model_manifest
+
+    for name, value in (("checkpoint_root", checkpoint_root), ("the tokenized data", tokenized_uri)):
+        if "://" not in value:
+            raise CockatooError(f"nodes={nodes} needs {name} in a bucket the nodes share (gs://, s3://), "
+                                f"not {value!r}")
+    image = os.environ.get(trainjob.IMAGE_ENV)
+    if not image:
+        raise CockatooError(f"nodes={nodes}: {trainjob.IMAGE_ENV} (the image the nodes run) is not set on "
+                            "this step; compile the pipeline with cockatoo compile")
+    def request(name: str) -> trainjob.JobRequest:
+        command = trainjob.train_command(tokenized_uri, trainjob.model_uri(checkpoint_root, name), model_type,
+                                         settings, checkpoint_root)
+        return trainjob.JobRequest(image, nodes, max(gpus, 1), command)
+
+    name = trainjob.run(trainjob.trainer_client(), trainjob.job_base_name(output_uri), request)
+    uri = trainjob.model_uri(checkpoint_root, name)
+    fs, root = remote.url_to_fs(uri)
+    published = read_published(fs, root)
+    if published.entry is None:
+        raise CockatooError(f"TrainJob {name} completed but left no model at {uri}: "
+                            f"{published.problem or 'nothing published'}")
+    with atomic_output_dir(output) as tmp:
+        fs.get(fs._strip_protocol(published.entry.uri).rstrip("/") + "/", str(tmp) + "/", recursive=True)
+    return read_model_manifest(output)
 
 
 def evaluate_step(model_dir: str, tokenized_dir: str, output: str) -> dict:

@@ -281,7 +281,15 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
 
     With `checkpoint_root`, every checkpoint is published there (cockatoo_lib/checkpoints.py)
     and the same training started again resumes from the newest complete one; once the model
-    is written, all but the newest `keep_checkpoints` are removed."""
+    is written, all but the newest `keep_checkpoints` are removed.
+
+    `tokenized_dir` and `output` may be bucket URIs (a TrainJob's nodes share no disk): the
+    data is copied once per node, and the model published at `output` (cockatoo_lib.publish)."""
+    if "://" in str(output):
+        return _train_to_bucket(tokenized_dir, plan, str(output), data_dir, checkpoint_root, keep_checkpoints)
+    if "://" in str(tokenized_dir):
+        with distributed.node_copy(str(tokenized_dir), "tokenized") as local:
+            return train(local, plan, output, data_dir, checkpoint_root, keep_checkpoints)
     check_output(output)
     datasets, tok_info = load_tokenized(tokenized_dir)
     check_same_data(tok_info, tokenized_dir, data_dir)
@@ -403,6 +411,21 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
              plan.metric_for_best_model, model_manifest["best_validation_metric"] or 0.0,
              model_manifest["best_epoch"], model_manifest["epochs"], output)
     return model_manifest
+
+
+def _train_to_bucket(tokenized_dir, plan: Plan, output: str, data_dir, checkpoint_root, keep_checkpoints):
+    """Train into a local folder, then publish it at `output` (process 0)."""
+    from cockatoo_lib import remote
+    from cockatoo_lib.publish import publish
+
+    with tempfile.TemporaryDirectory(prefix="cockatoo-model-") as work:
+        local = Path(work) / "model"
+        manifest = train(tokenized_dir, plan, local, data_dir, checkpoint_root, keep_checkpoints)
+        if distributed.rank() == 0:
+            fs, root = remote.url_to_fs(output)
+            entry = publish(fs, root, local, {"model_type": manifest["model_type"]}, 0)
+            log.info("model published: %s", entry.uri)
+    return manifest
 
 
 def _resume_point(durable: DurableCheckpoints, work: Path) -> Path | None:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
+from cockatoo_lib.trainjob import IMAGE_ENV as TRAIN_IMAGE_ENV
 from components import evaluate, prepare_data, promote, tokenize, train
 from components.images import DEFAULT_IMAGES, Images
 
@@ -103,6 +104,7 @@ def build_pipeline(cluster: Cluster = Cluster()):
         tokenized_cache_root: str = cluster.cache_root,
         gpus: int = cluster.gpus,
         checkpoint_root: str = cluster.checkpoint_root,
+        nodes: int = 1,
         registry_uri: str = cluster.registry_uri,
         model_name: str = "cockatoo-moderation",
         min_improvement: float = 0.0,
@@ -127,8 +129,10 @@ def build_pipeline(cluster: Cluster = Cluster()):
         tokenized.set_display_name("tokenized (by content)")
 
         fit = train(tokenized=tokenized.output, model_type=model_type, overrides=overrides,
-                    base_model=base_model, seed=seed, gpus=gpus, checkpoint_root=checkpoint_root)
+                    base_model=base_model, seed=seed, gpus=gpus, checkpoint_root=checkpoint_root,
+                    nodes=nodes)
         _configure(fit, "train", cluster.images.cuda, cluster, shm=True)
+        fit.set_env_variable(TRAIN_IMAGE_ENV, cluster.images.cuda)  # what a TrainJob's nodes run
         fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
         if cluster.retries:  # a retry finds the checkpoints of the try before: same inputs, same key
             fit.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0,

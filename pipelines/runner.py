@@ -59,7 +59,8 @@ def check_params(params: dict[str, Any]) -> None:
     if not isinstance(values["overrides"], dict):
         raise CockatooError(f"parameter overrides must be a JSON object, got {values['overrides']!r}")
     for name, value in (("seed", values["seed"]), ("max_samples", values["max_train_samples"]),
-                        ("gpus", values["gpus"]), ("min_improvement", values["min_improvement"]),
+                        ("gpus", values["gpus"]), ("nodes", values["nodes"]),
+                        ("min_improvement", values["min_improvement"]),
                         ("max_label_drop", values["max_label_drop"])):
         check_range(name, value, {"max_samples": "max_train_samples"}.get(name, name))
     step_plan(values["model_type"], values["overrides"], values["base_model"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.images import Images
 from pipelines.cockatoo_train import Cluster
 from pipelines.runner import compile_pipeline, pipeline_inputs
 
@@ -45,6 +46,7 @@ WIRING = {
     # The train step reads it (one process per GPU); KFP's accelerator limit takes it as a channel.
     "gpus": {"train": ("gpus", "pipelinechannel--gpus")},
     "checkpoint_root": {"train": "checkpoint_root"},
+    "nodes": {"train": "nodes"},
     "registry_uri": {"promote": "registry_uri"},
     "model_name": {"promote": "model_name"},
     "min_improvement": {"promote": "min_improvement"},
@@ -116,6 +118,13 @@ def test_train_alone_is_retried_with_backoff(retries, tmp_path):
                               "backoffMaxDuration": "3600s"}
         else:
             assert policy is None, step
+
+
+def test_the_train_step_names_its_image_for_the_nodes_of_a_trainjob(tmp_path):
+    cluster = Cluster(images=Images("europe-docker.pkg.dev/p/r", "1.2.3"))
+    _, _, executors, _ = _compiled(tmp_path, cluster)
+    env = {e["name"]: e["value"] for e in executors["exec-train"]["container"]["env"]}
+    assert env["COCKATOO_TRAIN_IMAGE"] == cluster.images.cuda == executors["exec-train"]["container"]["image"]
 
 
 def test_images_caching_and_resources_per_step(tmp_path):

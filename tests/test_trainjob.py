@@ -1,0 +1,115 @@
+"""Multi-node training through Kubeflow Trainer: the train step with nodes > 1 creates a
+TrainJob with the `kubeflow` SDK against a loopback stand-in for the Kubernetes API, whose
+"nodes" are real local processes running the job's own command (torchrun, static rendezvous,
+gloo), and hands on the model they publish in a bucket (the GCS emulator)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from kfp import dsl
+from kubeflow_trainer_api import models
+
+from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.tokenize import tokenize
+from cockatoo_lib.train import read_model_manifest
+from components import train
+from tests.fake_k8s import FakeKubernetes
+from tests.helpers import free_port
+
+FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+        "dataloader_num_workers": 0}
+IMAGE = "registry.example/cockatoo-cuda:1.2.3"
+
+
+def play_nodes(body: dict, tmp_path) -> tuple[str, str, str]:
+    """Run the TrainJob's command as its nodes would: one process per node, torchrun's node
+    count, rank and rendezvous in the PET_* variables the torch-distributed runtime sets."""
+    trainer = body["spec"]["trainer"]
+    nodes, port = trainer["numNodes"], free_port()
+    processes = []
+    for rank in range(nodes):
+        scratch = tmp_path / f"node-{rank}"
+        scratch.mkdir()
+        env = {**os.environ, "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(rank),
+               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "TMPDIR": str(scratch),
+               **{e["name"]: e["value"] for e in trainer.get("env") or []}}
+        command = [sys.executable if trainer["command"][0] == "python" else trainer["command"][0],
+                   *trainer["command"][1:]]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+    logs = [p.communicate(timeout=300)[0] for p in processes]
+    failed = [rank for rank, p in enumerate(processes) if p.returncode]
+    if failed:
+        return "Failed", f"node-{failed[0]} exited with code {processes[failed[0]].returncode}", logs[0]
+    return "Complete", "", logs[0]
+
+
+@pytest.fixture
+def tokenized_in_bucket(tiny_models, small_data, tmp_path, gcs):
+    base = str(tiny_models["deberta"])
+    tokenize(small_data, resolve_plan("deberta", {**FAST, "base_model": base}), tmp_path / "tok",
+             cache_root=str(tmp_path / "cache"))
+    gcs.put(str(tmp_path / "tok") + "/", f"cockatoo-data/{tmp_path.name}/tok/", recursive=True)
+    return f"gs://cockatoo-data/{tmp_path.name}/tok", base
+
+
+def _train_step(tokenized_uri, base, model_dir, root, nodes=2):
+    model = dsl.Model(uri=str(model_dir))
+    train.python_func(tokenized=dsl.Dataset(uri=tokenized_uri), model_type="deberta", overrides=FAST,
+                      base_model=base, seed=3, gpus=1, checkpoint_root=root, nodes=nodes, model=model)
+    return model
+
+
+def test_nodes_above_one_train_through_a_trainjob_and_hand_on_its_model(tokenized_in_bucket, tmp_path,
+                                                                        monkeypatch, capsys):
+    tokenized_uri, base = tokenized_in_bucket
+    root = f"gs://cockatoo-data/{tmp_path.name}/checkpoints"
+    with FakeKubernetes(lambda body: play_nodes(body, tmp_path)) as k8s:
+        monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))
+        monkeypatch.setenv("COCKATOO_TRAIN_IMAGE", IMAGE)
+        model = _train_step(tokenized_uri, base, tmp_path / "model", root)
+    (body,) = k8s.created
+    # The body is a TrainJob as the SDK's own models define it.
+    job = models.TrainerV1alpha1TrainJob.from_dict(body)
+    assert job.spec.runtime_ref.name == "torch-distributed"
+    assert job.spec.trainer.num_nodes == 2 and job.spec.trainer.image == IMAGE
+    assert job.spec.trainer.resources_per_node.limits["nvidia.com/gpu"].actual_instance == 1
+    assert job.spec.trainer.command[:6] == ["python", "-m", "torch.distributed.run", "-m", "cockatoo_lib.cli",
+                                            "train"]
+    assert job.metadata.name.startswith("cockatoo-") and job.metadata.name.endswith("-0")
+    # Two nodes trained one model, together; node 0's log reached the step's.
+    manifest = read_model_manifest(model.path)
+    assert manifest["processes"] == 2 and manifest["plan"]["seed"] == 3
+    assert model.metadata["model_type"] == "deberta"
+    assert "training in 2 processes (gloo backend)" in capsys.readouterr().out
+
+
+def test_a_failed_trainjob_fails_the_step_with_its_error_and_a_retry_starts_another(tokenized_in_bucket,
+                                                                                    tmp_path, monkeypatch):
+    tokenized_uri, base = tokenized_in_bucket
+    message = "node-1 exited with code 137: OOMKilled"
+    with FakeKubernetes(lambda body: ("Failed", message, "Traceback ...\n")) as k8s:
+        monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))
+        monkeypatch.setenv("COCKATOO_TRAIN_IMAGE", IMAGE)
+        for attempt in range(2):
+            with pytest.raises(CockatooError, match=rf"TrainJob cockatoo-\w+-{attempt} failed: JobSetFailed: "
+                                                    f"{message}"):
+                _train_step(tokenized_uri, base, tmp_path / "model", f"gs://cockatoo-data/{tmp_path.name}/ck")
+    assert [b["metadata"]["name"][-2:] for b in k8s.created] == ["-0", "-1"]
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("root, tokenized, image, message", [
+    ("", "gs://b/tok", IMAGE, "nodes=2 needs checkpoint_root in a bucket the nodes share"),
+    ("gs://b/ck", "/local/tok", IMAGE, "nodes=2 needs the tokenized data in a bucket"),
+    ("gs://b/ck", "gs://b/tok", "", "COCKATOO_TRAIN_IMAGE (the image the nodes run) is not set"),
+])
+def test_nodes_above_one_need_shared_storage_and_the_image(root, tokenized, image, message, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setenv("COCKATOO_TRAIN_IMAGE", image)
+    with pytest.raises(CockatooError, match=re.escape(message)):
+        _train_step(tokenized, "", tmp_path / "model", root)
