@@ -18,6 +18,9 @@ B7  model quality on real, imbalanced, multi-label data (bench/quality.py): test
     against BCE.
 B8  predict: rows/s of `cockatoo predict` (file in, file out) against transformers'
     pipeline("text-classification") on the same model folder and batch size.
+B9  data-parallel path: `cockatoo train` in 1 and in 2 CPU processes (torchrun, gloo) on the
+    same data and plan: samples/s and optimizer steps, a check of the path (B4 on a GPU
+    machine measures what it buys).
 
 Every figure is a median over several repeats; every comparison a ratio of medians taken
 side by side in the same run.
@@ -499,6 +502,64 @@ def bench_predict(rows: int, repeats: int, batch_size: int = 64) -> dict:
             "max_probability_difference": agreement}
 
 
+# ------------------------------------------------------------------ B9
+
+
+def bench_processes(rows: int, repeats: int) -> dict:
+    """One epoch of `cockatoo train` with 1 and with 2 processes, alternately, each a fresh
+    command as a user runs it; samples/s over the Trainer's own training time. The plan's
+    16 x 2 becomes 16 x 2 processes x 1: the same effective batch, and about the same steps."""
+    import json as json_
+    import logging
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from cockatoo_lib.data import load_data_config, prepare
+    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.tokenize import tokenize
+
+    logging.getLogger("cockatoo_lib").setLevel(logging.WARNING)
+    settings = {"num_epochs": 1, "dataloader_num_workers": 0, "early_stopping_patience": 0, "batch_size": 16,
+                "gradient_accumulation_steps": 2}
+    plan = resolve_plan("minilm", settings)
+    rng = np.random.default_rng(0)
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        texts = posts(social_media_lengths(rows, plan.max_length))
+        pd.DataFrame({"text": texts, "label": (rng.random(rows) < 0.3).astype(int)}).to_parquet(
+            work / "rows.parquet")
+        (work / "data.yaml").write_text(
+            "labels: [scam]\nsources: [{name: s, path: rows.parquet, labels: {scam: label}}]\n")
+        prepare(load_data_config(str(work / "data.yaml")), work / "data")
+        tokenize(work / "data", plan, work / "tok", str(work / "cache"))
+        train_rows = json_.loads((work / "data" / "manifest.json").read_text())["splits"]["train"]["rows"]
+        for i in range(repeats):
+            for processes in (1, 2):
+                out = work / f"model-{processes}-{i}"
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "cockatoo_lib.cli", "train", "--tokenized",
+                                str(work / "tok"), "--output", str(out), "--model-type", "minilm",
+                                *[f"--set={k}={v}" for k, v in settings.items()],
+                                "--processes", str(processes)], check=True, capture_output=True)
+                wall = time.perf_counter() - start
+                manifest = json_.loads((out / "cockatoo.json").read_text())
+                split = manifest["batch_split"]
+                runs[processes].append({"wall_s": wall, "train_s": manifest["train_seconds"],
+                                        "steps": manifest["optimizer_steps"],
+                                        "effective_batch": split["effective_batch"],
+                                        "accumulation": split["gradient_accumulation_steps"],
+                                        "validation_f1": manifest["best_validation_metric"]})
+    med = {n: {k: statistics.median(r[k] for r in v) for k in v[0]} for n, v in runs.items()}
+    for m in med.values():
+        m["samples_per_s"] = train_rows / m["train_s"]
+    return {"rows": rows, "train_rows": train_rows, "repeats": repeats, "model": plan.base_model,
+            "micro_batch": plan.batch_size, "max_length": plan.max_length, "median": med,
+            "ratio_samples_per_s": med[2]["samples_per_s"] / med[1]["samples_per_s"]}
+
+
 def _section_b1(m: dict, b1: dict) -> list[str]:
     g, p = b1["median"]["grouped"], b1["median"]["padded"]
     return [
@@ -625,8 +686,35 @@ def _section_b8(m: dict, b8: dict) -> list[str]:
     ]
 
 
+def _section_b9(m: dict, b9: dict) -> list[str]:
+    one, two = b9["median"][1], b9["median"][2]
+    row = "| {} | {:.1f} | {:.1f} | {:.1f} | {} | {} × {} | {:.3f} |"
+    return [
+        "## B9: data-parallel training on CPU (1 against 2 processes)",
+        "",
+        f"One epoch of `cockatoo train` on {b9['train_rows']:,} training rows of B1's length mix "
+        f"({b9['rows']:,} prepared), {b9['model']}, micro-batch {b9['micro_batch']}, max length "
+        f"{b9['max_length']}, {m['cores']} CPU cores, {b9['repeats']} repeats alternating; each a fresh "
+        "command. Two processes: torchrun, gloo, one thread each (torchrun's default) against one "
+        "process with every core.",
+        "",
+        "| processes | samples/s | train seconds | command seconds | optimizer steps | "
+        "effective batch × accumulation | validation F1 |",
+        "|---|---|---|---|---|---|---|",
+        row.format(1, b9["train_rows"] / one["train_s"], one["train_s"], one["wall_s"], int(one["steps"]),
+                   int(one["effective_batch"]), int(one["accumulation"]), one["validation_f1"]),
+        row.format(2, b9["train_rows"] / two["train_s"], two["train_s"], two["wall_s"], int(two["steps"]),
+                   int(two["effective_batch"]), int(two["accumulation"]), two["validation_f1"]),
+        "",
+        f"**Ratio: {b9['ratio_samples_per_s']:.2f}× samples/s** with 2 processes. On 2 cores this checks the "
+        "path (the effective batch kept by lowering the accumulation, the steps per epoch, one model "
+        "written), not a speed-up: both "
+        "sides share the same two cores. B4, on a GPU machine, is where data parallelism pays.",
+    ]
+
+
 SECTIONS = {"b1": _section_b1, "b2": _section_b2, "b3": _section_b3, "b5": _section_b5,
-            "b6": _section_b6, "b7": _section_b7, "b8": _section_b8}
+            "b6": _section_b6, "b7": _section_b7, "b8": _section_b8, "b9": _section_b9}
 B4_TEXT = [
     '## B4: GPU',
     '',
@@ -673,7 +761,7 @@ def write_report(results: dict, path: Path) -> None:
         f"{m['transformers']}, bitsandbytes {m['bitsandbytes']}; {m['date']}. Sections it did not measure "
         "(`--only`) keep the figures of the run that did, on the same kind of machine.",
     ]
-    for key in ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8"):
+    for key in ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9"):
         if key in results:
             section = SECTIONS[key](m, results[key])
         elif key == "b4":
@@ -686,7 +774,7 @@ def write_report(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-BENCHES = ("b3", "b2", "b5", "b6", "b1", "b7", "b8")
+BENCHES = ("b3", "b2", "b5", "b6", "b1", "b7", "b8", "b9")
 
 
 def main() -> None:
@@ -699,8 +787,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="B6 images")
     parser.add_argument("--quality-rows", type=int, default=QUALITY_ROWS, help="B7 rows (0: all 7,674)")
     parser.add_argument("--predict-rows", type=int, default=4000, help="B8 rows")
+    parser.add_argument("--parallel-rows", type=int, default=1000, help="B9 rows")
     parser.add_argument("--only", default=",".join(BENCHES),
-                        help="comma-separated benchmarks to run (b1,b2,b3,b5,b6,b7,b8); the rest of the "
+                        help="comma-separated benchmarks to run (b1,...,b9 but b4); the rest of the "
                              "report keeps its recorded figures")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
@@ -717,6 +806,7 @@ def main() -> None:
         "b1": ("B1 training throughput", lambda: bench_training(args.repeats, args.steps)),
         "b7": ("B7 quality on real imbalanced data", lambda: bench_quality(RESULTS, args.quality_rows)),
         "b8": ("B8 predict", lambda: bench_predict(args.predict_rows, args.repeats)),
+        "b9": ("B9 data-parallel training", lambda: bench_processes(args.parallel_rows, args.repeats)),
     }
     results = {"machine": machine()}
     for key in BENCHES:

@@ -139,3 +139,17 @@ def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
     doc = tmp_path / "benchmarks.md"
     write_report({"machine": MACHINE, "b8": b8}, doc)
     assert f"**Ratio: {b8['ratio']:.2f}× rows/s**" in doc.read_text()
+
+
+def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path):
+    from bench.harness import bench_processes, write_report
+
+    b9 = bench_processes(rows=100, repeats=1)
+    one, two = b9["median"][1], b9["median"][2]
+    assert (one["effective_batch"], one["accumulation"]) == (32, 2)
+    assert (two["effective_batch"], two["accumulation"]) == (32, 1)
+    assert abs(two["steps"] - one["steps"]) <= 1  # each process takes half the rows per step
+    assert b9["ratio_samples_per_s"] == pytest.approx(two["samples_per_s"] / one["samples_per_s"])
+    doc = tmp_path / "benchmarks.md"
+    write_report({"machine": MACHINE, "b9": b9}, doc)
+    assert f"**Ratio: {b9['ratio_samples_per_s']:.2f}× samples/s** with 2 processes" in doc.read_text()
