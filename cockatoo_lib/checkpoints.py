@@ -17,6 +17,7 @@ again, resumes from its newest complete checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -126,6 +127,9 @@ class DurableCheckpoints(TrainerCallback):
         for step in steps:
             if step not in kept:
                 remove_generation(self.fs, self.root, step)
+        if not kept and "file" in self.fs.protocol:  # no empty folder per training left locally
+            with contextlib.suppress(OSError):  # not empty: another run's upload in progress
+                Path(self.root).rmdir()
         log.info("checkpoints under %s: %d kept, %d removed", self.uri, len(kept & set(steps)),
                  len(set(steps) - kept))
 

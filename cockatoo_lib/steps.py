@@ -58,7 +58,7 @@ def local_path(uri: str) -> str:
 
 def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model: str, seed: int,
                output: str, gpus: int = 1, checkpoint_root: str = "", output_uri: str = "",
-               nodes: int = 1, tokenized_uri: str = "") -> dict:
+               nodes: int = 1, tokenized_uri: str = "", placement: dict | None = None) -> dict:
     """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one. With
     more than one GPU, one process per GPU (cockatoo_lib.distributed); with more than one node,
     a Kubeflow Trainer TrainJob does the training (cockatoo_lib.trainjob)."""
@@ -76,7 +76,7 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
     plan = step_plan(model_type, settings, detect=nodes == 1)
     if nodes > 1:
         info = _train_on_nodes(tokenized_uri, model_type, settings, output, output_uri or output, gpus, nodes,
-                               checkpoint_root)
+                               checkpoint_root, placement or {})
     elif gpus > 1 and not distributed.launched():
         argv = ["train", "--tokenized", local_path(tokenized_dir), "--output", output,
                 "--model-type", model_type,
@@ -97,7 +97,7 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
 
 
 def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output: str, output_uri: str,
-                    gpus: int, nodes: int, checkpoint_root: str) -> dict:
+                    gpus: int, nodes: int, checkpoint_root: str, placement: dict) -> dict:
     import os
 
     from cockatoo_lib import remote, trainjob
@@ -116,7 +116,7 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
     def request(name: str) -> trainjob.JobRequest:
         command = trainjob.train_command(tokenized_uri, trainjob.model_uri(checkpoint_root, name), model_type,
                                          settings, checkpoint_root)
-        return trainjob.JobRequest(image, nodes, max(gpus, 1), command)
+        return trainjob.JobRequest(image, nodes, max(gpus, 1), command, placement)
 
     name = trainjob.run(trainjob.trainer_client(), trainjob.job_base_name(output_uri), request)
     uri = trainjob.model_uri(checkpoint_root, name)

@@ -33,9 +33,10 @@ class JobRequest:
     nodes: int
     gpus_per_node: int
     command: list[str]
-    cpu: str = "8"
-    memory: str = "48G"
-    env: dict[str, str] = field(default_factory=dict)
+    # The train step's own pod settings, as KFP's TaskConfig passes them through (Kubernetes
+    # JSON): each node gets the step's CPU and memory requests, its environment (secrets stay
+    # references), tolerations and node selector, so a spot placement reaches the nodes too.
+    placement: dict = field(default_factory=dict)
 
 
 def train_command(tokenized_uri: str, output_uri: str, model_type: str, settings: dict,
@@ -70,18 +71,37 @@ def trainer_client():
     return TrainerClient(KubernetesBackendConfig(config_file=os.environ.get("KUBECONFIG") or None))
 
 
+def _node_patch(placement: dict):
+    """The step's environment, tolerations and node selector on every node's pod."""
+    from kubeflow.trainer.options import kubernetes as k8s
+
+    env, tolerations = placement.get("env"), placement.get("tolerations")
+    selector = placement.get("node_selector")
+    if not (env or tolerations or selector):
+        return None
+    pod = k8s.PodSpecPatch(containers=[k8s.ContainerPatch(name="node", env=env)] if env else None,
+                           tolerations=tolerations or None, node_selector=selector or None)
+    node = k8s.ReplicatedJobPatch(name="node", template=k8s.JobTemplatePatch(
+        spec=k8s.JobSpecPatch(template=k8s.PodTemplatePatch(spec=pod))))
+    return k8s.RuntimePatch(training_runtime_spec=k8s.TrainingRuntimeSpecPatch(
+        template=k8s.JobSetTemplatePatch(spec=k8s.JobSetSpecPatch(replicated_jobs=[node]))))
+
+
 def create(client, request: JobRequest, name: str) -> str:
     """Create the TrainJob; its name."""
     from kubeflow.trainer import CustomTrainerContainer
     from kubeflow.trainer.options import Labels, Name, TrainerCommand
 
+    requests = (request.placement.get("resources") or {}).get("requests") or {}
     trainer = CustomTrainerContainer(
         image=request.image, num_nodes=request.nodes,
-        resources_per_node={"gpu": request.gpus_per_node, "cpu": request.cpu, "memory": request.memory},
-        env=request.env or None)
+        resources_per_node={"gpu": request.gpus_per_node,
+                            **{k: requests[k] for k in ("cpu", "memory") if k in requests}})
+    patch = _node_patch(request.placement)
     name = client.train(runtime=RUNTIME, trainer=trainer,
                         options=[Name(name=name), TrainerCommand(command=request.command),
-                                 Labels(labels={"app.kubernetes.io/part-of": "cockatoo"})])
+                                 Labels(labels={"app.kubernetes.io/part-of": "cockatoo"}),
+                                 *([patch] if patch else [])])
     log.info("TrainJob %s created: %d nodes x %d GPUs, %s; command: %s", name, request.nodes,
              request.gpus_per_node, request.image, shlex.join(request.command))
     return name

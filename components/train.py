@@ -3,8 +3,15 @@ from kfp.dsl import Dataset, Input, Model, Output
 
 from components.images import DEFAULT_IMAGES
 
+# The step's resources, environment and placement, applied to its own pod (which trains when
+# nodes is 1) and handed to the TrainJob's nodes when nodes > 1.
+PASSTHROUGH = [dsl.TaskConfigPassthrough(field=field, apply_to_task=True) for field in (
+    dsl.TaskConfigField.RESOURCES, dsl.TaskConfigField.ENV, dsl.TaskConfigField.KUBERNETES_TOLERATIONS,
+    dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR)]
 
-@dsl.component(base_image=DEFAULT_IMAGES.cuda, install_kfp_package=False)
+
+@dsl.component(base_image=DEFAULT_IMAGES.cuda, install_kfp_package=False,
+               task_config_passthroughs=PASSTHROUGH)
 def train(
     tokenized: Input[Dataset],
     model_type: str,
@@ -14,6 +21,7 @@ def train(
     gpus: int,
     checkpoint_root: str,
     nodes: int,
+    task_config: dsl.TaskConfig,
     model: Output[Model],
 ):
     """Fine-tune on the tokenized splits with the run's seed; the model folder with cockatoo.json.
@@ -21,5 +29,7 @@ def train(
     TrainJob. With a checkpoint root, a retry resumes from the newest checkpoint."""
     from cockatoo_lib.steps import train_step
 
+    placement = {"resources": task_config.resources, "env": task_config.env,
+                 "tolerations": task_config.tolerations, "node_selector": task_config.node_selector}
     model.metadata.update(train_step(tokenized.path, model_type, overrides, base_model, seed, model.path,
-                                     gpus, checkpoint_root, model.uri, nodes, tokenized.uri))
+                                     gpus, checkpoint_root, model.uri, nodes, tokenized.uri, placement))

@@ -97,9 +97,8 @@ def test_a_killed_training_resumes_and_ends_with_the_uninterrupted_weights(token
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(bool((a[k] == b[k]).all()) for k in a), "the resumed run's weights differ"
-    # The model is written: its checkpoints are gone (the default keeps none).
-    (key,) = (root / "checkpoints").iterdir()
-    assert not list(key.glob("entry-*.json")) and not list(key.glob("data-*"))
+    # The model is written: its checkpoints are gone (the default keeps none), folder and all.
+    assert not list((root / "checkpoints").iterdir())
 
 
 def _checkpoint(folder: Path, step: int, best: int | None) -> Path:

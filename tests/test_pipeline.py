@@ -134,7 +134,8 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
     model = dsl.Model(uri=str(tmp_path / "model"))
     # gpus=2 on a machine without CUDA: two data-parallel CPU processes (gloo), as on two GPUs.
     train.python_func(tokenized=entry, model_type="deberta", overrides=FAST, base_model=base, seed=7,
-                      gpus=2, checkpoint_root=str(tmp_path / "durable"), nodes=1, model=model)
+                      gpus=2, checkpoint_root=str(tmp_path / "durable"), nodes=1,
+                      task_config=dsl.TaskConfig(), model=model)
     assert model.metadata["model_type"] == "deberta" and model.metadata["epochs"] == 1
     assert read_model_manifest(model.path)["processes"] == 2
     assert 0 <= model.metadata["best_validation_metric"] <= 1
@@ -201,6 +202,7 @@ def test_train_on_a_cluster_refuses_a_local_checkpoint_root(tmp_path):
     with pytest.raises(CockatooError, match="checkpoint_root '/tmp/ck' is a local folder, but this step"):
         train.python_func(tokenized=dsl.Dataset(uri=str(tmp_path)), model_type="minilm", overrides={},
                           base_model="", seed=1, gpus=1, checkpoint_root="/tmp/ck", nodes=1,
+                          task_config=dsl.TaskConfig(),
                           model=dsl.Model(uri="gs://bucket/run/train/model"))
 
 

@@ -127,6 +127,18 @@ def test_the_train_step_names_its_image_for_the_nodes_of_a_trainjob(tmp_path):
     assert env["COCKATOO_TRAIN_IMAGE"] == cluster.images.cuda == executors["exec-train"]["container"]["image"]
 
 
+def test_train_passes_its_pod_settings_through_to_a_trainjob_and_keeps_them(tmp_path):
+    pipeline, _, _, _ = _compiled(tmp_path)
+    for step in STEPS:
+        passthroughs = pipeline["components"][f"comp-{step}"].get("taskConfigPassthroughs")
+        if step == "train":  # applied to its own pod too: with nodes=1 it trains there
+            assert {(p["field"], p["applyToTask"]) for p in passthroughs} == {
+                ("RESOURCES", True), ("ENV", True), ("KUBERNETES_TOLERATIONS", True),
+                ("KUBERNETES_NODE_SELECTOR", True)}
+        else:
+            assert passthroughs is None, step
+
+
 def test_images_caching_and_resources_per_step(tmp_path):
     cluster = Cluster(images=Cluster().images.__class__("europe-docker.pkg.dev/p/r", "1.2.3"))
     _, tasks, executors, _ = _compiled(tmp_path, cluster)

@@ -57,10 +57,20 @@ def tokenized_in_bucket(tiny_models, small_data, tmp_path, gcs):
     return f"gs://cockatoo-data/{tmp_path.name}/tok", base
 
 
-def _train_step(tokenized_uri, base, model_dir, root, nodes=2):
+# What KFP hands the step on a cluster: its own pod's settings (a spot placement here).
+SPOT = {"tolerations": [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+                         "effect": "NoSchedule"}],
+        "node_selector": {"cloud.google.com/gke-spot": "true"},
+        "env": [{"name": "HF_TOKEN",
+                 "valueFrom": {"secretKeyRef": {"name": "cockatoo-hf-token", "key": "token"}}}],
+        "resources": {"requests": {"cpu": "8", "memory": "48G"}, "limits": {"nvidia.com/gpu": "1"}}}
+
+
+def _train_step(tokenized_uri, base, model_dir, root, nodes=2, task_config=None):
     model = dsl.Model(uri=str(model_dir))
     train.python_func(tokenized=dsl.Dataset(uri=tokenized_uri), model_type="deberta", overrides=FAST,
-                      base_model=base, seed=3, gpus=1, checkpoint_root=root, nodes=nodes, model=model)
+                      base_model=base, seed=3, gpus=1, checkpoint_root=root, nodes=nodes,
+                      task_config=task_config or dsl.TaskConfig(), model=model)
     return model
 
 
@@ -71,7 +81,7 @@ def test_nodes_above_one_train_through_a_trainjob_and_hand_on_its_model(tokenize
     with FakeKubernetes(lambda body: play_nodes(body, tmp_path)) as k8s:
         monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))
         monkeypatch.setenv("COCKATOO_TRAIN_IMAGE", IMAGE)
-        model = _train_step(tokenized_uri, base, tmp_path / "model", root)
+        model = _train_step(tokenized_uri, base, tmp_path / "model", root, task_config=dsl.TaskConfig(**SPOT))
     (body,) = k8s.created
     # The body is a TrainJob as the SDK's own models define it.
     job = models.TrainerV1alpha1TrainJob.from_dict(body)
@@ -81,6 +91,14 @@ def test_nodes_above_one_train_through_a_trainjob_and_hand_on_its_model(tokenize
     assert job.spec.trainer.command[:6] == ["python", "-m", "torch.distributed.run", "-m", "cockatoo_lib.cli",
                                             "train"]
     assert job.metadata.name.startswith("cockatoo-") and job.metadata.name.endswith("-0")
+    # The step's placement reaches every node: spot tolerations and selector, the secret as a reference.
+    requests = job.spec.trainer.resources_per_node.requests
+    assert (requests["cpu"].actual_instance, requests["memory"].actual_instance) == ("8", "48G")
+    (patch,) = body["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert node["name"] == "node" and pod["tolerations"] == SPOT["tolerations"]
+    assert pod["nodeSelector"] == SPOT["node_selector"] and pod["containers"][0]["env"] == SPOT["env"]
     # Two nodes trained one model, together; node 0's log reached the step's.
     manifest = read_model_manifest(model.path)
     assert manifest["processes"] == 2 and manifest["plan"]["seed"] == 3
