@@ -26,7 +26,14 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from cockatoo_lib import distributed, remote
-from cockatoo_lib.publish import clean_abandoned, generations, publish, read_generation, remove_generation
+from cockatoo_lib.publish import (
+    clean_abandoned,
+    fetch,
+    generations,
+    publish,
+    read_generation,
+    remove_generation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +100,12 @@ class DurableCheckpoints(TrainerCallback):
                     log.warning("checkpoint of step %d cannot be used: its best checkpoint (step %d) "
                                 "cannot: %s", step, best_step, problem)
                     continue
-            folder = self._download(entry, work / f"checkpoint-{step}")
+            folder = fetch(self.fs, entry, work / f"checkpoint-{step}")
             if best is not None:
-                self._download(best, work / f"checkpoint-{best_step}")
+                fetch(self.fs, best, work / f"checkpoint-{best_step}")
             self._localize(folder, work)
             return folder
         return None
-
-    def _download(self, entry, dest: Path) -> Path:
-        dest.mkdir(parents=True, exist_ok=True)
-        self.fs.get(self.fs._strip_protocol(entry.uri).rstrip("/") + "/", str(dest) + "/", recursive=True)
-        return dest
 
     @staticmethod
     def _localize(folder: Path, work: Path) -> None:

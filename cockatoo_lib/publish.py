@@ -96,6 +96,13 @@ def read_generation(fs, root: str, generation: int,
     return Entry(fs.unstrip_protocol(location), generation, body.get("meta", {})), None
 
 
+def fetch(fs, entry: Entry, dest: Path) -> Path:
+    """Copy a published entry's files into the local folder `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    fs.get(fs._strip_protocol(entry.uri).rstrip("/") + "/", str(dest) + "/", recursive=True)
+    return dest
+
+
 def generations(fs, root: str) -> list[int]:
     """The generations published under `root`, newest first."""
     return sorted(_markers(fs, root), reverse=True)

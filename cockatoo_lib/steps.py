@@ -102,7 +102,7 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
 
     from cockatoo_lib import remote, trainjob
     from cockatoo_lib.fileio import atomic_output_dir
-    from cockatoo_lib.publish import read_published
+    from cockatoo_lib.publish import fetch, read_published, remove_generation
     from cockatoo_lib.train import read_model_manifest
 
     for name, value in (("checkpoint_root", checkpoint_root), ("the tokenized data", tokenized_uri)):
@@ -113,6 +113,7 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
     if not image:
         raise CockatooError(f"nodes={nodes}: {trainjob.IMAGE_ENV} (the image the nodes run) is not set on "
                             "this step; compile the pipeline with cockatoo compile")
+
     def request(name: str) -> trainjob.JobRequest:
         command = trainjob.train_command(tokenized_uri, trainjob.model_uri(checkpoint_root, name), model_type,
                                          settings, checkpoint_root)
@@ -126,7 +127,8 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
         raise CockatooError(f"TrainJob {name} completed but left no model at {uri}: "
                             f"{published.problem or 'nothing published'}")
     with atomic_output_dir(output) as tmp:
-        fs.get(fs._strip_protocol(published.entry.uri).rstrip("/") + "/", str(tmp) + "/", recursive=True)
+        fetch(fs, published.entry, tmp)
+    remove_generation(fs, root, published.entry.generation)  # the step's output holds it now
     return read_model_manifest(output)
 
 

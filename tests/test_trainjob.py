@@ -75,7 +75,7 @@ def _train_step(tokenized_uri, base, model_dir, root, nodes=2, task_config=None)
 
 
 def test_nodes_above_one_train_through_a_trainjob_and_hand_on_its_model(tokenized_in_bucket, tmp_path,
-                                                                        monkeypatch, capsys):
+                                                                        monkeypatch, capsys, gcs):
     tokenized_uri, base = tokenized_in_bucket
     root = f"gs://cockatoo-data/{tmp_path.name}/checkpoints"
     with FakeKubernetes(lambda body: play_nodes(body, tmp_path)) as k8s:
@@ -104,6 +104,8 @@ def test_nodes_above_one_train_through_a_trainjob_and_hand_on_its_model(tokenize
     assert manifest["processes"] == 2 and manifest["plan"]["seed"] == 3
     assert model.metadata["model_type"] == "deberta"
     assert "training in 2 processes (gloo backend)" in capsys.readouterr().out
+    # Its copy taken, the step removes the model the nodes published; their checkpoints are gone too.
+    assert not gcs.find(f"cockatoo-data/{tmp_path.name}/checkpoints")
 
 
 def test_a_failed_trainjob_fails_the_step_with_its_error_and_a_retry_starts_another(tokenized_in_bucket,
