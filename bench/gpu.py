@@ -5,7 +5,8 @@ weights (nothing is downloaded) and trained through the project's own trainer, c
 optimizer on B1's token lengths. Rows per model: the guide's split, eager; the split derived
 for this card, eager; the derived split, compiled; and the model alone (forward and backward,
 no trainer, no optimizer) at the same widths, as the ceiling. For CLIP, text rows and rows
-with an image.
+with an image. On a machine with several GPUs, also `cockatoo train` on 1 GPU against all of
+them (B9's comparison, bench.harness.bench_processes).
 
 MFU counts 6 × non-embedding parameters × real tokens (for CLIP image rows, the vision
 tower's parameters × its 257 patch tokens as well) against the card's dense bf16 peak.
@@ -208,7 +209,33 @@ def bench_gpu(steps: int) -> dict:
     return results
 
 
-def section(m: dict, b4: dict) -> list[str]:
+def bench_all_gpus(rows: int, repeats: int) -> dict | None:
+    """`cockatoo train` on 1 GPU against every GPU of the machine (B9's comparison, on CUDA:
+    one process per GPU, NCCL); None with a single GPU."""
+    import torch
+
+    from bench.harness import bench_processes
+
+    gpus = torch.cuda.device_count()
+    return bench_processes(rows, repeats, (1, gpus)) if gpus > 1 else None
+
+
+def parallel_section(parallel: dict | None) -> list[str]:
+    if parallel is None:
+        return ["", "1 GPU against all: this machine has one GPU; nothing to compare."]
+    one, n = parallel["counts"]
+    rows = [f"| {k} | {r['samples_per_s']:,.0f} | {r['train_s']:.1f} | {int(r['steps'])} | "
+            f"{int(r['effective_batch'])} ({int(r['accumulation'])}) |"
+            for k, r in sorted(parallel["median"].items(), key=lambda kv: int(kv[0]))]
+    return ["", f"1 GPU against all {n}: one epoch of `cockatoo train` ({parallel['model']}, "
+                f"{parallel['train_rows']:,} rows, {parallel['repeats']} repeats alternating; torchrun, "
+                "one process per GPU, NCCL).", "",
+            "| GPUs | samples/s | train seconds | optimizer steps | effective batch (accumulation) |",
+            "|---|---|---|---|---|", *rows, "",
+            f"**{n} GPUs: {parallel['ratio_samples_per_s']:.2f}× the samples/s of {one}.**"]
+
+
+def section(m: dict, b4: dict, parallel: dict | None = None) -> list[str]:
     lines = ["## B4: GPU", "",
              f"{m['gpu']}, `make bench-gpu` (bench/gpu.py), {m['date']}. Published configs, random weights, "
              "B1's lengths, the full training step (trainer, collator, 8-bit AdamW). MFU: 6 × non-embedding "
@@ -225,7 +252,7 @@ def section(m: dict, b4: dict) -> list[str]:
                              f"{row['peak_memory_gib']:.1f} | {mfu} | {row['share_of_ceiling']:.0%} |")
         lines.append(f"| {model} | derived compiled / guide eager | | **{rows['speedup_over_guide']:.1f}×** "
                      "| | | | | |")
-    return lines
+    return lines + parallel_section(parallel)
 
 
 def main() -> int:
@@ -233,6 +260,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description="B4: training throughput on a GPU")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--parallel-rows", type=int, default=20_000, help="rows of 1 GPU against all")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -240,13 +268,14 @@ def main() -> int:
         return 0
     m = machine()
     b4 = bench_gpu(args.steps)
+    parallel = bench_all_gpus(args.parallel_rows, 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "b4.json").write_text(json.dumps({"machine": m, "b4": b4}, indent=2))
+    (RESULTS / "b4.json").write_text(json.dumps({"machine": m, "b4": b4, "parallel": parallel}, indent=2))
     text = args.output.read_text()
     start = text.index("## B4")
     end = text.find("\n## B", start + 1)
     rest = "\n" + text[end:] if end > 0 else "\n"
-    args.output.write_text(text[:start] + "\n".join(section(m, b4)) + rest)
+    args.output.write_text(text[:start] + "\n".join(section(m, b4, parallel)) + rest)
     print(f"wrote B4 into {args.output}")
     return 0
 

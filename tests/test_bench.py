@@ -153,3 +153,10 @@ def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path
     doc = tmp_path / "benchmarks.md"
     write_report({"machine": MACHINE, "b9": b9}, doc)
     assert f"**Ratio: {b9['ratio_samples_per_s']:.2f}× samples/s** with 2 processes" in doc.read_text()
+    # B4's 1-GPU-against-all rows are this measurement on CUDA; rendered from the same result.
+    from bench.gpu import parallel_section
+
+    rows = "\n".join(parallel_section(b9))
+    assert f"**2 GPUs: {b9['ratio_samples_per_s']:.2f}× the samples/s of 1.**" in rows
+    assert f"| 2 | {two['samples_per_s']:,.0f} |" in rows
+    assert parallel_section(None)[1] == "1 GPU against all: this machine has one GPU; nothing to compare."
