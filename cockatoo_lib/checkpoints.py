@@ -100,9 +100,9 @@ class DurableCheckpoints(TrainerCallback):
                     log.warning("checkpoint of step %d cannot be used: its best checkpoint (step %d) "
                                 "cannot: %s", step, best_step, problem)
                     continue
-            folder = fetch(self.fs, entry, work / f"checkpoint-{step}")
+            folder = fetch(self.fs, entry.uri, work / f"checkpoint-{step}")
             if best is not None:
-                fetch(self.fs, best, work / f"checkpoint-{best_step}")
+                fetch(self.fs, best.uri, work / f"checkpoint-{best_step}")
             self._localize(folder, work)
             return folder
         return None

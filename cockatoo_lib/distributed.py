@@ -75,16 +75,15 @@ def node_copy(uri: str, name: str, wait_s: float = 3600.0) -> Iterator[Path]:
     folder this node's processes share, while the block runs; the others wait for it to appear
     whole."""
     from cockatoo_lib import remote
+    from cockatoo_lib.publish import fetch
 
     base = shared_work_dir() if launched() else Path(tempfile.mkdtemp(prefix="cockatoo-"))
     dest, partial = base / name, base / f"{name}.partial"
     if local_rank() == 0:
-        fs, path = remote.url_to_fs(uri)
+        fs, _ = remote.url_to_fs(uri)
         for stale in (dest, partial):  # a process of an earlier try in this pod
             shutil.rmtree(stale, ignore_errors=True)
-        partial.mkdir(parents=True)
-        fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
-        partial.rename(dest)  # whole, in one step
+        fetch(fs, uri, partial).rename(dest)  # whole, in one step
         log.info("copied %s to %s", uri, dest)
     deadline = time.monotonic() + wait_s
     while not dest.exists():

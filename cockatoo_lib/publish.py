@@ -96,10 +96,10 @@ def read_generation(fs, root: str, generation: int,
     return Entry(fs.unstrip_protocol(location), generation, body.get("meta", {})), None
 
 
-def fetch(fs, entry: Entry, dest: Path) -> Path:
-    """Copy a published entry's files into the local folder `dest`."""
+def fetch(fs, uri: str, dest: Path) -> Path:
+    """Copy the files of the folder at `uri` (a published entry's, say) into the local `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    fs.get(fs._strip_protocol(entry.uri).rstrip("/") + "/", str(dest) + "/", recursive=True)
+    fs.get(fs._strip_protocol(uri).rstrip("/") + "/", str(dest) + "/", recursive=True)
     return dest
 
 

@@ -62,8 +62,6 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
     """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one. With
     more than one GPU, one process per GPU (cockatoo_lib.distributed); with more than one node,
     a Kubeflow Trainer TrainJob does the training (cockatoo_lib.trainjob)."""
-    import json
-
     from cockatoo_lib import distributed
     from cockatoo_lib.train import read_model_manifest, train
 
@@ -78,11 +76,8 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
         info = _train_on_nodes(tokenized_uri, model_type, settings, output, output_uri or output, gpus, nodes,
                                checkpoint_root, placement or {})
     elif gpus > 1 and not distributed.launched():
-        argv = ["train", "--tokenized", local_path(tokenized_dir), "--output", output,
-                "--model-type", model_type,
-                *[f"--set={key}={json.dumps(value)}" for key, value in settings.items()],
-                *(["--checkpoint-root", checkpoint_root] if checkpoint_root else [])]
-        code = distributed.launch(gpus, argv)
+        code = distributed.launch(gpus, train_argv(local_path(tokenized_dir), output, model_type, settings,
+                                                   checkpoint_root))
         if code:
             raise CockatooError(f"training in {gpus} processes failed (exit code {code}); the failing "
                                 "process's error is in the log above")
@@ -94,6 +89,16 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
             "best_validation_metric": info["best_validation_metric"], "best_epoch": info["best_epoch"],
             "epochs": info["epochs"], "seed": info["seed"], "batch_split": info["batch_split"],
             "labels": info["labels"], "thresholds": info["thresholds"]}
+
+
+def train_argv(tokenized: str, output: str, model_type: str, settings: dict,
+               checkpoint_root: str) -> list[str]:
+    """`cockatoo train` with the step's settings, as each process of a multi-process training runs it."""
+    import json
+
+    return ["train", "--tokenized", tokenized, "--output", output, "--model-type", model_type,
+            *[f"--set={key}={json.dumps(value)}" for key, value in settings.items()],
+            *(["--checkpoint-root", checkpoint_root] if checkpoint_root else [])]
 
 
 def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output: str, output_uri: str,
@@ -115,8 +120,8 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
                             "this step; compile the pipeline with cockatoo compile")
 
     def request(name: str) -> trainjob.JobRequest:
-        command = trainjob.train_command(tokenized_uri, trainjob.model_uri(checkpoint_root, name), model_type,
-                                         settings, checkpoint_root)
+        command = trainjob.train_command(train_argv(tokenized_uri, trainjob.model_uri(checkpoint_root, name),
+                                                    model_type, settings, checkpoint_root))
         return trainjob.JobRequest(image, nodes, max(gpus, 1), command, placement)
 
     name = trainjob.run(trainjob.trainer_client(), trainjob.job_base_name(output_uri), request)
@@ -127,7 +132,7 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
         raise CockatooError(f"TrainJob {name} completed but left no model at {uri}: "
                             f"{published.problem or 'nothing published'}")
     with atomic_output_dir(output) as tmp:
-        fetch(fs, published.entry, tmp)
+        fetch(fs, published.entry.uri, tmp)
     remove_generation(fs, root, published.entry.generation)  # the step's output holds it now
     return read_model_manifest(output)
 

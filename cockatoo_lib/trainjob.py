@@ -39,16 +39,10 @@ class JobRequest:
     placement: dict = field(default_factory=dict)
 
 
-def train_command(tokenized_uri: str, output_uri: str, model_type: str, settings: dict,
-                  checkpoint_root: str) -> list[str]:
+def train_command(argv: list[str]) -> list[str]:
     """What every node runs: torchrun, with its node count, rank and rendezvous from the
-    runtime's PET_* variables, starting one `cockatoo train` per GPU."""
-    import json
-
-    sets = [f"--set={key}={json.dumps(value)}" for key, value in settings.items()]
-    return ["python", "-m", "torch.distributed.run", "-m", "cockatoo_lib.cli", "train",
-            "--tokenized", tokenized_uri, "--output", output_uri, "--model-type", model_type, *sets,
-            "--checkpoint-root", checkpoint_root]
+    runtime's PET_* variables, starting one `cockatoo <argv>` per GPU."""
+    return ["python", "-m", "torch.distributed.run", "-m", "cockatoo_lib.cli", *argv]
 
 
 def job_base_name(output_uri: str) -> str:
