@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import statistics
@@ -192,15 +193,12 @@ def _texts(n: int, seed: int = 0) -> list[str]:
 
 
 def bench_tokenization(rows: int, repeats: int) -> dict:
-    import logging
-
     import pandas as pd
 
     from cockatoo_lib.data import load_data_config, prepare
     from cockatoo_lib.registry import resolve_plan
     from cockatoo_lib.tokenize import tokenize
 
-    logging.getLogger("cockatoo_lib").setLevel(logging.WARNING)
     plan = resolve_plan("minilm")
     cold, hit = [], []
     with tempfile.TemporaryDirectory() as work:
@@ -355,8 +353,6 @@ def _clip_preprocessor_folder(folder: Path) -> Path:
 
 
 def bench_images(images: int, repeats: int) -> dict:
-    import logging
-
     import pandas as pd
     import torch
 
@@ -365,7 +361,6 @@ def bench_images(images: int, repeats: int) -> dict:
     from cockatoo_lib.registry import resolve_plan
     from cockatoo_lib.tokenize import load_tokenized, tokenize
 
-    logging.getLogger("cockatoo_lib").setLevel(logging.WARNING)
     rng = np.random.default_rng(0)
     prep, tok, per_image_disk = [], [], None
     with tempfile.TemporaryDirectory() as work:
@@ -455,15 +450,12 @@ def demo_model_folder(folder: Path, labels: list[str]) -> Path:
 
 def bench_predict(rows: int, repeats: int, batch_size: int = 64) -> dict:
     """`cockatoo predict` against transformers' pipeline, alternately, on one model and file."""
-    import logging
-
     import pandas as pd
     from transformers import pipeline
 
     from cockatoo_lib.predict import Classifier, predict_file
     from cockatoo_lib.registry import resolve_plan
 
-    logging.getLogger("cockatoo_lib").setLevel(logging.WARNING)
     labels = ["scam", "violence", "harassment", "hate_speech", "toxicity", "obscenity", "jailbreaking"]
     max_length = resolve_plan("minilm").inference_max_length
     lengths = social_media_lengths(rows, max_length)
@@ -511,7 +503,6 @@ def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2)) -
     training time. On 2 processes the plan's 16 x 2 becomes 16 x 2 processes x 1: the same
     effective batch, and about the same steps."""
     import json as json_
-    import logging
     import subprocess
     import sys
 
@@ -521,7 +512,6 @@ def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2)) -
     from cockatoo_lib.registry import resolve_plan
     from cockatoo_lib.tokenize import tokenize
 
-    logging.getLogger("cockatoo_lib").setLevel(logging.WARNING)
     settings = {"num_epochs": 1, "dataloader_num_workers": 0, "early_stopping_patience": 0, "batch_size": 16,
                 "gradient_accumulation_steps": 2}
     plan = resolve_plan("minilm", settings)
@@ -801,6 +791,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r}; valid: {', '.join(sorted(BENCHES))}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # The steps' progress lines would drown the report's; set here, for the whole process, not
+    # in the bench functions, which tests call within a process whose logging they rely on.
+    logging.getLogger("cockatoo_lib").setLevel(logging.WARNING)
     runs = {
         "b3": ("B3 optimizer memory", lambda: bench_optimizer_memory()),
         "b2": ("B2 tokenization", lambda: bench_tokenization(args.rows, args.repeats)),

@@ -1,5 +1,8 @@
+
 """The benchmark report: a run of some benchmarks (`--only`) rewrites their sections and keeps
 the recorded figures of the others. B4's code runs here on tiny configs."""
+
+import logging
 
 import pytest
 
@@ -131,7 +134,10 @@ def test_b4_without_cuda_says_so_and_leaves_the_report_alone(tmp_path, capsys, m
 def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
     from bench.harness import bench_predict, write_report
 
+    before = logging.getLogger("cockatoo_lib").level
     b8 = bench_predict(rows=120, repeats=1, batch_size=32)
+    # Benchmarks called in a process leave its logging alone (tests read INFO lines in caplog).
+    assert logging.getLogger("cockatoo_lib").level == before
     assert b8["cockatoo_s"] > 0 and b8["pipeline_s"] > 0
     assert b8["ratio"] == pytest.approx(b8["pipeline_s"] / b8["cockatoo_s"])
     # The same probabilities from both: a fast side that scored differently would prove nothing.
