@@ -125,14 +125,12 @@ def divisors(n: int) -> list[int]:
 
 
 def derive_split(plan, memory_gib: float, processes: int = 1) -> Split | None:
-    """The split for a card of `memory_gib`, or None when the model has no published config."""
+    """Each process's split on a card of `memory_gib` when `processes` share the plan's effective
+    batch, or None when the model has no published config."""
     if published_config(plan.model_type) is None:
         return None
-    effective = plan.batch_size * plan.gradient_accumulation_steps
+    per_process = _per_process(plan.effective_batch_size, processes)
     budget = HEADROOM * memory_gib * GIB
-    if effective % processes:
-        raise CockatooError(f"effective batch {effective} does not divide among {processes} processes")
-    per_process = effective // processes
     for checkpointing in (False, True):
         for micro in divisors(per_process):
             if not checkpointing and micro < min(USEFUL_MICRO_BATCH, per_process):
@@ -146,6 +144,16 @@ def derive_split(plan, memory_gib: float, processes: int = 1) -> Split | None:
                 return Split(micro, per_process // micro, checkpointing, round(needed / GIB, 1), why)
     raise CockatooError(f"{plan.model_type} does not fit {memory_gib:g} GiB even at micro-batch 1 with "
                         f"checkpointing (estimated {estimate_bytes(plan, 1, True) / GIB:.1f} GiB)")
+
+
+def _per_process(effective: int, processes: int) -> int:
+    if effective % processes:
+        raise CockatooError(
+            f"the effective batch of {effective} rows does not divide among {processes} processes; "
+            "train on a number of GPUs that divides it, or pin the split (--set batch_size=N, or "
+            f"--set batch_split=seed) to train at the nearest effective batch that {processes} processes "
+            "can share")
+    return effective // processes
 
 
 def probe(split: Split, effective_per_process: int, fits: Callable[[int], bool]) -> Split:
@@ -163,19 +171,27 @@ def probe(split: Split, effective_per_process: int, fits: Callable[[int], bool])
     raise CockatooError("not even a micro-batch of 1 fits this card at full width")
 
 
-def split_for_processes(plan: Plan, processes: int) -> Plan:
-    """Data parallel: each of `processes` takes a micro-batch per step, so the guide's effective
-    batch (micro-batch x accumulation) is kept by lowering the accumulation where it divides;
-    where it cannot be kept, the nearest is taken and the note says so."""
-    if processes <= 1:
-        return plan
+def split_for_processes(plan: Plan, processes: int, pinned: bool) -> tuple[int, int, str]:
+    """Data parallel without a card to derive from (CPU, a split the user pinned, a model without
+    a published config): each of `processes` takes a micro-batch per step, so the plan's effective
+    batch is kept by lowering the accumulation, and the micro-batch where the accumulation cannot
+    absorb it. Returns (micro-batch, accumulation, note). Where `processes` does not divide the
+    effective batch, that is an error, unless the user pinned the split: then the nearest
+    effective batch at the pinned micro-batch is taken and the note says so."""
     target = plan.effective_batch_size
-    accumulation = max(1, round(target / (plan.batch_size * processes)))
-    effective = plan.batch_size * processes * accumulation
-    note = (f"data parallel: micro-batch {plan.batch_size} x {processes} processes x accumulation "
-            f"{accumulation} = {effective} rows per step")
-    note += (f" (the plan's {plan.batch_size} x {plan.gradient_accumulation_steps})" if effective == target
-             else f", not the plan's {target} ({plan.batch_size} x {plan.gradient_accumulation_steps}), "
-                  f"which {processes} processes cannot split evenly")
-    return plan.model_copy(update={"gradient_accumulation_steps": accumulation,
-                                   "adjustments": plan.adjustments + (note,)})
+    if target % processes and pinned:
+        accumulation = max(1, round(target / (plan.batch_size * processes)))
+        effective = plan.batch_size * processes * accumulation
+        return plan.batch_size, accumulation, (
+            f"data parallel: micro-batch {plan.batch_size} x {processes} processes x accumulation "
+            f"{accumulation} = {effective} rows per step, not the plan's {target} "
+            f"({plan.batch_size} x {plan.gradient_accumulation_steps}), which {processes} processes cannot "
+            "share evenly; kept because the split is pinned")
+    per_process = _per_process(target, processes)
+    micro = next(d for d in divisors(per_process) if d <= plan.batch_size)
+    accumulation = per_process // micro
+    note = (f"data parallel: micro-batch {micro} x {processes} processes x accumulation {accumulation} = "
+            f"{target} rows per step (the plan's {plan.batch_size} x {plan.gradient_accumulation_steps})")
+    if micro < plan.batch_size:
+        note += f"; micro-batch lowered from {plan.batch_size}: each process takes {per_process} rows a step"
+    return micro, accumulation, note

@@ -32,16 +32,22 @@ def _plan(model_type: str, overrides: list[str] | None, detect: bool = True, har
 def plan(model_type: str = MODEL_TYPE, set_: list[str] = SET,
          hardware: bool = typer.Option(False, "--hardware", help="apply this machine's adjustments"),
          gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib",
-                                              help="plan for a CUDA card with this much memory")):
+                                              help="plan for CUDA cards with this much memory each"),
+         gpus: int = typer.Option(1, "--gpus",
+                                  help="with --gpu-memory-gib: that many cards, one process each")):
     """Print the resolved settings for a model type: the guide's, this machine's (--hardware),
-    or a card's (--gpu-memory-gib)."""
+    or for cards (--gpu-memory-gib, --gpus): the split is each process's, the effective batch
+    the whole step's."""
     from cockatoo_lib.limits import check_range
     from cockatoo_lib.registry import plan_table, planned_card
 
     card = None
+    check_range("processes", gpus, "--gpus")
     if gpu_memory_gib is not None:
         check_range("gpu_memory_gib", gpu_memory_gib, "--gpu-memory-gib")
-        card = planned_card(gpu_memory_gib)
+        card = planned_card(gpu_memory_gib, gpus)
+    elif gpus != 1:
+        raise CockatooError("--gpus needs --gpu-memory-gib: the memory of each card")
     rows = plan_table(_plan(model_type, set_, detect=hardware, hardware=card))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

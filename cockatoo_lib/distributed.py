@@ -52,6 +52,38 @@ def shared_work_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"cockatoo-train-{run_id}"
 
 
+def own_card():
+    """This process's GPU: the LOCAL_RANK-th of the machine's (torchrun starts one process per
+    GPU), made the current device before anything allocates on it."""
+    import torch
+
+    from cockatoo_lib.errors import CockatooError
+
+    index, count = local_rank(), torch.cuda.device_count()
+    if index >= count:
+        raise CockatooError(f"process {index} on this machine has no GPU of its own: {count} GPU(s) here; "
+                            "start one process per GPU")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
+def agree_on_smallest(value: int) -> int:
+    """The smallest `value` over every process of the training (the value itself when alone).
+    Joins the process group the Trainer will use, ahead of it (accelerate takes it as it is)."""
+    if world_size() == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    found = torch.tensor([value], device=torch.device("cuda", local_rank()) if cuda else "cpu")
+    dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    return int(found.item())
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

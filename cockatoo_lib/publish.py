@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Entry:
     uri: str
     generation: int
     meta: dict = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> size, as the marker lists
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def read_generation(fs, root: str, generation: int,
     problem = _verify(fs, location, files)
     if problem:
         return None, f"{fs.unstrip_protocol(marker)}: {problem}"
-    return Entry(fs.unstrip_protocol(location), generation, body.get("meta", {})), None
+    return Entry(fs.unstrip_protocol(location), generation, body.get("meta", {}), files), None
 
 
 def fetch(fs, uri: str, dest: Path) -> Path:
@@ -101,6 +103,12 @@ def fetch(fs, uri: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     fs.get(fs._strip_protocol(uri).rstrip("/") + "/", str(dest) + "/", recursive=True)
     return dest
+
+
+def published_at(entry: Entry) -> float:
+    """When an entry's upload started (its data folder's name says), in seconds since the epoch."""
+    stamp = DATA.match(_name(entry.uri)).group(1)
+    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
 
 
 def generations(fs, root: str) -> list[int]:
@@ -140,10 +148,8 @@ def _before_marker(location: str) -> None:
     """Called between the upload and the marker; tests hold a publish open here."""
 
 
-def publish(fs, root: str, folder: Path, meta: dict, generation: int) -> Entry:
-    """Upload `folder` to a location of its own under `root`, then publish it as `generation`.
-    Returns the entry that won: this one, or a concurrent writer's that was published first."""
-    root = root.rstrip("/")
+def _upload(fs, root: str, folder: Path) -> tuple[str, dict[str, int]]:
+    """Upload `folder` to a location of its own under `root`; (location, its files' sizes)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     location = f"{root}/data-{stamp}-{uuid.uuid4().hex[:8]}"
     files = {p.relative_to(folder).as_posix(): p.stat().st_size
@@ -151,11 +157,22 @@ def publish(fs, root: str, folder: Path, meta: dict, generation: int) -> Entry:
     fs.makedirs(location, exist_ok=True)
     fs.put(str(folder) + "/", location + "/", recursive=True)
     _before_marker(location)
-    body = json.dumps({"format": 1, "location": _name(location), "files": files, "meta": meta,
-                       "published_at": stamp}, indent=1).encode()
+    return location, files
+
+
+def _marker_body(location: str, files: dict[str, int], meta: dict) -> bytes:
+    return json.dumps({"format": 1, "location": _name(location), "files": files, "meta": meta,
+                       "published_at": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}, indent=1).encode()
+
+
+def publish(fs, root: str, folder: Path, meta: dict, generation: int) -> Entry:
+    """Upload `folder` to a location of its own under `root`, then publish it as `generation`.
+    Returns the entry that won: this one, or a concurrent writer's that was published first."""
+    root = root.rstrip("/")
+    location, files = _upload(fs, root, folder)
     marker = f"{root}/entry-{generation:06d}.json"
     try:
-        _create_only(fs, marker, body)
+        _create_only(fs, marker, _marker_body(location, files, meta))
     except FileExistsError:
         # Another run published this generation first: our upload is named by nothing.
         fs.rm(location, recursive=True)
@@ -165,7 +182,39 @@ def publish(fs, root: str, folder: Path, meta: dict, generation: int) -> Entry:
             return winner.entry
         raise OSError(f"{fs.unstrip_protocol(marker)} was published by another run but does not verify: "
                       f"{winner.problem}") from None
-    return Entry(fs.unstrip_protocol(location), generation, meta)
+    return Entry(fs.unstrip_protocol(location), generation, meta, files)
+
+
+def publish_new(fs, root: str, folder: Path, meta: dict) -> Entry:
+    """Publish `folder` as a generation of its own, the next free one: for entries that are not
+    interchangeable (each run's checkpoints), where another writer's, or a damaged marker,
+    must not take this one's place."""
+    root = root.rstrip("/")
+    location, files = _upload(fs, root, folder)
+    body = _marker_body(location, files, meta)
+    generation = max(_markers(fs, root), default=-1) + 1
+    while True:
+        try:
+            _create_only(fs, f"{root}/entry-{generation:06d}.json", body)
+            return Entry(fs.unstrip_protocol(location), generation, meta, files)
+        except FileExistsError:  # another writer took this number meanwhile: the next
+            generation += 1
+
+
+def fetch_verified(fs, entry: Entry, dest: Path) -> Path:
+    """Copy a published entry into the local `dest` and check the copy against its marker's file
+    list: an entry unpublished while it was being copied (another run cleaning up) raises
+    OSError naming what went missing, and leaves no partial copy."""
+    try:
+        fetch(fs, entry.uri, dest)
+        problem = next((f"{rel} is missing or incomplete" for rel, size in sorted(entry.files.items())
+                        if not (dest / rel).is_file() or (dest / rel).stat().st_size != size), None)
+    except FileNotFoundError as exc:
+        problem = f"{exc.filename or exc} disappeared while it was copied"
+    if problem:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise OSError(f"{entry.uri}: {problem} (unpublished meanwhile?)")
+    return dest
 
 
 def _create_only(fs, path: str, body: bytes) -> None:
@@ -200,8 +249,7 @@ def clean_abandoned(fs, root: str, older_than: float | None = None) -> list[str]
         m = DATA.match(_name(path))
         if not m or _name(path) in named:
             continue
-        started = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ"))
-        if now - started > older_than:
+        if now - calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ")) > older_than:
             log.warning("publish: removing abandoned upload %s (no marker names it; started %s)",
                         fs.unstrip_protocol(path), m.group(1))
             fs.rm(path, recursive=True)

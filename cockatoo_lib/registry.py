@@ -87,12 +87,16 @@ class Plan(BaseModel):
     # of 64 (cockatoo_lib/train.py) so that the shapes it compiles for stay few.
     torch_compile: bool = True
     seed: int = Field(default=42, ge=RANGES["seed"][0], le=RANGES["seed"][1])
+    # Data-parallel processes (GPUs over all nodes) that each take a micro-batch per step; the
+    # micro-batch and accumulation above are each process's. Set by resolve_plan only.
+    processes: int = Field(default=1, gt=0)
     # What resolve_plan changed to fit the hardware; set by resolve_plan only.
     adjustments: tuple[str, ...] = ()
 
     @property
     def effective_batch_size(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps
+        """Rows per optimizer step, over every process: what the recipe fixes."""
+        return self.batch_size * self.gradient_accumulation_steps * self.processes
 
     @property
     def reads_images(self) -> bool:
@@ -174,7 +178,7 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 # Settings a user may not override: they identify the record or are derived here.
-_FIXED_FIELDS = {"model_type", "architecture", "adjustments"}
+_FIXED_FIELDS = {"model_type", "architecture", "processes", "adjustments"}
 
 
 @dataclass(frozen=True)
@@ -183,23 +187,32 @@ class Hardware:
     bf16_supported: bool = False
     device_name: str = "cpu"
     memory_gib: float | None = None
+    # Data-parallel processes training together (one per GPU, over all nodes).
+    processes: int = 1
 
 
 def detect_hardware() -> Hardware:
+    """This process's card (torchrun's LOCAL_RANK picks it among the machine's), and the number
+    of processes training together."""
     import torch
 
+    from cockatoo_lib import distributed
+
+    processes = distributed.world_size()
     if not torch.cuda.is_available():
-        return Hardware(cuda=False)
+        return Hardware(cuda=False, processes=processes)
+    card = distributed.local_rank()
     return Hardware(cuda=True, bf16_supported=torch.cuda.is_bf16_supported(),
-                    device_name=torch.cuda.get_device_name(0),
-                    memory_gib=torch.cuda.get_device_properties(0).total_memory / 1024**3)
+                    device_name=torch.cuda.get_device_name(card),
+                    memory_gib=torch.cuda.get_device_properties(card).total_memory / 1024**3,
+                    processes=processes)
 
 
-def planned_card(memory_gib: float) -> Hardware:
-    """A card to plan for (`cockatoo plan --gpu-memory-gib N`): CUDA with bf16, as every card
-    with that much memory since the A100 has."""
+def planned_card(memory_gib: float, gpus: int = 1) -> Hardware:
+    """Cards to plan for (`cockatoo plan --gpu-memory-gib N --gpus K`): CUDA with bf16, as every
+    card with that much memory since the A100 has."""
     return Hardware(cuda=True, bf16_supported=True, device_name=f"a {memory_gib:g} GiB card",
-                    memory_gib=memory_gib)
+                    memory_gib=memory_gib, processes=gpus)
 
 
 def get_spec(model_type: str) -> ModelSpec:
@@ -265,18 +278,26 @@ def _fit_to_hardware(plan: Plan, hw: Hardware, pinned: set[str] = frozenset()) -
         changes.update(fp16=False, bf16=True)
         notes.append(f"{hw.device_name} has bf16: bf16 instead of fp16 (fp16's range needs a loss "
                      "scaler; bf16's does not)")
-    split_asked_for = {"batch_size", "gradient_accumulation_steps", "gradient_checkpointing"} & pinned
-    if derived and hw.memory_gib and not split_asked_for:  # a split the user set is kept as set
-        from cockatoo_lib.batch_split import derive_split
+    from cockatoo_lib.batch_split import derive_split, split_for_processes
 
-        split = derive_split(plan, hw.memory_gib)
-        now = (plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing)
-        if split is not None and (split.micro_batch, split.accumulation, split.gradient_checkpointing) != now:
+    split_asked_for = {"batch_size", "gradient_accumulation_steps", "gradient_checkpointing"} & pinned
+    split = None
+    if derived and hw.memory_gib and not split_asked_for:  # a split the user set is kept as set
+        split = derive_split(plan, hw.memory_gib, hw.processes)
+    now = (plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing)
+    if split is not None:
+        if (split.micro_batch, split.accumulation, split.gradient_checkpointing, hw.processes) != (*now, 1):
             changes.update(batch_size=split.micro_batch, gradient_accumulation_steps=split.accumulation,
-                           gradient_checkpointing=split.gradient_checkpointing)
-            notes.append(f"batch split for {hw.device_name}: {split.micro_batch} x {split.accumulation} "
+                           gradient_checkpointing=split.gradient_checkpointing, processes=hw.processes)
+            per = f" per process, {hw.processes} processes" if hw.processes > 1 else ""
+            notes.append(f"batch split for {hw.device_name}: {split.micro_batch} x {split.accumulation}{per} "
                          f"(was {now[0]} x {now[1]}), checkpointing "
                          f"{'on' if split.gradient_checkpointing else 'off'}: {split.reason}")
+    elif hw.processes > 1:  # the plan's split (CPU, pinned, no published config), shared out
+        micro, accumulation, note = split_for_processes(
+            plan, hw.processes, pinned=bool(split_asked_for) or plan.batch_split == "seed")
+        changes.update(batch_size=micro, gradient_accumulation_steps=accumulation, processes=hw.processes)
+        notes.append(note)
     if not hw.cuda:
         off = [k for k in ("fp16", "bf16", "tf32") if getattr(plan, k)]
         if off:

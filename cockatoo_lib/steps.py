@@ -91,6 +91,11 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
             "labels": info["labels"], "thresholds": info["thresholds"]}
 
 
+def train_pod_gpus(gpus: int, nodes: int) -> int:
+    """GPUs the train step's pod holds: with nodes > 1 the TrainJob's nodes train, the pod waits."""
+    return gpus if nodes == 1 else 0
+
+
 def train_argv(tokenized: str, output: str, model_type: str, settings: dict,
                checkpoint_root: str) -> list[str]:
     """`cockatoo train` with the step's settings, as each process of a multi-process training runs it."""
@@ -107,7 +112,7 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
 
     from cockatoo_lib import remote, trainjob
     from cockatoo_lib.fileio import atomic_output_dir
-    from cockatoo_lib.publish import fetch, read_published, remove_generation
+    from cockatoo_lib.publish import fetch, read_published
     from cockatoo_lib.train import read_model_manifest
 
     for name, value in (("checkpoint_root", checkpoint_root), ("the tokenized data", tokenized_uri)):
@@ -119,11 +124,15 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
         raise CockatooError(f"nodes={nodes}: {trainjob.IMAGE_ENV} (the image the nodes run) is not set on "
                             "this step; compile the pipeline with cockatoo compile")
 
+    accelerator = os.environ.get(trainjob.ACCELERATOR_ENV) or "nvidia.com/gpu"
+
     def request(name: str) -> trainjob.JobRequest:
         command = trainjob.train_command(train_argv(tokenized_uri, trainjob.model_uri(checkpoint_root, name),
                                                     model_type, settings, checkpoint_root))
-        return trainjob.JobRequest(image, nodes, max(gpus, 1), command, placement)
+        return trainjob.JobRequest(image=image, nodes=nodes, gpus_per_node=max(gpus, 1), command=command,
+                                   placement=placement, accelerator=accelerator)
 
+    trainjob.remove_stale_models(checkpoint_root)
     name = trainjob.run(trainjob.trainer_client(), trainjob.job_base_name(output_uri), request)
     uri = trainjob.model_uri(checkpoint_root, name)
     fs, root = remote.url_to_fs(uri)
@@ -131,9 +140,10 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
     if published.entry is None:
         raise CockatooError(f"TrainJob {name} completed but left no model at {uri}: "
                             f"{published.problem or 'nothing published'}")
+    # The published model stays: KFP uploads this step's output only after the step returns, and a
+    # retry before then takes the model again. remove_stale_models clears it a week on.
     with atomic_output_dir(output) as tmp:
         fetch(fs, published.entry.uri, tmp)
-    remove_generation(fs, root, published.entry.generation)  # the step's output holds it now
     return read_model_manifest(output)
 
 

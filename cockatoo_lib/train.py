@@ -13,7 +13,7 @@ from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, Trainin
 from transformers.trainer_utils import get_last_checkpoint
 
 from cockatoo_lib import distributed
-from cockatoo_lib.checkpoints import DurableCheckpoints, checkpoint_key, checkpoint_step
+from cockatoo_lib.checkpoints import DurableCheckpoints, checkpoint_key, checkpoint_step, stopped
 from cockatoo_lib.data import read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, write_json
@@ -202,7 +202,7 @@ def training_arguments(plan: Plan, output_dir: str, cuda: bool, resumable: bool 
     )
 
 
-def batch_split_record(plan: Plan, cuda: bool, processes: int = 1) -> dict:
+def batch_split_record(plan: Plan, cuda: bool) -> dict:
     """How each optimizer step is split, and why: the manifest's, the log's and the UI's."""
     why = [n for n in plan.adjustments
            if n.startswith(("batch split", "micro-batch", "data parallel")) or "bf16" in n]
@@ -210,8 +210,8 @@ def batch_split_record(plan: Plan, cuda: bool, processes: int = 1) -> dict:
         why = ["the plan's values, pinned" if plan.batch_split == "seed" else "the plan's values"]
     return {"micro_batch": plan.batch_size,
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-            "processes": processes,
-            "effective_batch": plan.effective_batch_size * processes,
+            "processes": plan.processes,
+            "effective_batch": plan.effective_batch_size,
             "gradient_checkpointing": plan.gradient_checkpointing,
             "precision": "bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
             "torch_compile": plan.torch_compile and cuda,
@@ -219,16 +219,15 @@ def batch_split_record(plan: Plan, cuda: bool, processes: int = 1) -> dict:
 
 
 def check_split_on_card(model, plan: Plan, collator, dataset) -> Plan:
-    """On CUDA, run one forward and backward pass of the derived micro-batch at the worst-case
-    width (every row max_length long); step down on out-of-memory."""
-    from cockatoo_lib.batch_split import derive_split, probe
+    """On CUDA, run one forward and backward pass of the plan's micro-batch at the worst-case
+    width (every row max_length long) on this process's own card; step down on out-of-memory."""
+    from cockatoo_lib.batch_split import published_config
 
     if not torch.cuda.is_available() or plan.batch_split != "derived":
         return plan
-    split = derive_split(plan, torch.cuda.get_device_properties(0).total_memory / 1024**3)
-    if split is None:
+    if published_config(plan.model_type) is None:  # no estimate was made: nothing to check
         return plan
-    device, dtype = torch.device("cuda"), torch.bfloat16 if plan.bf16 else torch.float16
+    device, dtype = distributed.own_card(), torch.bfloat16 if plan.bf16 else torch.float16
     model.to(device)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -253,13 +252,26 @@ def check_split_on_card(model, plan: Plan, collator, dataset) -> Plan:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
-    checked = probe(split, plan.effective_batch_size, fits)
-    if checked.micro_batch == plan.batch_size:
+    return settle_micro_batch(plan, fits)
+
+
+def settle_micro_batch(plan: Plan, fits) -> Plan:
+    """The largest divisor of each process's rows per step, up to the plan's micro-batch, that
+    `fits` this process's card; then the smallest of those over every process, so that all of
+    them train one split (a process that steps down alone would take other batches, or hang)."""
+    from cockatoo_lib.batch_split import Split, probe
+
+    per_process = plan.batch_size * plan.gradient_accumulation_steps
+    checked = probe(Split(plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing, 0.0,
+                          "the plan's split"), per_process, fits)
+    micro = distributed.agree_on_smallest(checked.micro_batch)
+    if micro == plan.batch_size:
         return plan
-    note = f"micro-batch {checked.micro_batch} x {checked.accumulation}: {checked.reason}"
+    where = "this card" if micro == checked.micro_batch else "the smallest card of the training's processes"
+    note = (f"micro-batch {micro} x {per_process // micro}: {where} held {micro} rows at full width, "
+            f"not {plan.batch_size}")
     log.warning(note)
-    return plan.model_copy(update={"batch_size": checked.micro_batch,
-                                   "gradient_accumulation_steps": checked.accumulation,
+    return plan.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": per_process // micro,
                                    "adjustments": plan.adjustments + (note,)})
 
 
@@ -285,11 +297,21 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
 
     `tokenized_dir` and `output` may be bucket URIs (a TrainJob's nodes share no disk): the
     data is copied once per node, and the model published at `output` (cockatoo_lib.publish)."""
-    if "://" in str(output):
-        return _train_to_bucket(tokenized_dir, plan, str(output), data_dir, checkpoint_root, keep_checkpoints)
-    if "://" in str(tokenized_dir):
-        with distributed.node_copy(str(tokenized_dir), "tokenized") as local:
-            return train(local, plan, output, data_dir, checkpoint_root, keep_checkpoints)
+    tokenized = (distributed.node_copy(str(tokenized_dir), "tokenized") if "://" in str(tokenized_dir)
+                 else contextlib.nullcontext(Path(tokenized_dir)))
+    with tokenized as local:
+        if "://" in str(output):
+            manifest, durable = _fit_to_bucket(local, plan, str(output), data_dir, checkpoint_root)
+        else:
+            manifest, durable = _fit(local, plan, output, data_dir, checkpoint_root)
+    if durable and distributed.rank() == 0:  # the model is safe where it belongs: its checkpoints have served
+        log.info("this run trained %d of %d optimizer steps", durable.steps_run, manifest["optimizer_steps"])
+        durable.clean_up(keep_checkpoints)
+    return manifest
+
+
+def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoint_root: str | None):
+    """Train into the local folder `output`; (the model manifest, the durable checkpoints or None)."""
     check_output(output)
     datasets, tok_info = load_tokenized(tokenized_dir)
     check_same_data(tok_info, tokenized_dir, data_dir)
@@ -313,15 +335,16 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
         init_head_bias(model, label_priors(datasets["train"]))
     collator = PaddingCollator(tokenizer.pad_token_id or 0, pad_multiple(plan, cuda), tok_info.get("images"),
                                plan.max_length)
-    plan = check_split_on_card(model, plan, collator, datasets["train"])
     world = distributed.world_size()
+    if plan.processes != world:
+        raise CockatooError(f"the plan shares each step among {plan.processes} processes, but this training "
+                            f"runs in {world}; resolve the plan with this hardware "
+                            "(cockatoo_lib.registry.detect_hardware)")
+    plan = check_split_on_card(model, plan, collator, datasets["train"])
     if world > 1:
-        from cockatoo_lib.batch_split import split_for_processes
-
-        plan = split_for_processes(plan, world)
-        log.info("training in %d processes (%s backend); this is process %d; %s", world,
-                 "nccl" if cuda else "gloo", distributed.rank(), plan.adjustments[-1])
-    split = batch_split_record(plan, cuda, world)
+        log.info("training in %d processes (%s backend); this is process %d", world,
+                 "nccl" if cuda else "gloo", distributed.rank())
+    split = batch_split_record(plan, cuda)
     log.info("batch split: %d x %d processes x %d = %d rows per step, checkpointing %s, %s; %s",
              split["micro_batch"], world, split["gradient_accumulation_steps"], split["effective_batch"],
              "on" if split["gradient_checkpointing"] else "off", split["precision"], "; ".join(split["why"]))
@@ -330,8 +353,7 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
 
     durable = None
     if checkpoint_root:
-        key = checkpoint_key(tok_info["cache_key"], plan.model_dump(mode="json"), world)
-        durable = DurableCheckpoints(checkpoint_root, key, plan.save_steps)
+        durable = DurableCheckpoints(checkpoint_root, checkpoint_key(tok_info["cache_key"], plan), plan)
 
     # Process 0 alone writes the model; the others' saves are no-ops or go to a scratch folder.
     main = distributed.rank() == 0
@@ -356,6 +378,12 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
                          if plan.early_stopping_patience else []), *([durable] if durable else [])],
         )
         resumed = _resume_point(durable, Path(work)) if durable else None
+        if resumed and stopped(resumed):
+            # Early stopping (or the last step) ended the training there; the Trainer forgets that
+            # on resuming and would train another epoch.
+            log.info("the checkpoint of step %d ended its training: nothing more to train",
+                     checkpoint_step(resumed))
+            trainer.args.max_steps = checkpoint_step(resumed)
         result = trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
         if cuda and plan.torch_compile:
             from torch._dynamo.utils import counters
@@ -403,29 +431,25 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
             "train_samples_per_second": float(result.metrics.get("train_samples_per_second", 0.0)),
         }
         write_json(tmp / MODEL_MANIFEST, model_manifest)
-    if durable and main:  # the model is in place: its checkpoints have served
-        log.info("this run trained %d of %d optimizer steps", durable.steps_run,
-                 model_manifest["optimizer_steps"])
-        durable.clean_up(keep_checkpoints)
     log.info("trained %s: best validation %s %.4f (epoch %s of %.1f); saved to %s", plan.model_type,
              plan.metric_for_best_model, model_manifest["best_validation_metric"] or 0.0,
              model_manifest["best_epoch"], model_manifest["epochs"], output)
-    return model_manifest
+    return model_manifest, durable
 
 
-def _train_to_bucket(tokenized_dir, plan: Plan, output: str, data_dir, checkpoint_root, keep_checkpoints):
+def _fit_to_bucket(tokenized_dir: Path, plan: Plan, output: str, data_dir, checkpoint_root):
     """Train into a local folder, then publish it at `output` (process 0)."""
     from cockatoo_lib import remote
     from cockatoo_lib.publish import publish
 
     with tempfile.TemporaryDirectory(prefix="cockatoo-model-") as work:
         local = Path(work) / "model"
-        manifest = train(tokenized_dir, plan, local, data_dir, checkpoint_root, keep_checkpoints)
+        manifest, durable = _fit(tokenized_dir, plan, local, data_dir, checkpoint_root)
         if distributed.rank() == 0:
             fs, root = remote.url_to_fs(output)
             entry = publish(fs, root, local, {"model_type": manifest["model_type"]}, 0)
             log.info("model published: %s", entry.uri)
-    return manifest
+    return manifest, durable
 
 
 def _resume_point(durable: DurableCheckpoints, work: Path) -> Path | None:

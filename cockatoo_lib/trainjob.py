@@ -9,10 +9,14 @@ it (cockatoo_lib.publish verifies it on the way).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shlex
+import signal
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,8 +27,12 @@ log = logging.getLogger(__name__)
 RUNTIME = "torch-distributed"
 # The image every node runs: the train step's own, set on the step by the pipeline.
 IMAGE_ENV = "COCKATOO_TRAIN_IMAGE"
+# The accelerator type the pipeline gives the train step (its resource name), for the nodes.
+ACCELERATOR_ENV = "COCKATOO_ACCELERATOR"
 # A week: the step's own timeout (KFP's) is the one to set for a shorter bound.
 WAIT_S = 7 * 24 * 3600
+PATCH_MANAGER = "cockatoo.dev/train-step"
+STALE_MODEL_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class JobRequest:
     nodes: int
     gpus_per_node: int
     command: list[str]
+    accelerator: str = "nvidia.com/gpu"  # the resource name of the step's accelerator type
     # The train step's own pod settings, as KFP's TaskConfig passes them through (Kubernetes
     # JSON): each node gets the step's CPU and memory requests, its environment (secrets stay
     # references), tolerations and node selector, so a spot placement reaches the nodes too.
@@ -56,6 +65,29 @@ def model_uri(checkpoint_root: str, name: str) -> str:
     return f"{checkpoint_root.rstrip('/')}/models/{name}"
 
 
+def remove_stale_models(checkpoint_root: str, older_than_s: float = STALE_MODEL_S) -> list[str]:
+    """Unpublish the models TrainJobs published under the checkpoint root more than a week ago: the
+    steps that waited for them have long since handed them on."""
+    from cockatoo_lib import remote
+    from cockatoo_lib.publish import generations, published_at, read_generation, remove_generation
+
+    fs, root = remote.url_to_fs(model_uri(checkpoint_root, ""))
+    try:
+        folders = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    removed, now = [], time.time()
+    for folder in folders:
+        for generation in generations(fs, folder):
+            entry, _ = read_generation(fs, folder, generation)
+            if entry is not None and now - published_at(entry) > older_than_s:
+                remove_generation(fs, folder, generation)
+                removed.append(entry.uri)
+                log.info("removed %s, a TrainJob's model published over %d days ago", entry.uri,
+                         older_than_s // 86400)
+    return removed
+
+
 def trainer_client():
     """A TrainerClient for the cluster this runs in (in-cluster config in a pod; the kube
     config elsewhere, KUBECONFIG if set)."""
@@ -65,40 +97,60 @@ def trainer_client():
     return TrainerClient(KubernetesBackendConfig(config_file=os.environ.get("KUBECONFIG") or None))
 
 
-def _node_patch(placement: dict):
-    """The step's environment, tolerations and node selector on every node's pod."""
-    from kubeflow.trainer.options import kubernetes as k8s
-
+def _node_patch(placement: dict) -> dict | None:
+    """The step's environment, tolerations and node selector on every node's pod: a runtime
+    patch (.spec.runtimePatches) as Kubeflow Trainer's API defines it."""
     env, tolerations = placement.get("env"), placement.get("tolerations")
     selector = placement.get("node_selector")
     if not (env or tolerations or selector):
         return None
-    pod = k8s.PodSpecPatch(containers=[k8s.ContainerPatch(name="node", env=env)] if env else None,
-                           tolerations=tolerations or None, node_selector=selector or None)
-    node = k8s.ReplicatedJobPatch(name="node", template=k8s.JobTemplatePatch(
-        spec=k8s.JobSpecPatch(template=k8s.PodTemplatePatch(spec=pod))))
-    return k8s.RuntimePatch(training_runtime_spec=k8s.TrainingRuntimeSpecPatch(
-        template=k8s.JobSetTemplatePatch(spec=k8s.JobSetSpecPatch(replicated_jobs=[node]))))
+    pod = {k: v for k, v in (("containers", [{"name": "node", "env": env}] if env else None),
+                             ("tolerations", tolerations or None), ("nodeSelector", selector or None)) if v}
+    node = {"name": "node", "template": {"spec": {"template": {"spec": pod}}}}
+    return {"manager": PATCH_MANAGER,
+            "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node]}}}}
+
+
+def node_resources(request: JobRequest) -> dict:
+    """Each node's resources: its GPUs of the step's accelerator type, and the step's CPU and memory
+    as requests (room to burst, as the step's own pod has), limits only where the step sets them."""
+    resources = request.placement.get("resources") or {}
+    requests = {k: v for k, v in (resources.get("requests") or {}).items() if k in ("cpu", "memory")}
+    limits = {k: v for k, v in (resources.get("limits") or {}).items() if k in ("cpu", "memory")}
+    gpus = {request.accelerator: str(request.gpus_per_node)}
+    return {"requests": {**requests, **gpus}, "limits": {**limits, **gpus}}
 
 
 def create(client, request: JobRequest, name: str) -> str:
-    """Create the TrainJob; its name."""
-    from kubeflow.trainer import CustomTrainerContainer
-    from kubeflow.trainer.options import Labels, Name, TrainerCommand
+    """Create the TrainJob; its name. The body is built here, on Kubeflow Trainer's own API
+    models, because the SDK sets a node's CPU and memory as limits too."""
+    from kubeflow.trainer.constants import constants
+    from kubeflow_trainer_api import models
 
-    requests = (request.placement.get("resources") or {}).get("requests") or {}
-    trainer = CustomTrainerContainer(
-        image=request.image, num_nodes=request.nodes,
-        resources_per_node={"gpu": request.gpus_per_node,
-                            **{k: requests[k] for k in ("cpu", "memory") if k in requests}})
     patch = _node_patch(request.placement)
-    name = client.train(runtime=RUNTIME, trainer=trainer,
-                        options=[Name(name=name), TrainerCommand(command=request.command),
-                                 Labels(labels={"app.kubernetes.io/part-of": "cockatoo"}),
-                                 *([patch] if patch else [])])
-    log.info("TrainJob %s created: %d nodes x %d GPUs, %s; command: %s", name, request.nodes,
-             request.gpus_per_node, request.image, shlex.join(request.command))
+    job = models.TrainerV1alpha1TrainJob.from_dict({
+        "apiVersion": constants.API_VERSION, "kind": constants.TRAINJOB_KIND,
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "cockatoo"}},
+        "spec": {"runtimeRef": {"name": RUNTIME, "kind": "ClusterTrainingRuntime"},
+                 "trainer": {"image": request.image, "command": request.command, "numNodes": request.nodes,
+                             "resourcesPerNode": node_resources(request)},
+                 # A job no step waits for any more (its pod was lost) still ends.
+                 "activeDeadlineSeconds": WAIT_S,
+                 **({"runtimePatches": [patch]} if patch else {})}})
+    api, namespace = client.backend.custom_api, client.backend.namespace
+    try:
+        api.create_namespaced_custom_object(constants.GROUP, constants.VERSION, namespace,
+                                            constants.TRAINJOB_PLURAL, job.to_dict())
+    except Exception as exc:  # noqa: BLE001 - the kubernetes client raises many kinds
+        raise CockatooError(f"cannot create TrainJob {name}: {_reason(exc)}") from None
+    log.info("TrainJob %s created: %d nodes x %d %s, %s; command: %s", name, request.nodes,
+             request.gpus_per_node, request.accelerator, request.image, shlex.join(request.command))
     return name
+
+
+def _reason(exc: Exception) -> str:
+    text = str(getattr(exc, "reason", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 def follow(client, name: str, echo: Callable[[str], None] = print, timeout_s: int = WAIT_S,
@@ -144,10 +196,31 @@ def status(client, name: str) -> str | None:
         raise
 
 
+class Stopped(Exception):
+    """The step's pod was told to stop (SIGTERM: the KFP run was terminated, or the pod evicted)."""
+
+
+@contextlib.contextmanager
+def _stopped_on_sigterm():
+    def stop(signum, frame):
+        raise Stopped
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(client, base_name: str, make_request: Callable[[str], JobRequest],
         echo: Callable[[str], None] = print, poll_s: int = 10) -> str:
     """Follow the job an earlier try of this step started, unless it failed; else create one
-    (`<base>-<try>`). Returns the name of the job that completed."""
+    (`<base>-<try>`). Returns the name of the job that completed. Told to stop, the step deletes
+    the job it follows, so that nodes x GPUs do not train for a run nobody waits for; the
+    checkpoints stay, and a retry's new job resumes from them."""
     from kubeflow.trainer.constants import constants
 
     for attempt in range(100):
@@ -155,11 +228,17 @@ def run(client, base_name: str, make_request: Callable[[str], JobRequest],
         found = status(client, name)
         if found == constants.TRAINJOB_FAILED:
             continue
-        if found is None:
-            create(client, make_request(name), name)
-        else:
-            log.info("TrainJob %s exists (%s), started by an earlier try of this step: following it",
-                     name, found)
-        follow(client, name, echo, poll_s=poll_s)
+        with _stopped_on_sigterm():
+            try:
+                if found is None:
+                    create(client, make_request(name), name)
+                else:
+                    log.info("TrainJob %s exists (%s), started by an earlier try of this step: following it",
+                             name, found)
+                follow(client, name, echo, poll_s=poll_s)
+            except Stopped:
+                client.delete_job(name)
+                raise CockatooError(f"the train step was stopped (SIGTERM); TrainJob {name} deleted with "
+                                    "it (its checkpoints remain for a retry)") from None
         return name
     raise CockatooError(f"TrainJobs {base_name}-0 to -99 all failed; delete them to try again")

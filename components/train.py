@@ -10,6 +10,15 @@ PASSTHROUGH = [dsl.TaskConfigPassthrough(field=field, apply_to_task=True) for fi
     dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR)]
 
 
+@dsl.component(base_image=DEFAULT_IMAGES.cpu, install_kfp_package=False)
+def train_pod_gpus(gpus: int, nodes: int) -> int:
+    """The GPUs the train step's own pod holds (its accelerator limit): all `gpus` when it trains
+    itself, none while it only waits for a TrainJob's nodes."""
+    from cockatoo_lib.steps import train_pod_gpus as gpus_of_the_pod
+
+    return gpus_of_the_pod(gpus, nodes)
+
+
 @dsl.component(base_image=DEFAULT_IMAGES.cuda, install_kfp_package=False,
                task_config_passthroughs=PASSTHROUGH)
 def train(

@@ -16,8 +16,9 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
-from cockatoo_lib.trainjob import IMAGE_ENV as TRAIN_IMAGE_ENV
+from cockatoo_lib.trainjob import ACCELERATOR_ENV, IMAGE_ENV
 from components import evaluate, prepare_data, promote, tokenize, train
+from components.train import train_pod_gpus
 from components.images import DEFAULT_IMAGES, Images
 
 PIPELINE_NAME = "cockatoo-train"
@@ -64,8 +65,8 @@ MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLO
                       "token": "MLFLOW_TRACKING_TOKEN"}
 
 RESOURCES = {  # (cpu, memory) requests per step
-    "prepare": ("2", "8G"), "tokenize": ("4", "8G"), "train": ("8", "48G"), "evaluate": ("2", "8G"),
-    "promote": ("2", "8G"),
+    "prepare": ("2", "8G"), "tokenize": ("4", "8G"), "train-pod-gpus": ("100m", "256M"),
+    "train": ("8", "48G"), "evaluate": ("2", "8G"), "promote": ("2", "8G"),
 }
 
 
@@ -128,12 +129,17 @@ def build_pipeline(cluster: Cluster = Cluster()):
                                  reimport=False)
         tokenized.set_display_name("tokenized (by content)")
 
+        # With nodes > 1 the step's pod only waits for the TrainJob's nodes: it holds no GPU.
+        pod_gpus = train_pod_gpus(gpus=gpus, nodes=nodes)
+        _configure(pod_gpus, "train-pod-gpus", cluster.images.cpu, cluster)
+
         fit = train(tokenized=tokenized.output, model_type=model_type, overrides=overrides,
                     base_model=base_model, seed=seed, gpus=gpus, checkpoint_root=checkpoint_root,
                     nodes=nodes)
         _configure(fit, "train", cluster.images.cuda, cluster, shm=True)
-        fit.set_env_variable(TRAIN_IMAGE_ENV, cluster.images.cuda)  # what a TrainJob's nodes run
-        fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
+        fit.set_env_variable(IMAGE_ENV, cluster.images.cuda)  # what a TrainJob's nodes run
+        fit.set_env_variable(ACCELERATOR_ENV, cluster.accelerator_type)  # and on what
+        fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(pod_gpus.output)
         if cluster.retries:  # a retry finds the checkpoints of the try before: same inputs, same key
             fit.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0,
                           backoff_max_duration="3600s")

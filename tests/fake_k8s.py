@@ -1,8 +1,8 @@
 """A loopback stand-in for the Kubernetes API, as far as Kubeflow Trainer's SDK uses it: the
 torch-distributed ClusterTrainingRuntime, TrainJobs (created, read), their node pods and the
 pods' logs. A created job "runs" at once: `on_create(body)` plays the nodes (it may write
-what they would) and returns the job's end, ("Complete", "") or ("Failed", message), and its
-log."""
+what they would) and returns the job's end, ("Complete", "") or ("Failed", message), or
+("Running", "") for a job that never ends, and its log."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class FakeKubernetes:
         self.on_create, self.namespace = on_create, namespace
         self.jobs: dict[str, dict] = {}
         self.created: list[dict] = []  # the bodies, as the SDK sent them
+        self.deleted: list[str] = []
         self.logs: dict[str, str] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
 
@@ -65,8 +66,10 @@ class FakeKubernetes:
     def _pods(self, name: str) -> dict:
         if name not in self.jobs:
             return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": []}
+        conditions = self.jobs[name]["status"]["conditions"]
+        phase = ("Running" if not conditions else "Succeeded" if conditions[0]["type"] == "Complete"
+                 else "Failed")
         job = self.jobs[name]
-        phase = "Succeeded" if job["status"]["conditions"][0]["type"] == "Complete" else "Failed"
         pod = {"metadata": {"name": f"{name}-node-0-0-abcde", "namespace": self.namespace,
                             "creationTimestamp": CREATED,
                             "labels": {"jobset.sigs.k8s.io/jobset-name": name,
@@ -125,8 +128,15 @@ class FakeKubernetes:
                                  "reason": "JobSetFailed" if message else "Done"}
                     fake.jobs[name] = {**body, "metadata": {**body["metadata"], "namespace": fake.namespace,
                                                             "creationTimestamp": CREATED},
-                                       "status": {"conditions": [condition]}}
+                                       "status": {"conditions": [condition] if outcome != "Running" else []}}
                     return self._reply(201, fake.jobs[name])
+                return self._missing()
+
+            def do_DELETE(self):
+                m = re.fullmatch(rf"{TRAINER}/namespaces/{fake.namespace}/trainjobs/([\w-]+)", self.path)
+                if m and m.group(1) in fake.jobs:
+                    fake.deleted.append(m.group(1))
+                    return self._reply(200, fake.jobs.pop(m.group(1)))
                 return self._missing()
 
         return Handler

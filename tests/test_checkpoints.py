@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
 
-from cockatoo_lib.checkpoints import DurableCheckpoints
-from cockatoo_lib.publish import generations, publish
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.checkpoints import DurableCheckpoints, checkpoint_key
+from cockatoo_lib.publish import generations, publish_new
+from cockatoo_lib.registry import Hardware, resolve_plan
 from cockatoo_lib.tokenize import tokenize
 from cockatoo_lib.train import read_model_manifest
 
@@ -111,18 +112,35 @@ def _checkpoint(folder: Path, step: int, best: int | None) -> Path:
     return path
 
 
-def _publish(durable: DurableCheckpoints, local: Path, step: int, best: int) -> None:
-    publish(durable.fs, durable.root, _checkpoint(local, step, best), {"step": step, "best_step": best}, step)
+def _publish(durable: DurableCheckpoints, local: Path, step: int, best: int) -> int:
+    """A checkpoint published under the key by some run; its generation."""
+    return publish_new(durable.fs, durable.root, _checkpoint(local, step, best),
+                       {"step": step, "best_step": best}).generation
 
 
-def _durable(tmp_path) -> DurableCheckpoints:
-    return DurableCheckpoints(str(tmp_path / "root"), "key")
+PLAN = resolve_plan("deberta", SETTINGS)
+
+
+def _durable(tmp_path, plan=PLAN) -> DurableCheckpoints:
+    return DurableCheckpoints(str(tmp_path / "root"), "key", plan)
+
+
+def _save(durable: DurableCheckpoints, work: Path, step: int, best: int | None = None) -> None:
+    """What the Trainer does at a save: the checkpoint in its folder, then the callback."""
+    _checkpoint(work, step, best)
+    state = SimpleNamespace(global_step=step, epoch=step / 10, is_world_process_zero=True,
+                            best_model_checkpoint=str(work / f"checkpoint-{best}") if best else None)
+    durable.on_save(SimpleNamespace(output_dir=str(work)), state, None)
+
+
+def _steps(durable: DurableCheckpoints) -> list[int]:
+    return sorted(durable._verified()[i].meta["step"] for i in range(len(durable._verified())))
 
 
 def test_a_checkpoint_killed_mid_write_is_never_read(tmp_path, monkeypatch):
     durable = _durable(tmp_path)
     local = tmp_path / "local"
-    publish(durable.fs, durable.root, _checkpoint(local, 4, 4), {"step": 4, "best_step": 4}, 4)
+    _publish(durable, local, 4, 4)
     # Step 8: the writer died between its upload and its marker (the marker is written last).
     import cockatoo_lib.publish as publishing
 
@@ -131,13 +149,12 @@ def test_a_checkpoint_killed_mid_write_is_never_read(tmp_path, monkeypatch):
 
     monkeypatch.setattr(publishing, "_before_marker", die)
     with pytest.raises(KeyboardInterrupt):
-        publish(durable.fs, durable.root, _checkpoint(local, 8, 8), {"step": 8, "best_step": 8}, 8)
+        _publish(durable, local, 8, 8)
     monkeypatch.undo()
     # Step 12: its marker lists a file a lifecycle rule or a stopped copy has since taken.
-    publish(durable.fs, durable.root, _checkpoint(local, 12, 12), {"step": 12, "best_step": 12}, 12)
-    (data,) = [p for p in Path(durable.root).glob("data-*")
-               if json.loads((Path(durable.root) / "entry-000012.json").read_text())["location"] == p.name]
-    (data / "model.safetensors").unlink()
+    generation = _publish(durable, local, 12, 12)
+    marker = json.loads((Path(durable.root) / f"entry-{generation:06d}.json").read_text())
+    (Path(durable.root) / marker["location"] / "model.safetensors").unlink()
 
     work = tmp_path / "work"
     assert durable.resume_point(work) == work / "checkpoint-4"
@@ -146,29 +163,131 @@ def test_a_checkpoint_killed_mid_write_is_never_read(tmp_path, monkeypatch):
     assert state["best_model_checkpoint"] == str(work / "checkpoint-4")  # the copy here, not the dead pod's
 
 
+def test_a_damaged_checkpoint_is_superseded_when_training_reaches_its_step_again(tmp_path):
+    """A retry that skipped a damaged checkpoint trains to that step again and publishes it anew,
+    beside the damaged marker (which is never repaired), instead of failing on it every time."""
+    first = _durable(tmp_path)
+    generation = _publish(first, tmp_path / "local", 4, 4)
+    marker = json.loads((Path(first.root) / f"entry-{generation:06d}.json").read_text())
+    (Path(first.root) / marker["location"] / "model.safetensors").unlink()
+    retry = _durable(tmp_path)
+    assert retry.resume_point(tmp_path / "work") is None  # nothing usable: it starts over
+    _save(retry, tmp_path / "retry", 4, 4)
+    assert generations(retry.fs, retry.root) == [generation + 1, generation]
+    assert _durable(tmp_path).resume_point(tmp_path / "again") == tmp_path / "again" / "checkpoint-4"
+
+
 def test_the_best_checkpoint_comes_with_the_newest_or_the_newest_is_not_used(tmp_path):
     durable = _durable(tmp_path)
     local = tmp_path / "local"
-    for step, best in ((4, 4), (8, 4), (12, 8)):
-        _publish(durable, local, step, best)
+    generation = {step: _publish(durable, local, step, best) for step, best in ((4, 4), (8, 4), (12, 8))}
     work = tmp_path / "work"
     assert durable.resume_point(work) == work / "checkpoint-12"
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint-12", "checkpoint-8"]
     # Without its best checkpoint, step 12 would end on its last weights: the one before is used.
     from cockatoo_lib.publish import remove_generation
 
-    remove_generation(durable.fs, durable.root, 8)
+    remove_generation(durable.fs, durable.root, generation[8])
     work = tmp_path / "work2"
-    assert durable.resume_point(work) == work / "checkpoint-4"
+    assert _durable(tmp_path).resume_point(work) == work / "checkpoint-4"
 
 
-@pytest.mark.parametrize("keep, left", [(0, []), (1, [12, 8]), (2, [12, 8])])
-def test_clean_up_keeps_the_newest_and_the_best_it_names(tmp_path, keep, left):
+def test_a_checkpoint_unpublished_while_it_is_copied_is_passed_over(tmp_path, monkeypatch):
+    import cockatoo_lib.publish as publishing
+    from cockatoo_lib.publish import remove_generation
+
     durable = _durable(tmp_path)
     local = tmp_path / "local"
+    _publish(durable, local, 4, 4)
+    newest = _publish(durable, local, 8, 8)
+    real_fetch = publishing.fetch
+
+    def fetch_while_another_run_cleans_up(fs, uri, dest):
+        if dest.name == "checkpoint-8":  # the other run removes it between our look and our copy
+            remove_generation(fs, durable.root, newest)
+        return real_fetch(fs, uri, dest)
+
+    monkeypatch.setattr(publishing, "fetch", fetch_while_another_run_cleans_up)
+    work = tmp_path / "work"
+    assert durable.resume_point(work) == work / "checkpoint-4"
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-4"]  # no half copy of step 8 left
+
+
+def test_two_runs_with_one_key_keep_each_others_checkpoints(tmp_path):
+    """A manual rerun beside the scheduled run: same data, recipe and seed, so the same key."""
+    scheduled, rerun = _durable(tmp_path), _durable(tmp_path)
+    _save(scheduled, tmp_path / "a", 30, 30)
+    _save(rerun, tmp_path / "b", 10, 10)  # its folder holds only step 10: it rotates only its own
+    assert _steps(scheduled) == [10, 30]
+    rerun.clean_up(0)
+    assert _steps(scheduled) == [30]
+    scheduled.clean_up(0)
+    assert _steps(scheduled) == []
+
+
+def test_a_resumed_run_takes_over_the_checkpoints_it_continues_and_cleans_them_up(tmp_path):
+    first = _durable(tmp_path)
+    _save(first, tmp_path / "a", 4, 4)
+    _save(first, tmp_path / "a", 8, 4)  # killed here
+    retry = _durable(tmp_path)
+    assert retry.resume_point(tmp_path / "b") == tmp_path / "b" / "checkpoint-8"
+    retry.clean_up(0)
+    assert _steps(retry) == []
+
+
+@pytest.mark.parametrize("keep, left", [(0, []), (1, [8, 12]), (2, [8, 12])])
+def test_clean_up_keeps_the_newest_and_the_best_it_names(tmp_path, keep, left):
+    durable = _durable(tmp_path)
     for step, best in ((4, 4), (8, 8), (12, 8)):
-        _publish(durable, local, step, best)
+        _save(durable, tmp_path / "local", step, best)
     durable.clean_up(keep)
-    assert generations(durable.fs, durable.root) == left
+    assert _steps(durable) == left
     named = {json.loads(p.read_text())["location"] for p in Path(durable.root).glob("entry-*.json")}
     assert {p.name for p in Path(durable.root).glob("data-*")} == named  # no data left unnamed
+
+
+def test_the_key_is_the_training_not_the_hardware_it_lands_on():
+    one_card = resolve_plan("deberta", hardware=Hardware(cuda=True, bf16_supported=True, memory_gib=80))
+    other_card = resolve_plan("deberta", hardware=Hardware(cuda=True, bf16_supported=False, memory_gib=16))
+    two_cards = resolve_plan("deberta", hardware=Hardware(cuda=True, bf16_supported=True, memory_gib=80,
+                                                          processes=2))
+    assert (one_card.batch_size, other_card.batch_size, two_cards.batch_size) == (96, 48, 48)
+    plans = (one_card, other_card, two_cards, resolve_plan("deberta"))
+    keys = {checkpoint_key("data", plan) for plan in plans}
+    assert len(keys) == 1
+    for changed in ({"seed": 7}, {"learning_rate": 3e-5}, {"gradient_accumulation_steps": 2}):
+        assert checkpoint_key("data", resolve_plan("deberta", changed)) not in keys
+    assert checkpoint_key("other data", one_card) not in keys
+
+
+def test_a_resume_on_another_split_says_so(tmp_path, caplog):
+    first = _durable(tmp_path, PLAN.model_copy(update={"batch_size": 16, "gradient_accumulation_steps": 1}))
+    _save(first, tmp_path / "a", 4, 4)
+    halves = PLAN.model_copy(update={"batch_size": 8, "gradient_accumulation_steps": 2})
+    _durable(tmp_path, halves).resume_point(tmp_path / "b")
+    assert "trained at micro-batch 16 x 1 x 1 processes; this run trains 8 x 2 x 1 processes" in caplog.text
+
+
+def test_a_training_that_stopped_early_is_not_trained_further_when_run_again(tokenized, tmp_path):
+    """Early stopping ends the training at epoch 2 of 4; its last checkpoint is kept. Run again
+    (the model lost, say), it resumes there and trains nothing: the Trainer itself would forget
+    the stop on resuming and train another epoch."""
+    tok, base = tokenized
+    root = tmp_path / "durable"
+    keep = ["--checkpoint-root", str(root), "--keep-checkpoints", "9"]
+    argv = _command(tok, tmp_path / "model", base, keep, num_epochs=4, early_stopping_patience=1,
+                    learning_rate=1e-12)
+    first = _run(argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stopped = read_model_manifest(tmp_path / "model")
+    assert stopped["epochs"] == 2  # a learning rate this small never improves on epoch 1
+    import shutil
+
+    shutil.rmtree(tmp_path / "model")
+    again = _run(argv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ended its training: nothing more to train" in again.stderr
+    resumed = read_model_manifest(tmp_path / "model")
+    assert (resumed["epochs"], resumed["optimizer_steps"]) == (stopped["epochs"], stopped["optimizer_steps"])
+    assert f"this run trained 0 of {stopped['optimizer_steps']} optimizer steps" in again.stderr
+    assert resumed["thresholds"] == stopped["thresholds"]

@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import error_line, run_cli
 
-from cockatoo_lib.batch_split import split_for_processes
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.registry import Hardware, resolve_plan
 from cockatoo_lib.tokenize import tokenize
 from cockatoo_lib.train import MODEL_MANIFEST, read_model_manifest
 
@@ -15,24 +16,98 @@ FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "le
         "dataloader_num_workers": 0}
 
 
-@pytest.mark.parametrize("micro, accumulation, processes, expected, kept", [
-    (24, 4, 2, 2, True),   # deberta's 24 x 4 on 2 GPUs: 24 x 2 x 2 = 96
-    (24, 4, 4, 1, True),   # on 4: 24 x 4 x 1
-    (24, 4, 3, 1, False),  # on 3: 96 cannot be split evenly; 24 x 3 x 1 = 72
-    (8, 12, 8, 2, False),  # modernbert's 8 x 12 on 8: 8 x 8 x 2 = 128, nearest to 96
-    (16, 1, 2, 1, False),  # nothing to lower: the effective batch doubles
-    (24, 4, 1, 4, True),   # one process: unchanged
+@pytest.mark.parametrize("micro, accumulation, processes, expected", [
+    (24, 4, 2, (24, 2)),  # deberta's 24 x 4 on 2 GPUs: 24 x 2 processes x 2 = 96
+    (24, 4, 4, (24, 1)),  # on 4: 24 x 4 x 1
+    (24, 4, 8, (12, 1)),  # on 8: accumulation cannot go below 1, so the micro-batch halves: 12 x 8 x 1
+    (8, 12, 8, (6, 2)),   # modernbert's 8 x 12 on 8: 12 rows each, largest divisor up to 8: 6 x 2
+    (16, 1, 2, (8, 1)),   # nothing to lower but the micro-batch: 8 x 2 x 1 = 16, not 32
 ])
-def test_data_parallel_keeps_the_effective_batch_where_it_divides(micro, accumulation, processes, expected,
-                                                                   kept):
-    plan = resolve_plan("deberta", {"batch_size": micro, "gradient_accumulation_steps": accumulation})
-    split = split_for_processes(plan, processes)
-    assert split.batch_size == micro and split.gradient_accumulation_steps == expected
-    if processes > 1:
-        note = split.adjustments[-1]
-        assert f"{micro} x {processes} processes x accumulation {expected} = " \
-               f"{micro * processes * expected} rows per step" in note
-        assert ("cannot split evenly" not in note) is kept
+def test_data_parallel_keeps_the_effective_batch(micro, accumulation, processes, expected):
+    plan = resolve_plan("deberta", {"batch_size": micro, "gradient_accumulation_steps": accumulation},
+                        Hardware(cuda=False, processes=processes))
+    assert (plan.batch_size, plan.gradient_accumulation_steps) == expected
+    assert plan.processes == processes and plan.effective_batch_size == micro * accumulation
+    assert any(f"= {micro * accumulation} rows per step" in note for note in plan.adjustments)
+
+
+def test_a_count_of_processes_that_cannot_share_the_batch_is_an_error_unless_the_split_is_pinned(capsys,
+                                                                                                  monkeypatch):
+    with pytest.raises(CockatooError, match="effective batch of 96 rows does not divide among 5 processes"):
+        resolve_plan("deberta", hardware=Hardware(cuda=False, processes=5))
+    code, _, err = run_cli(["plan", "-m", "modernbert", "--gpu-memory-gib", "24", "--gpus", "5"], capsys,
+                           monkeypatch)
+    assert code == 2 and "does not divide among 5 processes" in error_line(err)
+    pinned = resolve_plan("deberta", {"batch_size": 24}, Hardware(cuda=False, processes=5))
+    split = (pinned.batch_size, pinned.gradient_accumulation_steps, pinned.effective_batch_size)
+    assert split == (24, 1, 120)
+    assert any("cannot share evenly; kept because the split is pinned" in n for n in pinned.adjustments)
+
+
+def test_the_plan_for_several_cards_prints_each_process_split_and_the_whole_step(capsys, monkeypatch):
+    code, out, _ = run_cli(["plan", "-m", "deberta", "--gpu-memory-gib", "80", "--gpus", "8"], capsys,
+                           monkeypatch)
+    rows = dict(line.split(None, 1) for line in out.strip().splitlines() if not line.startswith("adjustment"))
+    assert code == 0
+    assert (rows["batch_size"], rows["gradient_accumulation_steps"], rows["processes"]) == ("12", "1", "8")
+    assert rows["effective_batch_size"] == "96"
+    one = dict(line.split(None, 1) for line in run_cli(["plan", "-m", "deberta", "--gpu-memory-gib", "80"],
+                                                         capsys, monkeypatch)[1].strip().splitlines()
+               if not line.startswith("adjustment"))
+    assert (one["batch_size"], one["processes"], one["effective_batch_size"]) == ("96", "1", "96")
+
+
+def test_training_refuses_a_plan_made_for_another_count_of_processes(tiny_models, small_data, tmp_path):
+    from cockatoo_lib.train import train
+
+    plan = resolve_plan("deberta", {**FAST, "base_model": str(tiny_models["deberta"])},
+                        Hardware(cuda=False, processes=2))
+    tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
+    with pytest.raises(CockatooError, match="among 2 processes, but this training runs in 1"):
+        train(tmp_path / "tok", plan, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+SETTLE = """
+import os, sys
+import torch.distributed as dist
+from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.train import settle_micro_batch
+plan = resolve_plan("deberta", {"batch_size": 48, "gradient_accumulation_steps": 1}).model_copy(
+    update={"processes": 2})
+# Process 1's card runs out of memory above 16 rows; process 0's holds all 48.
+limit = 16 if os.environ["RANK"] == "1" else 48
+settled = settle_micro_batch(plan, lambda micro: micro <= limit)
+with open(sys.argv[1] + "-" + os.environ["RANK"], "w") as out:
+    out.write(f"{settled.batch_size} x {settled.gradient_accumulation_steps}")
+dist.destroy_process_group()
+"""
+
+
+def test_processes_agree_on_the_split_the_smallest_card_holds(tmp_path):
+    script = tmp_path / "settle.py"
+    script.write_text(SETTLE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(script), str(tmp_path / "settled")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 16 x 3 on both: 48 rows per process, the most process 1's card holds.
+    assert [(tmp_path / f"settled-{rank}").read_text() for rank in (0, 1)] == ["16 x 3", "16 x 3"]
+
+
+def test_each_process_probes_its_own_card(monkeypatch):
+    import torch
+
+    from cockatoo_lib import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.own_card() == torch.device("cuda", 3) and chosen == [torch.device("cuda", 3)]
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(CockatooError, match="process 4 on this machine has no GPU of its own: 4 GPU"):
+        distributed.own_card()
 
 
 def _train(tok, out, base, processes, *extra):
@@ -43,7 +118,7 @@ def _train(tok, out, base, processes, *extra):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_two_processes_train_one_model_in_half_the_steps(tiny_models, small_data, tmp_path):
+def test_two_processes_train_one_model_at_the_same_effective_batch(tiny_models, small_data, tmp_path):
     base = str(tiny_models["deberta"])
     tokenize(small_data, resolve_plan("deberta", {**FAST, "base_model": base}), tmp_path / "tok",
              cache_root=str(tmp_path / "cache"))
@@ -61,8 +136,10 @@ def test_two_processes_train_one_model_in_half_the_steps(tiny_models, small_data
     single = read_model_manifest(tmp_path / "out" / "one")
     double = read_model_manifest(tmp_path / "out" / "two")
     assert double["processes"] == 2 and single["processes"] == 1
-    assert double["optimizer_steps"] == -(-single["optimizer_steps"] // 2)
-    assert double["batch_split"]["effective_batch"] == 32
+    # The same 16 rows a step, 8 from each process: as many optimizer steps as one process takes.
+    assert double["optimizer_steps"] == single["optimizer_steps"]
+    assert double["batch_split"]["effective_batch"] == single["batch_split"]["effective_batch"] == 16
+    assert double["batch_split"]["micro_batch"] == 8
     saved = {p.name for p in (tmp_path / "out" / "two").iterdir()}
     assert {"model.safetensors", "tokenizer.json", MODEL_MANIFEST} <= saved
     assert json.loads((tmp_path / "out" / "two" / MODEL_MANIFEST).read_text())["labels"] == single["labels"]

@@ -13,7 +13,7 @@ from pipelines.cockatoo_train import Cluster
 from pipelines.runner import compile_pipeline, pipeline_inputs
 
 README = Path(__file__).parents[1] / "README.md"
-STEPS = ("prepare-data", "tokenize", "train", "evaluate", "promote")
+STEPS = ("prepare-data", "tokenize", "train-pod-gpus", "train", "evaluate", "promote")
 
 
 def _compiled(tmp_path, cluster: Cluster = Cluster()):
@@ -43,10 +43,10 @@ WIRING = {
     "seed": {"prepare-data": "seed", "train": "seed"},
     "max_train_samples": {"prepare-data": "max_samples"},
     "tokenized_cache_root": {"tokenize": "cache_root"},
-    # The train step reads it (one process per GPU); KFP's accelerator limit takes it as a channel.
-    "gpus": {"train": ("gpus", "pipelinechannel--gpus")},
+    # The train step reads it (one process per GPU); its pod's accelerator limit comes from both.
+    "gpus": {"train": "gpus", "train-pod-gpus": "gpus"},
     "checkpoint_root": {"train": "checkpoint_root"},
-    "nodes": {"train": "nodes"},
+    "nodes": {"train": "nodes", "train-pod-gpus": "nodes"},
     "registry_uri": {"promote": "registry_uri"},
     "model_name": {"promote": "model_name"},
     "min_improvement": {"promote": "min_improvement"},
@@ -86,10 +86,17 @@ def test_gpus_and_accelerator_type_reach_the_train_step_only(tmp_path):
     assert pipeline["root"]["inputDefinitions"]["parameters"]["gpus"]["defaultValue"] == 3
     accelerator = executors["exec-train"]["container"]["resources"]["accelerator"]
     assert accelerator["resourceType"] == "nvidia-tesla-a100"
-    # The count is the run's `gpus` parameter, read at run time, not the compile-time default.
-    assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
-    assert _inputs(tasks["train"])["pipelinechannel--gpus"] == "gpus"
-    for step in ("prepare-data", "tokenize", "evaluate", "promote"):
+    # The count is read at run time from the run's `gpus` and `nodes`: all of them while the pod
+    # trains, none while it waits for a TrainJob's nodes (which get the same accelerator type).
+    assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--train-pod-gpus-Output']}}"
+    assert tasks["train"]["inputs"]["parameters"]["pipelinechannel--train-pod-gpus-Output"] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "train-pod-gpus"}}
+    from cockatoo_lib.steps import train_pod_gpus
+
+    assert (train_pod_gpus(3, 1), train_pod_gpus(3, 2)) == (3, 0)
+    env = {e["name"]: e["value"] for e in executors["exec-train"]["container"]["env"]}
+    assert env["COCKATOO_ACCELERATOR"] == "nvidia-tesla-a100"
+    for step in ("prepare-data", "tokenize", "train-pod-gpus", "evaluate", "promote"):
         assert "accelerator" not in executors[f"exec-{step}"]["container"]["resources"], step
 
 

@@ -5,8 +5,11 @@ gloo), and hands on the model they publish in a bucket (the GCS emulator)."""
 
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from kfp import dsl
@@ -16,6 +19,7 @@ from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.registry import resolve_plan
 from cockatoo_lib.tokenize import tokenize
 from cockatoo_lib.train import read_model_manifest
+from cockatoo_lib.trainjob import remove_stale_models
 from components import train
 from tests.fake_k8s import FakeKubernetes
 from tests.helpers import free_port
@@ -81,19 +85,29 @@ def test_nodes_above_one_train_through_a_trainjob_and_hand_on_its_model(tokenize
     with FakeKubernetes(lambda body: play_nodes(body, tmp_path)) as k8s:
         monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))
         monkeypatch.setenv("COCKATOO_TRAIN_IMAGE", IMAGE)
+        monkeypatch.setenv("COCKATOO_ACCELERATOR", "amd.com/gpu")
         model = _train_step(tokenized_uri, base, tmp_path / "model", root, task_config=dsl.TaskConfig(**SPOT))
+        first = read_model_manifest(model.path)
+        # KFP retries the step after it returned, before its output was uploaded (a new pod, an
+        # empty output folder): the retry follows the job that completed and takes its model.
+        shutil.rmtree(model.path)
+        _train_step(tokenized_uri, base, tmp_path / "model", root, task_config=dsl.TaskConfig(**SPOT))
     (body,) = k8s.created
+    assert read_model_manifest(model.path) == first
     # The body is a TrainJob as the SDK's own models define it.
     job = models.TrainerV1alpha1TrainJob.from_dict(body)
     assert job.spec.runtime_ref.name == "torch-distributed"
     assert job.spec.trainer.num_nodes == 2 and job.spec.trainer.image == IMAGE
-    assert job.spec.trainer.resources_per_node.limits["nvidia.com/gpu"].actual_instance == 1
+    # The step's accelerator type, its CPU and memory as requests (the step sets no limits for them).
+    resources = job.spec.trainer.resources_per_node
+    assert {k: v.actual_instance for k, v in resources.limits.items()} == {"amd.com/gpu": "1"}
+    assert {k: v.actual_instance for k, v in resources.requests.items()} == {"cpu": "8", "memory": "48G",
+                                                                             "amd.com/gpu": "1"}
+    assert job.spec.active_deadline_seconds == 7 * 24 * 3600
     assert job.spec.trainer.command[:6] == ["python", "-m", "torch.distributed.run", "-m", "cockatoo_lib.cli",
                                             "train"]
     assert job.metadata.name.startswith("cockatoo-") and job.metadata.name.endswith("-0")
     # The step's placement reaches every node: spot tolerations and selector, the secret as a reference.
-    requests = job.spec.trainer.resources_per_node.requests
-    assert (requests["cpu"].actual_instance, requests["memory"].actual_instance) == ("8", "48G")
     (patch,) = body["spec"]["runtimePatches"]
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = node["template"]["spec"]["template"]["spec"]
@@ -104,7 +118,11 @@ def test_nodes_above_one_train_through_a_trainjob_and_hand_on_its_model(tokenize
     assert manifest["processes"] == 2 and manifest["plan"]["seed"] == 3
     assert model.metadata["model_type"] == "deberta"
     assert "training in 2 processes (gloo backend)" in capsys.readouterr().out
-    # Its copy taken, the step removes the model the nodes published; their checkpoints are gone too.
+    # The nodes removed their checkpoints once the model was published; the model stays for a retry
+    # until a week on, when a later multi-node step removes it.
+    assert not gcs.find(f"cockatoo-data/{tmp_path.name}/checkpoints/checkpoints")
+    (published,) = remove_stale_models(root, older_than_s=-1)
+    assert published.startswith(f"gs://cockatoo-data/{tmp_path.name}/checkpoints/models/cockatoo-")
     assert not gcs.find(f"cockatoo-data/{tmp_path.name}/checkpoints")
 
 
@@ -133,3 +151,16 @@ def test_nodes_above_one_need_shared_storage_and_the_image(root, tokenized, imag
     monkeypatch.setenv("COCKATOO_TRAIN_IMAGE", image)
     with pytest.raises(CockatooError, match=re.escape(message)):
         _train_step(tokenized, "", tmp_path / "model", root)
+
+
+def test_a_stopped_step_deletes_the_trainjob_it_waits_for(tokenized_in_bucket, tmp_path, monkeypatch):
+    """A terminated KFP run stops its pods with SIGTERM: the job's nodes must not train on for nobody."""
+    tokenized_uri, base = tokenized_in_bucket
+    with FakeKubernetes(lambda body: ("Running", "", "training...\n")) as k8s:
+        monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))
+        monkeypatch.setenv("COCKATOO_TRAIN_IMAGE", IMAGE)
+        threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(CockatooError, match=r"stopped \(SIGTERM\); TrainJob cockatoo-\w+-0 deleted"):
+            _train_step(tokenized_uri, base, tmp_path / "model", f"gs://cockatoo-data/{tmp_path.name}/ck")
+    assert [b["metadata"]["name"] for b in k8s.created] == k8s.deleted
+    assert signal.getsignal(signal.SIGTERM) is not None and not (tmp_path / "model").exists()
