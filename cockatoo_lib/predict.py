@@ -8,7 +8,6 @@ Rows are tokenized at the model's inference max length, sorted by length and pad
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -150,8 +149,7 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
 
     output = str(output)
     out_format = table_format(output, "predict output")
-    if "://" not in output:
-        check_output(output)
+    _check_new_output(output)
     frame = read_table(input_uri, "predict input", text_column=text_column)
     for kind, column in (("text", text_column), ("image", image_column)):
         if column is not None and column not in frame.columns:
@@ -180,23 +178,38 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
             "positives": dict(zip(classifier.labels, hits.sum(axis=0).tolist()))}
 
 
-def _write_table(frame: pd.DataFrame, output: str, fmt: str) -> None:
-    writers = {"csv": lambda f: frame.to_csv(f, index=False),
-               "jsonl": lambda f: frame.to_json(f, orient="records", lines=True, force_ascii=False),
-               "json": lambda f: frame.to_json(f, orient="records", force_ascii=False),
-               "parquet": lambda f: frame.to_parquet(f, index=False)}
-    if "://" in output:  # an object store publishes one object in one step
-        fs, path = remote.url_to_fs(output)
-        with fs.open(path, "wb") as handle:
-            writers[fmt](handle)
+def _check_new_output(output: str) -> None:
+    """An existing output is never replaced, wherever it is: a local path, file://, or a bucket."""
+    if "://" not in output:
+        check_output(output)
         return
-    folder = Path(output).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(output).name}.", dir=folder)
+    fs, path = remote.url_to_fs(output)
+    if "file" in fs.protocol:
+        check_output(path)
+    elif fs.exists(path):
+        raise CockatooError(f"output {output} already exists; remove it or choose another")
+
+
+def _write_table(frame: pd.DataFrame, output: str, fmt: str) -> None:
+    """Write the table in one step, and only where nothing is yet: created, never replaced, on
+    local disk (a hard link) and in a bucket (a create-only write) alike."""
+    import io
+
+    from cockatoo_lib.publish import create_only
+
+    buffer = io.BytesIO()
+    {"csv": lambda f: frame.to_csv(f, index=False),
+     "jsonl": lambda f: frame.to_json(f, orient="records", lines=True, force_ascii=False),
+     "json": lambda f: frame.to_json(f, orient="records", force_ascii=False),
+     "parquet": lambda f: frame.to_parquet(f, index=False)}[fmt](buffer)
+    fs, path = remote.url_to_fs(output) if "://" in output else (None, output)
+    if fs is None or "file" in fs.protocol:
+        from fsspec.implementations.local import LocalFileSystem
+
+        fs = LocalFileSystem()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            writers[fmt](handle)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        create_only(fs, path, buffer.getvalue())
+    except FileExistsError:
+        raise CockatooError(f"output {output} appeared while predicting (another run?); it is left as it "
+                            "was and nothing was written") from None

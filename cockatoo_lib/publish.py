@@ -172,7 +172,7 @@ def publish(fs, root: str, folder: Path, meta: dict, generation: int) -> Entry:
     location, files = _upload(fs, root, folder)
     marker = f"{root}/entry-{generation:06d}.json"
     try:
-        _create_only(fs, marker, _marker_body(location, files, meta))
+        create_only(fs, marker, _marker_body(location, files, meta))
     except FileExistsError:
         # Another run published this generation first: our upload is named by nothing.
         fs.rm(location, recursive=True)
@@ -195,7 +195,7 @@ def publish_new(fs, root: str, folder: Path, meta: dict) -> Entry:
     generation = max(_markers(fs, root), default=-1) + 1
     while True:
         try:
-            _create_only(fs, f"{root}/entry-{generation:06d}.json", body)
+            create_only(fs, f"{root}/entry-{generation:06d}.json", body)
             return Entry(fs.unstrip_protocol(location), generation, meta, files)
         except FileExistsError:  # another writer took this number meanwhile: the next
             generation += 1
@@ -217,7 +217,7 @@ def fetch_verified(fs, entry: Entry, dest: Path) -> Path:
     return dest
 
 
-def _create_only(fs, path: str, body: bytes) -> None:
+def create_only(fs, path: str, body: bytes) -> None:
     """Write `path` only if it does not exist, in one step that readers see whole."""
     if "file" in fs.protocol or "local" in fs.protocol:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import error_line, run_cli
 
+from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.metrics import sigmoid
 from cockatoo_lib.models import load_trained_model, predict_logits
 from cockatoo_lib.predict import Classifier
@@ -114,13 +115,29 @@ def test_a_folder_without_cockatoo_json_is_not_a_model(tmp_path, capsys, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def test_an_existing_output_is_never_replaced(trained_run, tmp_path, capsys, monkeypatch):
+def test_an_existing_output_is_never_replaced(trained_run, tmp_path, capsys, monkeypatch, s3):
     pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "in.csv", index=False)
     (tmp_path / "mine.csv").write_text("a user's file\n")
-    code, _, err = run_cli(["predict", "--model", trained_run["model"], "--input", tmp_path / "in.csv",
-                            "--output", tmp_path / "mine.csv"], capsys, monkeypatch)
-    assert code == 2 and "already exists" in error_line(err)
+    s3.pipe("cockatoo-data/mine.csv", b"a user's object\n")
+    for output in (tmp_path / "mine.csv", (tmp_path / "mine.csv").as_uri(), "s3://cockatoo-data/mine.csv"):
+        code, _, err = run_cli(["predict", "--model", trained_run["model"], "--input", tmp_path / "in.csv",
+                                "--output", output], capsys, monkeypatch)
+        assert code == 2 and "already exists" in error_line(err), output
     assert (tmp_path / "mine.csv").read_text() == "a user's file\n"
+    assert s3.cat("cockatoo-data/mine.csv") == b"a user's object\n"
+
+
+def test_an_output_that_appears_while_predicting_is_left_alone(trained_run, tmp_path, monkeypatch):
+    """Another run writes the same output between the check and the write: ours is not written."""
+    import cockatoo_lib.predict as predicting
+
+    pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "in.csv", index=False)
+    monkeypatch.setattr(predicting, "_check_new_output", lambda output: None)
+    (tmp_path / "out.csv").write_text("the other run's\n")
+    with pytest.raises(CockatooError, match="appeared while predicting"):
+        predicting.predict_file(str(trained_run["model"]), str(tmp_path / "in.csv"), tmp_path / "out.csv")
+    assert (tmp_path / "out.csv").read_text() == "the other run's\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv"]
 
 
 def test_a_text_model_refuses_images(trained_run):
