@@ -155,12 +155,18 @@ def gate(model: Path = typer.Option(..., "--model"),
          model_name: str = typer.Option("cockatoo-moderation", "--model-name"),
          min_improvement: float = typer.Option(0.0, "--min-improvement"),
          max_label_drop: float = typer.Option(0.02, "--max-label-drop"),
-         allow_label_change: bool = typer.Option(False, "--allow-label-change")):
-    """Register a trained model and promote it to champion if it beats the current one."""
+         allow_label_change: bool = typer.Option(False, "--allow-label-change"),
+         min_gain_over_baseline: float = typer.Option(0.0, "--min-gain-over-baseline"),
+         allow_below_baseline: bool = typer.Option(False, "--allow-below-baseline",
+                                                   help="promote even if the linear baseline does as well")):
+    """Register a trained model and promote it to champion if it beats the linear baseline and the
+    current champion."""
     from cockatoo_lib.steps import promote_step
 
     meta = promote_step(str(model), str(data), str(evaluation), registry_uri, model_name, "",
-                        min_improvement, max_label_drop, allow_label_change, str(output), str(output))
+                        min_improvement, max_label_drop, allow_label_change, str(output), str(output),
+                        min_gain_over_baseline=min_gain_over_baseline,
+                        allow_below_baseline=allow_below_baseline)
     typer.echo(f"{meta['model_uri']}: {'promoted to champion' if meta['promoted'] else 'not promoted'}; "
                + "; ".join(meta["reasons"]))
 
@@ -199,8 +205,11 @@ def predict(model: str = typer.Option(..., "--model",
     from cockatoo_lib.predict import predict_file
 
     check_range("batch_size", batch_size, "--batch-size")
-    info = predict_file(model, input_, output, text_column, image_column, registry_uri, batch_size)
-    typer.echo(f"{output}: {info['rows']} rows; predicted positives: "
+    show_predictions(predict_file(model, input_, output, text_column, image_column, registry_uri, batch_size))
+
+
+def show_predictions(info: dict) -> None:
+    typer.echo(f"{info['output']}: {info['rows']} rows; predicted positives: "
                + ", ".join(f"{k} {v}" for k, v in info["positives"].items()))
     for text, labels in info["preview"]:
         typer.echo(f"  {text[:70]!r:<74} -> {labels or '(none)'}")

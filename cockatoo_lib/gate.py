@@ -1,18 +1,25 @@
-"""The champion/challenger gate: register the new model, score it beside the current
-champion on rows neither trained on, and move the `champion` alias only when it wins.
+"""The champion/challenger gate: register the new model, score it beside the linear baseline
+and the current champion on rows neither trained on, and move the `champion` alias only when it
+wins.
 
-Both models score the raw prepared rows (each with its own tokenizer), so a champion of another
-model type compares fairly. The rules, on the run's test split and on the data config's
-holdout when it has one:
-- the macro-F1 gain over the labels both models know is at least `min_improvement`;
+The rules, on the run's test split and on the data config's holdout when it has one:
+- the challenger's macro-F1 is above the linear baseline's on the same rows by more than
+  `min_gain_over_baseline`, for every version, the first included, unless `allow_below_baseline`
+  (a model its own evaluation says not to ship never answers as champion unless a user says so);
+- the macro-F1 gain over the champion, on the labels both models know, is above
+  `min_improvement` (a tie never replaces the champion);
 - no such label's F1 drops by more than `max_label_drop`;
 - the challenger knows every label the champion knows, unless `allow_label_change`;
 - the champion was split by the same rule (else the test split may hold its training rows).
-A paired bootstrap 95% interval of the macro-F1 gain is recorded beside the decision.
+Both models score the raw prepared rows (each with its own tokenizer), so a champion of another
+model type compares fairly. A paired bootstrap 95% interval of the macro-F1 gain is recorded.
+A model already registered (the same weights) is not registered again: a cloned run whose
+train step KFP took from its cache is judged as the version it already is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -24,13 +31,14 @@ import pyarrow.parquet as pq
 
 from cockatoo_lib.data import HOLDOUT, read_manifest
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, write_json
+from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
 from cockatoo_lib.metrics import _f1, report, support
 from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, ModelRegistry, Registration, plan_params
 
 log = logging.getLogger(__name__)
 
 DECISION_JSON, DECISION_MD = "decision.json", "decision.md"
+WEIGHTS_TAG = "weights_sha256"
 BOOTSTRAP_SAMPLES = 1000
 
 
@@ -39,6 +47,8 @@ class GateRules:
     min_improvement: float = 0.0
     max_label_drop: float = 0.02
     allow_label_change: bool = False
+    min_gain_over_baseline: float = 0.0
+    allow_below_baseline: bool = False
 
 
 def _rows(data_dir: Path, split: str) -> dict | None:
@@ -97,8 +107,8 @@ def compare(challenger, champion, rows: dict, rules: GateRules, name: str) -> di
     drops = {x: round(v["champion_f1"] - v["challenger_f1"], 6) for x, v in per_label.items()
              if v["support"] > 0 and v["champion_f1"] - v["challenger_f1"] > rules.max_label_drop}
     reasons = []
-    if gain < rules.min_improvement:
-        reasons.append(f"{name}: macro-F1 gain {gain:+.4f} is below min_improvement "
+    if not gain > rules.min_improvement:
+        reasons.append(f"{name}: macro-F1 gain over the champion {gain:+.4f} is not above min_improvement "
                        f"{rules.min_improvement:g}")
     for label, drop in drops.items():
         reasons.append(f"{name}: F1 of {label} drops by {drop:.4f} (more than max_label_drop "
@@ -110,7 +120,23 @@ def compare(challenger, champion, rows: dict, rules: GateRules, name: str) -> di
             "per_label": per_label, "passed": not reasons, "reasons": reasons}
 
 
-def registration(model_dir: Path, evaluation_dir: Path, data_manifest: dict, run_id: str) -> Registration:
+def weights_digest(model_dir: Path) -> str:
+    """SHA-256 of what makes the model answer as it does: its files (weights, tokenizer, config)
+    and, of its manifest, the labels and thresholds it decides with. A retraining that comes out
+    the same has the same digest; the manifest's timings do not count."""
+    from cockatoo_lib.train import MODEL_MANIFEST, read_model_manifest
+
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name != MODEL_MANIFEST)
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise CockatooError(f"model folder {model_dir} holds no .safetensors weights")
+    manifest = read_model_manifest(model_dir)
+    decides = {k: manifest.get(k) for k in ("architecture", "labels", "thresholds", "inference_max_length")}
+    return hashlib.sha256((sha256_files(files, model_dir) + json.dumps(decides, sort_keys=True)).encode()
+                          ).hexdigest()
+
+
+def registration(model_dir: Path, evaluation_dir: Path, data_manifest: dict, run_id: str,
+                 digest: str) -> Registration:
     from cockatoo_lib.evaluate import METRICS_FILE
     from cockatoo_lib.steps import kfp_metrics
     from cockatoo_lib.train import read_model_manifest
@@ -121,7 +147,8 @@ def registration(model_dir: Path, evaluation_dir: Path, data_manifest: dict, run
     tags = {"kfp_run_id": run_id or "local", "data_fingerprint": data_manifest["fingerprint"],
             "model_type": model["model_type"], "base_model": model["base_model"],
             "labels": ",".join(model["labels"]), "split_rule": split_rule_tag(data_manifest),
-            "test_macro_f1": f"{results['macro_f1']:.6f}", "plan": json.dumps(model["plan"], sort_keys=True)}
+            "test_macro_f1": f"{results['macro_f1']:.6f}", "plan": json.dumps(model["plan"], sort_keys=True),
+            WEIGHTS_TAG: digest}
     return Registration(str(model_dir), tags, plan_params(model["plan"]), scalars,
                         model.get("validation_by_epoch", []), [str(evaluation_dir / METRICS_FILE)])
 
@@ -133,66 +160,138 @@ def split_rule_tag(data_manifest: dict) -> str:
 def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, data_dir: str | Path,
             evaluation_dir: str | Path, output: str | Path, run_id: str = "",
             rules: GateRules = GateRules()) -> dict:
-    """Register the challenger, decide, move the aliases; write decision.json and decision.md."""
+    """Register the challenger (unless the same weights are registered already), decide, move the
+    aliases; write decision.json and decision.md."""
     check_output(output)
-    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    model_dir, data_dir, evaluation_dir = Path(model_dir), Path(data_dir), Path(evaluation_dir)
     data_manifest = read_manifest(data_dir)
-    challenger_version = registry.register(model_name, registration(model_dir, Path(evaluation_dir),
-                                                                    data_manifest, run_id))
+    digest = weights_digest(model_dir)
+    known = registry.find_version(model_name, WEIGHTS_TAG, digest)
+    if known is not None:
+        log.info("gate: %s version %s holds these very weights: not registered again", model_name,
+                 known.version)
+        version = known.version
+    else:
+        version = registry.register(model_name, registration(model_dir, evaluation_dir, data_manifest, run_id,
+                                                             digest)).version
     try:
-        decision = _decide(registry, model_name, challenger_version.version, model_dir, data_dir,
+        decision = _decide(registry, model_name, version, digest, model_dir, data_dir, evaluation_dir,
                            data_manifest, rules)
     except BaseException as exc:  # the version stays registered; say why it has no verdict
-        registry.tag_version(model_name, challenger_version.version,
-                             {"gate": "failed", "gate_reasons": str(exc)[:5000]})
+        registry.tag_version(model_name, version, {"gate": "failed", "gate_reasons": str(exc)[:5000]})
         raise
-    registry.tag_version(model_name, challenger_version.version,
+    decision["registered"] = known is None
+    if known is not None:
+        decision["reasons"].insert(0, f"version {version} holds these very weights (registered before, "
+                                      "e.g. by a run whose train step came from KFP's cache): not registered "
+                                      "again")
+    registry.tag_version(model_name, version,
                          {"gate": "promoted" if decision["promoted"] else "rejected",
                           "gate_reasons": "; ".join(decision["reasons"])[:5000]})
     with atomic_output_dir(output) as tmp:
         write_json(tmp / DECISION_JSON, decision)
         (tmp / DECISION_MD).write_text(render_decision(decision))
-    log.info("gate: %s version %s %s: %s", model_name, challenger_version.version,
-             "promoted to champion" if decision["promoted"] else "not promoted",
-             "; ".join(decision["reasons"]))
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    log.info("gate: %s version %s %s: %s", model_name, version, verdict, "; ".join(decision["reasons"]))
     return decision
 
 
-def _decide(registry: ModelRegistry, model_name: str, version: str, model_dir: Path, data_dir: Path,
-            data_manifest: dict, rules: GateRules) -> dict:
+def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str, model_dir: Path,
+            data_dir: Path, evaluation_dir: Path, data_manifest: dict, rules: GateRules) -> dict:
     from cockatoo_lib.predict import Classifier
 
     champion_version = registry.by_alias(model_name, CHAMPION)
     decision = {"model_name": model_name, "registry": registry.uri, "challenger": version,
                 "champion": champion_version.version if champion_version else None,
-                "rules": asdict(rules), "sets": {}, "reasons": []}
+                "rules": asdict(rules), "sets": {}, "reasons": [], "blocked_by": []}
+    challenger = Classifier(model_dir)
+    baseline = against_baseline(challenger, data_dir, evaluation_dir, data_manifest, rules)
+    decision["baseline"] = baseline
+    if not baseline["passed"]:
+        decision["reasons"] += baseline["reasons"]
+        if not baseline["overridden"]:
+            decision["blocked_by"].append("baseline")
     if champion_version is None:
-        decision.update(promoted=True, reasons=["no champion yet: the first registered version becomes it"])
+        decision["reasons"].append("no champion yet")
+    elif champion_version.version == version:
+        decision["blocked_by"].append("already champion")
+        decision["reasons"].append(f"version {version} is the champion already")
     else:
-        decision.update(_judge(registry, Classifier(model_dir), champion_version, data_dir, data_manifest,
-                               rules))
+        judged = _judge(registry, challenger, champion_version, data_dir, data_manifest, rules)
+        decision["sets"] = judged["sets"]
+        decision["reasons"] += judged["reasons"]
+        decision["blocked_by"] += judged["blocked_by"]
+    decision["promoted"] = not decision["blocked_by"]
     if not decision["promoted"]:
         return decision
     # MLflow has no compare-and-set on aliases: look again just before moving, so that a gate
     # beside this one (a manual rerun next to the weekly run) is not overwritten unseen.
     now = registry.by_alias(model_name, CHAMPION)
     if (now and now.version) != decision["champion"]:
-        decision.update(promoted=False, reasons=[
+        decision.update(promoted=False, blocked_by=["champion moved"], reasons=[
             f"the champion changed while the gate ran (now version {now.version if now else 'none'}, "
             f"scored against {decision['champion'] or 'none'}); rerun the gate to compare with it"])
         return decision
-    # `previous` first: should the second move fail, the champion is still the old one.
-    if champion_version is not None:
+    # `previous` first: should the second move fail, the champion is still the old one. It names
+    # the last champion that was a different model, never a copy of the new one.
+    if champion_version is not None and champion_version.tags.get(WEIGHTS_TAG) != digest:
         registry.set_alias(model_name, PREVIOUS, champion_version.version)
     registry.set_alias(model_name, CHAMPION, version)
     return decision
 
 
+def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_manifest: dict,
+                     rules: GateRules) -> dict:
+    """The challenger beside the linear baseline: on the test split as its own evaluation scored
+    both (the numbers its model card shows), and on the holdout, where the baseline is fitted on
+    the train split as evaluate fits it."""
+    from cockatoo_lib.evaluate import METRICS_FILE
+
+    results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")
+    if (results.get("data_fingerprint") != data_manifest["fingerprint"]
+            or results.get("thresholds") != challenger.manifest["thresholds"]):
+        raise CockatooError(f"evaluation {evaluation_dir} is not of the model {challenger.model_dir} on the "
+                            f"data {data_dir} (thresholds or data fingerprint differ); evaluate this model")
+    sets = {"test": (results["macro_f1"], results["baseline"]["macro_f1"])}
+    if HOLDOUT in data_manifest:
+        seed = challenger.manifest.get("seed", 42)
+        sets[HOLDOUT] = _holdout_beside_baseline(challenger, data_dir, seed)
+    verdicts, reasons = {}, []
+    for name, (model_f1, baseline_f1) in sets.items():
+        margin = model_f1 - baseline_f1
+        verdicts[name] = {"macro_f1": round(model_f1, 6), "baseline_macro_f1": round(baseline_f1, 6),
+                          "margin": round(margin, 6), "passed": margin > rules.min_gain_over_baseline}
+        if not verdicts[name]["passed"]:
+            reasons.append(f"{name}: macro-F1 {model_f1:.4f} against the linear baseline's "
+                           f"{baseline_f1:.4f} ({margin:+.4f}) is not above min_gain_over_baseline "
+                           f"{rules.min_gain_over_baseline:g}"
+                           + ("; promoted anyway: allow_below_baseline" if rules.allow_below_baseline
+                              else ""))
+    passed = all(v["passed"] for v in verdicts.values())
+    return {"sets": verdicts, "passed": passed, "overridden": not passed and rules.allow_below_baseline,
+            "reasons": reasons}
+
+
+def _holdout_beside_baseline(challenger, data_dir: Path, seed: int) -> tuple[float, float]:
+    from cockatoo_lib.baseline import baseline_probabilities
+
+    rows = {split: _rows(data_dir, split) for split in ("train", "validation", HOLDOUT)}
+    holdout = rows[HOLDOUT]
+    labels = read_manifest(data_dir)["labels"]
+    y, m = holdout["y"], holdout["m"]
+    model = report(_scores(challenger, holdout), y, m, labels, list(challenger.thresholds))
+    fitted_on = {s: (rows[s]["text"], rows[s]["y"], rows[s]["m"]) for s in ("train", "validation")}
+    probs, thresholds, _ = baseline_probabilities(fitted_on, holdout["text"], seed)
+    baseline = report(probs, y, m, labels, thresholds)
+    return model["macro_f1"], baseline["macro_f1"]
+
+
 def _judge(registry, challenger, champion_version, data_dir: Path, data_manifest: dict, rules) -> dict:
     from cockatoo_lib.predict import Classifier
 
-    reasons = []
+    reasons, blocked = [], []
     if champion_version.tags.get("split_rule") != split_rule_tag(data_manifest):
+        blocked.append("split rule")
         reasons.append("the champion was trained on data split by another rule (split_seed or "
                        "fractions changed), so this run's test split may hold its training rows; "
                        "promote by hand if intended")
@@ -200,6 +299,7 @@ def _judge(registry, challenger, champion_version, data_dir: Path, data_manifest
         champion = Classifier(registry.download(champion_version.uri, work))
         lost = [x for x in champion.labels if x not in challenger.labels]
         if lost and not rules.allow_label_change:
+            blocked.append("label change")
             reasons.append(f"the challenger lacks label(s) the champion has: {', '.join(lost)} "
                            "(set allow_label_change to promote anyway)")
         if not [x for x in champion.labels if x in challenger.labels]:
@@ -209,25 +309,36 @@ def _judge(registry, challenger, champion_version, data_dir: Path, data_manifest
             sets[HOLDOUT] = compare(challenger, champion, _rows(data_dir, HOLDOUT), rules, HOLDOUT)
     for scored in sets.values():
         reasons += scored["reasons"]
-    if not reasons:
-        reasons = [f"{name}: macro-F1 {s['challenger_macro_f1']:.4f} against the champion's "
-                   f"{s['champion_macro_f1']:.4f} ({s['macro_f1_gain']:+.4f}), no label down by more than "
-                   f"{rules.max_label_drop:g}" for name, s in sets.items()]
-        return {"promoted": True, "sets": sets, "reasons": reasons}
-    return {"promoted": False, "sets": sets, "reasons": reasons}
+        if scored["reasons"]:
+            blocked.append("champion")
+    if not blocked:
+        reasons += [f"{name}: macro-F1 {s['challenger_macro_f1']:.4f} against the champion's "
+                    f"{s['champion_macro_f1']:.4f} ({s['macro_f1_gain']:+.4f}), no label down by more than "
+                    f"{rules.max_label_drop:g}" for name, s in sets.items()]
+    return {"sets": sets, "reasons": reasons, "blocked_by": sorted(set(blocked), key=blocked.index)}
 
 
 def render_decision(decision: dict) -> str:
     verdict = "promoted to champion" if decision["promoted"] else "not promoted"
     rules = decision["rules"]
     lines = [f"# Gate: {decision['model_name']} version {decision['challenger']} {verdict}", "",
-             f"Champion before: {decision['champion'] or 'none'}. Rules: min_improvement "
-             f"{rules['min_improvement']:g}, max_label_drop {rules['max_label_drop']:g}, "
-             f"allow_label_change {rules['allow_label_change']}.", "", "## Reasons", ""]
-    lines += [f"- {r}" for r in decision["reasons"]]
+             f"Champion before: {decision['champion'] or 'none'}. Rules: min_gain_over_baseline "
+             f"{rules['min_gain_over_baseline']:g}, allow_below_baseline {rules['allow_below_baseline']}, "
+             f"min_improvement {rules['min_improvement']:g}, max_label_drop {rules['max_label_drop']:g}, "
+             f"allow_label_change {rules['allow_label_change']}.", ""]
+    if decision["blocked_by"]:
+        lines += [f"Stopped by: {', '.join(decision['blocked_by'])}.", ""]
+    lines += ["## Reasons", ""] + [f"- {r}" for r in decision["reasons"]]
+    baseline = decision["baseline"]
+    lines += ["", "## Against the linear baseline" + (" (overridden: allow_below_baseline)"
+                                                       if baseline["overridden"] else ""),
+              "", "| set | challenger macro-F1 | baseline macro-F1 | margin | passed |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {name} | {v['macro_f1']:.4f} | {v['baseline_macro_f1']:.4f} | {v['margin']:+.4f} | "
+              f"{'yes' if v['passed'] else 'no'} |" for name, v in baseline["sets"].items()]
     for name, s in decision["sets"].items():
         low, high = s["gain_95_interval"]
-        lines += ["", f"## {name} ({s['rows']} rows)", "",
+        lines += ["", f"## Against the champion: {name} ({s['rows']} rows)", "",
                   f"Macro-F1: challenger {s['challenger_macro_f1']:.4f}, champion "
                   f"{s['champion_macro_f1']:.4f}, gain {s['macro_f1_gain']:+.4f} "
                   f"(paired bootstrap 95% interval {low:+.4f} to {high:+.4f}).",

@@ -19,6 +19,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "batch_size": (1, 65536),  # predict's
     # The promote gate's rules, in macro-F1 and F1 points.
     "min_improvement": (-1.0, 1.0),
+    "min_gain_over_baseline": (-1.0, 1.0),
     "max_label_drop": (0.0, 1.0),
 }
 

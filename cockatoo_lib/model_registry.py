@@ -55,6 +55,7 @@ class ModelRegistry(Protocol):
     def register(self, name: str, registration: Registration) -> ModelVersion: ...
     def version(self, name: str, version: str) -> ModelVersion | None: ...
     def by_alias(self, name: str, alias: str) -> ModelVersion | None: ...
+    def find_version(self, name: str, tag: str, value: str) -> ModelVersion | None: ...
     def set_alias(self, name: str, alias: str, version: str) -> None: ...
     def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None: ...
     def download(self, model_uri: str, dest: str | Path) -> Path: ...
@@ -157,6 +158,15 @@ class MLflowRegistry:
         number = (model.aliases or {}).get(alias) if model is not None else None
         return None if number is None else self.version(name, str(number))
 
+    def find_version(self, name: str, tag: str, value: str) -> ModelVersion | None:
+        """The oldest version of `name` tagged `tag` = `value`, if any."""
+        if "'" in name or not re.fullmatch(r"[\w.-]+", tag + value):
+            raise CockatooError(f"cannot search the registry for tag {tag}={value!r}")
+        found = self._call("search versions", self.client.search_model_versions,
+                           f"name = '{name}' and tags.{tag} = '{value}'") or []
+        found = sorted(found, key=lambda v: int(v.version))
+        return _version(found[0]) if found else None
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         if self.version(name, version) is None:
             raise CockatooError(f"model registry {self.uri}: {name} has no version {version}")
@@ -171,6 +181,13 @@ class MLflowRegistry:
 
         name, alias, number = parse_model_uri(model_uri)
         found = self.by_alias(name, alias) if alias else self.version(name, number)
+        if found is None and alias:
+            if self._call("read the registered model", self.client.get_registered_model, name) is None:
+                raise CockatooError(f"model registry {self.uri}: no model named {name!r} is registered")
+            why = " (no version has passed the gate yet; its decision says why)" if alias == CHAMPION else ""
+            raise CockatooError(f"model registry {self.uri}: no version of {name} has the alias {alias!r}"
+                                f"{why}; predict from a model folder, or give a version the alias by hand: "
+                                f"cockatoo promote --model-name {name} --version N")
         if found is None:
             raise CockatooError(f"model registry {self.uri}: {model_uri} does not exist")
         source = self._call("find the version's files", self.client.get_model_version_download_uri,

@@ -188,7 +188,8 @@ def evaluation_files(evaluation_dir: str) -> dict[str, Path]:
 
 def promote_step(model_dir: str, data_dir: str, evaluation_dir: str, registry_uri: str, model_name: str,
                  run_id: str, min_improvement: float, max_label_drop: float, allow_label_change: bool,
-                 output: str, output_uri: str) -> dict:
+                 output: str, output_uri: str, min_gain_over_baseline: float = 0.0,
+                 allow_below_baseline: bool = False) -> dict:
     """Register the model and run the champion/challenger gate (cockatoo_lib.gate)."""
     from cockatoo_lib.gate import GateRules, promote
     from cockatoo_lib.model_registry import open_registry
@@ -201,10 +202,14 @@ def promote_step(model_dir: str, data_dir: str, evaluation_dir: str, registry_ur
 
     check_range("min_improvement", min_improvement)
     check_range("max_label_drop", max_label_drop)
+    check_range("min_gain_over_baseline", min_gain_over_baseline)
     rules = GateRules(min_improvement=min_improvement, max_label_drop=max_label_drop,
-                      allow_label_change=allow_label_change)
+                      allow_label_change=allow_label_change, min_gain_over_baseline=min_gain_over_baseline,
+                      allow_below_baseline=allow_below_baseline)
     decision = promote(open_registry(registry_uri), model_name, model_dir, data_dir, evaluation_dir, output,
                        run_id, rules)
     return {"model_name": model_name, "version": decision["challenger"], "promoted": decision["promoted"],
             "champion_before": decision["champion"], "reasons": decision["reasons"],
+            "blocked_by": decision["blocked_by"],
+            "below_baseline_override": decision["baseline"]["overridden"],
             "model_uri": f"models:/{model_name}/{decision['challenger']}"}

@@ -15,17 +15,22 @@ def promote(
     min_improvement: float,
     max_label_drop: float,
     allow_label_change: bool,
+    min_gain_over_baseline: float,
+    allow_below_baseline: bool,
     decision: Output[Artifact],
     decision_report: Output[Markdown],
 ):
     """Register the model as a new version of `model_name` and move the `champion` alias to it
-    only if it beats the current champion (cockatoo_lib.gate): decision.json and its Markdown."""
+    only if it beats the linear baseline and the current champion (cockatoo_lib.gate):
+    decision.json and its Markdown."""
     import shutil
 
     from cockatoo_lib.gate import DECISION_MD
     from cockatoo_lib.steps import promote_step
 
     meta = promote_step(model.path, data.path, evaluation.path, registry_uri, model_name, run_id,
-                        min_improvement, max_label_drop, allow_label_change, decision.path, decision.uri)
+                        min_improvement, max_label_drop, allow_label_change, decision.path, decision.uri,
+                        min_gain_over_baseline=min_gain_over_baseline,
+                        allow_below_baseline=allow_below_baseline)
     decision.metadata.update(meta)
     shutil.copyfile(f"{decision.path}/{DECISION_MD}", decision_report.path)

@@ -101,15 +101,24 @@ def _params(model_type, set_, params):
 def run(model_type: str = typer.Option(None, "--model-type", "-m"),
         data_config: str = typer.Option(None, "--data-config", "-c", help="preset name or YAML path"),
         set_: list[str] = SET, param: list[str] = PARAM,
-        output_root: Path = typer.Option(Path("runs"), "--output-root", help="kfp.local pipeline root")):
-    """Run the whole pipeline locally with kfp.local (prepare, tokenize, train, evaluate)."""
+        output_root: Path = typer.Option(Path("runs"), "--output-root", help="kfp.local pipeline root"),
+        predict: str = typer.Option(None, "--predict",
+                                    help="then classify this file (CSV, JSONL, Parquet; a `text` column) "
+                                         "with the champion, or, if there is none, with this run's model"),
+        predictions: Path = typer.Option(None, "--predictions",
+                                         help="where --predict writes (<output-root>/predictions.csv)")):
+    """Run the whole pipeline locally with kfp.local (prepare, tokenize, train, evaluate, promote)."""
     import time
 
+    from cockatoo_lib.fileio import check_output
     from pipelines.runner import run_local
 
     params = _params(model_type, set_, param)
     if data_config:
         params["data_config"] = data_config
+    predictions = predictions or output_root / "predictions.csv"
+    if predict:
+        check_output(predictions)  # before an hour of training, not after
     start = time.perf_counter()
     result = run_local(params, output_root.resolve())
     typer.echo(f"\nmodel:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}"
@@ -124,6 +133,27 @@ def run(model_type: str = typer.Option(None, "--model-type", "-m"),
     for reason in decision["reasons"]:
         typer.echo(f"         - {reason}")
     typer.echo(f"registry: {result['registry_uri']}")
+    if predict:
+        _predict_after_run(result, predict, predictions)
+
+
+def _predict_after_run(result: dict, source: str, predictions: Path) -> None:
+    """Classify with what would serve: the champion; with no champion, this run's model, said so."""
+    from cockatoo_lib.cli import show_predictions
+    from cockatoo_lib.model_registry import CHAMPION, open_registry
+    from cockatoo_lib.predict import predict_file
+
+    name, registry_uri = result["decision"]["model_name"], result["registry_uri"]
+    champion = open_registry(registry_uri).by_alias(name, CHAMPION)
+    if champion is not None:
+        model = f"models:/{name}@{CHAMPION}"
+        typer.echo(f"\npredictions of the champion, {name} version {champion.version}:")
+    else:
+        model = result["model"]
+        typer.echo(f"\nno champion: the gate has promoted no version of {name} (reasons above). These "
+                   "predictions are from this run's model folder, which is NOT the champion and would "
+                   "not serve:")
+    show_predictions(predict_file(model, source, predictions, registry_uri=registry_uri))
 
 
 @app.command(name="compile")

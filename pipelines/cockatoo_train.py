@@ -18,8 +18,8 @@ from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
 from cockatoo_lib.trainjob import ACCELERATOR_ENV, IMAGE_ENV
 from components import evaluate, prepare_data, promote, tokenize, train
-from components.train import train_pod_gpus
 from components.images import DEFAULT_IMAGES, Images
+from components.train import train_pod_gpus
 
 PIPELINE_NAME = "cockatoo-train"
 
@@ -111,6 +111,8 @@ def build_pipeline(cluster: Cluster = Cluster()):
         min_improvement: float = 0.0,
         max_label_drop: float = 0.02,
         allow_label_change: bool = False,
+        min_gain_over_baseline: float = 0.0,
+        allow_below_baseline: bool = False,
     ) -> PipelineOutputs:
         prepare = prepare_data(
             data_config=data_config, labels=labels, seed=seed, max_samples=max_train_samples,
@@ -140,6 +142,7 @@ def build_pipeline(cluster: Cluster = Cluster()):
         fit.set_env_variable(IMAGE_ENV, cluster.images.cuda)  # what a TrainJob's nodes run
         fit.set_env_variable(ACCELERATOR_ENV, cluster.accelerator_type)  # and on what
         fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(pod_gpus.output)
+        fit.after(pod_gpus)  # the compiler does not count a resource's channel as a dependency
         if cluster.retries:  # a retry finds the checkpoints of the try before: same inputs, same key
             fit.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0,
                           backoff_max_duration="3600s")
@@ -151,7 +154,8 @@ def build_pipeline(cluster: Cluster = Cluster()):
                        evaluation=scored.outputs["evaluation"], registry_uri=registry_uri,
                        model_name=model_name, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                        min_improvement=min_improvement, max_label_drop=max_label_drop,
-                       allow_label_change=allow_label_change)
+                       allow_label_change=allow_label_change, min_gain_over_baseline=min_gain_over_baseline,
+                       allow_below_baseline=allow_below_baseline)
         _configure(gate, "promote", cluster.images.cpu, cluster)
         kubernetes.use_secret_as_env(gate, cluster.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
         gate.set_caching_options(False)

@@ -61,6 +61,7 @@ def check_params(params: dict[str, Any]) -> None:
     for name, value in (("seed", values["seed"]), ("max_samples", values["max_train_samples"]),
                         ("gpus", values["gpus"]), ("nodes", values["nodes"]),
                         ("min_improvement", values["min_improvement"]),
+                        ("min_gain_over_baseline", values["min_gain_over_baseline"]),
                         ("max_label_drop", values["max_label_drop"])):
         check_range(name, value, {"max_samples": "max_train_samples"}.get(name, name))
     step_plan(values["model_type"], values["overrides"], values["base_model"])

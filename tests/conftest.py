@@ -207,7 +207,7 @@ def s3(_s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def trained_run(tiny_models, small_data, tmp_path_factory):
     """A tiny DeBERTa trained on small_data with its evaluation, and a copy of it ("blind")
-    whose thresholds of 1.0 flag nothing: every F1 0."""
+    whose thresholds of 1.0 flag nothing (every F1 0), with its own."""
     import json
     import shutil
 
@@ -227,5 +227,6 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
     manifest = json.loads((root / "blind" / MODEL_MANIFEST).read_text())
     manifest["thresholds"] = {label: 1.0 for label in manifest["thresholds"]}
     (root / "blind" / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    evaluate(root / "blind", root / "tok", root / "blind-eval")
     return {"data": small_data, "tok": root / "tok", "model": root / "model", "blind": root / "blind",
-            "eval": root / "eval", "labels": manifest["labels"]}
+            "eval": root / "eval", "blind-eval": root / "blind-eval", "labels": manifest["labels"]}

@@ -23,7 +23,8 @@ from pipelines.runner import compile_pipeline, pipeline_inputs, run_local
 GOLDEN = Path(__file__).parent / "golden" / "cockatoo-train.yaml"
 PARAMETERS = {"model_type", "data_config", "labels", "overrides", "base_model", "seed",
               "max_train_samples", "tokenized_cache_root", "gpus", "nodes", "checkpoint_root", "registry_uri",
-              "model_name", "min_improvement", "max_label_drop", "allow_label_change"}
+              "model_name", "min_improvement", "max_label_drop", "allow_label_change",
+              "min_gain_over_baseline", "allow_below_baseline"}
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
 
 
@@ -168,8 +169,11 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
             "decision_report": dsl.Markdown(uri=str(tmp_path / "decision.md"))}
     promote.python_func(model=model, data=data, evaluation=outputs["evaluation"], registry_uri=registry_uri,
                         model_name="m", run_id="run-1", min_improvement=0.0, max_label_drop=0.02,
-                        allow_label_change=False, **gate)
+                        allow_label_change=False, min_gain_over_baseline=-1.0, allow_below_baseline=False,
+                        **gate)
+    # Any model beats the baseline by more than -1: promoted, with no override used.
     assert gate["decision"].metadata["promoted"] is True and gate["decision"].metadata["version"] == "1"
+    assert gate["decision"].metadata["below_baseline_override"] is False
     assert gate["decision"].metadata["model_uri"] == "models:/m/1"
     assert Path(gate["decision_report"].path).read_text().startswith("# Gate: m version 1 promoted")
 
@@ -192,7 +196,8 @@ def test_promote_on_a_cluster_needs_a_registry_uri(trained_run):
                             data=dsl.Dataset(uri=str(trained_run["data"])),
                             evaluation=dsl.Artifact(uri=str(trained_run["eval"])), registry_uri="",
                             model_name="m", run_id="r", min_improvement=0.0, max_label_drop=0.02,
-                            allow_label_change=False, decision=dsl.Artifact(uri="gs://bucket/run/decision"),
+                            allow_label_change=False, min_gain_over_baseline=0.0, allow_below_baseline=False,
+                            decision=dsl.Artifact(uri="gs://bucket/run/decision"),
                             decision_report=dsl.Markdown(uri="gs://bucket/run/decision.md"))
 
 
@@ -221,14 +226,16 @@ def test_tokenize_on_a_cluster_refuses_a_local_cache_root(small_data, tmp_path):
 def test_local_run_of_the_whole_pipeline_from_its_compiled_file(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # python3 here is not this environment's
     result = run_local({"model_type": "modernbert", "base_model": str(tiny_models["modernbert"]),
-                        "max_train_samples": 300, "overrides": FAST,
+                        "max_train_samples": 300, "overrides": FAST, "min_gain_over_baseline": -1.0,
                         "tokenized_cache_root": str(tmp_path / "cache")}, tmp_path / "root")
     assert (Path(result["model"]) / "cockatoo.json").exists()
     assert 0 <= result["test_macro_f1"] <= 1
     assert Path(result["report"]).read_text().startswith("<!doctype html>")
     assert os.environ["PATH"] == "/usr/bin:/bin"  # the run left the caller's environment alone
-    # The gate ran in the run: the first version of the embedded registry is the champion.
+    # The gate ran in the run, with the run's rules: the first version of the embedded registry,
+    # above the baseline by more than -1, is the champion.
     assert result["decision"]["promoted"] and result["decision"]["challenger"] == "1"
+    assert result["decision"]["rules"]["min_gain_over_baseline"] == -1.0
     assert result["registry_uri"] == local_registry_uri(tmp_path / "root")
     version = MLflowRegistry(result["registry_uri"]).by_alias("cockatoo-moderation", "champion")
     assert version.version == "1" and version.tags["model_type"] == "modernbert"
@@ -240,7 +247,8 @@ def test_local_run_of_the_whole_pipeline_from_its_compiled_file(tiny_models, tmp
 def test_local_run_of_clip_with_images(tiny_models, image_data, tmp_path):
     result = run_local({"model_type": "clip-vit", "base_model": str(tiny_models["clip-vit"]),
                         "data_config": str(image_data / "data.yaml"), "overrides": FAST,
-                        "tokenized_cache_root": str(tmp_path / "cache")}, tmp_path / "root")
+                        "allow_below_baseline": True, "tokenized_cache_root": str(tmp_path / "cache")},
+                       tmp_path / "root")
     model = read_model_manifest(result["model"])
     assert model["model_type"] == "clip-vit" and model["labels"] == ["scam"] and model["train_images"] > 0
     assert (Path(result["model"]) / "preprocessor_config.json").exists()
@@ -248,7 +256,8 @@ def test_local_run_of_clip_with_images(tiny_models, image_data, tmp_path):
     assert json.loads((entry / "entry-000000.json").read_text())["meta"]["images"]["shape"] == [3, 224, 224]
     metrics = json.loads(Path(result["metrics"]).read_text())
     assert metrics["model_type"] == "clip-vit" and 0 <= result["test_macro_f1"] <= 1
-    assert result["decision"]["promoted"]  # the gate scored the test split's images too
+    assert result["decision"]["promoted"]  # the override reached the gate, whatever the baseline did
+    assert result["decision"]["baseline"]["overridden"] == (not result["decision"]["baseline"]["passed"])
     # Predict reads the image column as prepare does; rows with an image score differently
     # with it than without it, rows without one the same.
     from cockatoo_lib.predict import Classifier, predict_file

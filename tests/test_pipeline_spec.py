@@ -52,6 +52,8 @@ WIRING = {
     "min_improvement": {"promote": "min_improvement"},
     "max_label_drop": {"promote": "max_label_drop"},
     "allow_label_change": {"promote": "allow_label_change"},
+    "min_gain_over_baseline": {"promote": "min_gain_over_baseline"},
+    "allow_below_baseline": {"promote": "allow_below_baseline"},
 }
 
 
@@ -94,6 +96,7 @@ def test_gpus_and_accelerator_type_reach_the_train_step_only(tmp_path):
     from cockatoo_lib.steps import train_pod_gpus
 
     assert (train_pod_gpus(3, 1), train_pod_gpus(3, 2)) == (3, 0)
+    assert "train-pod-gpus" in tasks["train"]["dependentTasks"]  # kfp.local orders tasks by these
     env = {e["name"]: e["value"] for e in executors["exec-train"]["container"]["env"]}
     assert env["COCKATOO_ACCELERATOR"] == "nvidia-tesla-a100"
     for step in ("prepare-data", "tokenize", "train-pod-gpus", "evaluate", "promote"):

@@ -2,7 +2,10 @@
 champion/challenger gate, promotion by hand, and predict from a registered version."""
 
 import json
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,46 +30,99 @@ def mlflow_server(tmp_path_factory):
     process.wait(30)
 
 
-def _gate(registry, name, run, model, out, **rules):
-    return promote(registry, name, run[model], run["data"], run["eval"], out, run_id=f"run-{out.name}",
+def _gate(registry, name, run, model, out, baseline=None, like=None, **rules):
+    """The gate on one of the trained run's models ("model", "blind", or a folder that decides
+    `like` one of them), with its evaluation; `baseline` puts that figure in place of the linear
+    baseline's test macro-F1, so that a test decides which side of it a model falls."""
+    folder = run[model] if isinstance(model, str) else model
+    evaluation = run["blind-eval" if (like or model) == "blind" else "eval"]
+    if baseline is not None:
+        forced = Path(tempfile.mkdtemp(prefix="forced-baseline-")) / "evaluation"
+        shutil.copytree(evaluation, forced)
+        metrics = json.loads((forced / "metrics.json").read_text())
+        metrics["baseline"]["macro_f1"] = baseline
+        (forced / "metrics.json").write_text(json.dumps(metrics))
+        evaluation = forced
+    return promote(registry, name, folder, run["data"], evaluation, out, run_id=f"run-{out.name}",
                    rules=GateRules(**rules))
 
 
-def test_the_gate_promotes_only_a_better_challenger_and_predict_reads_the_champion(
+def _nudged_copy(model: Path, folder: Path) -> Path:
+    """Other weights (the head's bias moved by 1e-6), the same decisions: a gain of exactly 0."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, folder)
+    weights = load_file(folder / "model.safetensors")
+    (bias,) = [k for k in weights if k.startswith("classifier") and k.endswith("bias")]
+    weights[bias] = weights[bias] + 1e-6
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_the_gate_promotes_only_a_model_that_beats_the_baseline_and_the_champion(
         trained_run, mlflow_server, tmp_path, capsys, monkeypatch):
     registry = MLflowRegistry(mlflow_server)
     name = "gate-test"
-    first = _gate(registry, name, trained_run, "blind", tmp_path / "first")
-    assert first["promoted"] and first["champion"] is None and "no champion yet" in first["reasons"][0]
+    model_f1 = json.loads((trained_run["eval"] / "metrics.json").read_text())["macro_f1"]
+    assert model_f1 > 0.2
+    # A first version no better than the linear baseline is registered, not made champion.
+    first = _gate(registry, name, trained_run, "blind", tmp_path / "first", baseline=0.0)
+    assert not first["promoted"] and first["blocked_by"] == ["baseline"] and first["registered"]
+    assert "test: macro-F1 0.0000 against the linear baseline's 0.0000 (+0.0000) is not above " \
+           "min_gain_over_baseline 0" in first["reasons"][0]
+    assert registry.by_alias(name, CHAMPION) is None
+    assert registry.version(name, "1").tags["gate"] == "rejected"
+    # The override promotes it, and says so.
+    forced = _gate(registry, name, trained_run, "blind", tmp_path / "forced", baseline=0.0,
+                   allow_below_baseline=True)
+    assert forced["promoted"] and forced["baseline"]["overridden"] and not forced["registered"]
+    assert forced["challenger"] == "1"  # the same weights: version 1 again, not a new version
+    assert "promoted anyway: allow_below_baseline" in forced["reasons"][1]
+    assert "overridden: allow_below_baseline" in (tmp_path / "forced" / DECISION_MD).read_text()
     assert registry.by_alias(name, CHAMPION).version == "1"
-
-    better = _gate(registry, name, trained_run, "model", tmp_path / "better")
-    assert better["promoted"] and better["champion"] == "1"
+    # A model that beats the champion but not the baseline stays a challenger.
+    below = _gate(registry, name, trained_run, "model", tmp_path / "below", baseline=model_f1 + 0.01)
+    assert not below["promoted"] and below["blocked_by"] == ["baseline"] and below["challenger"] == "2"
+    assert below["sets"]["test"]["macro_f1_gain"] > 0  # it did beat the champion
+    assert registry.by_alias(name, CHAMPION).version == "1"
+    # Above both: champion, and the old one previous.
+    better = _gate(registry, name, trained_run, "model", tmp_path / "better", baseline=0.1)
+    assert better["promoted"] and better["champion"] == "1" and better["challenger"] == "2"
     test = better["sets"]["test"]
     assert test["champion_macro_f1"] == 0 and test["challenger_macro_f1"] > 0.2
     low, high = test["gain_95_interval"]
     assert 0 < low <= test["macro_f1_gain"] <= high
-    assert registry.by_alias(name, CHAMPION).version == "2"
-    assert registry.by_alias(name, PREVIOUS).version == "1"
+    assert _aliases(registry, name) == ("2", "1")
+    # A cloned run whose train step came from KFP's cache: the champion itself again. Nothing moves.
+    again = _gate(registry, name, trained_run, "model", tmp_path / "again", baseline=0.1)
+    assert not again["promoted"] and again["blocked_by"] == ["already champion"]
+    assert _aliases(registry, name) == ("2", "1")
+    # Other weights that decide the same: a gain of 0 does not replace the champion.
+    tie = _gate(registry, name, trained_run, _nudged_copy(trained_run["model"], tmp_path / "nudged"),
+                tmp_path / "tie", baseline=0.1)
+    assert tie["challenger"] == "3" and tie["sets"]["test"]["macro_f1_gain"] == 0
+    assert not tie["promoted"] and tie["blocked_by"] == ["champion"]
+    assert "test: macro-F1 gain over the champion +0.0000 is not above min_improvement 0" in tie["reasons"]
+    assert _aliases(registry, name) == ("2", "1")
 
-    worse = _gate(registry, name, trained_run, "blind", tmp_path / "worse")
+    worse = _gate(registry, name, trained_run, "blind", tmp_path / "worse", baseline=0.0,
+                  allow_below_baseline=True)
     assert not worse["promoted"] and worse["champion"] == "2"
-    assert any("below min_improvement" in r for r in worse["reasons"])
+    assert any("not above min_improvement" in r for r in worse["reasons"])
     assert any("drops by" in r for r in worse["reasons"])
     assert registry.by_alias(name, CHAMPION).version == "2"
     # The decision and its reasons: JSON, Markdown, and the version's tags.
     saved = json.loads((tmp_path / "worse" / DECISION_JSON).read_text())
     assert saved == json.loads(json.dumps(worse))
     assert "not promoted" in (tmp_path / "worse" / DECISION_MD).read_text()
-    version = registry.version(name, "3")
+    version = registry.version(name, "1")
     assert version.tags["gate"] == "rejected" and "drops by" in version.tags["gate_reasons"]
-    assert version.tags["kfp_run_id"] == "run-worse" and version.tags["model_type"] == "deberta"
+    assert version.tags["kfp_run_id"] == "run-first" and version.tags["model_type"] == "deberta"
     data_manifest = json.loads((trained_run["data"] / "manifest.json").read_text())
     assert version.tags["data_fingerprint"] == data_manifest["fingerprint"]
     # The run holds the test metrics and the per-epoch training metrics.
     mlflow_run = registry.client.get_run(registry.client.get_model_version(name, "2").run_id)
-    assert mlflow_run.data.metrics["test_macro_f1"] == pytest.approx(
-        json.loads((trained_run["eval"] / "metrics.json").read_text())["macro_f1"], abs=1e-6)
+    assert mlflow_run.data.metrics["test_macro_f1"] == pytest.approx(model_f1, abs=1e-6)
     history = registry.client.get_metric_history(mlflow_run.info.run_id, "validation_f1")
     assert [m.step for m in history] == [1, 2]
 
@@ -87,10 +143,37 @@ def test_the_gate_promotes_only_a_better_challenger_and_predict_reads_the_champi
     assert list(result["labels"]) == ["", ""]  # the blind copy's thresholds flag nothing
 
 
+def _aliases(registry, name) -> tuple[str, str]:
+    return registry.by_alias(name, CHAMPION).version, registry.by_alias(name, PREVIOUS).version
+
+
+def test_predict_with_no_champion_is_one_line_that_says_what_to_do(trained_run, tmp_path, capsys,
+                                                                    monkeypatch):
+    uri = local_registry_uri(tmp_path)
+    _gate(MLflowRegistry(uri), "m", trained_run, "blind", tmp_path / "a", baseline=0.0)
+    pd.DataFrame({"text": ["hello"]}).to_csv(tmp_path / "in.csv", index=False)
+    code, _, err = run_cli(["predict", "--model", "models:/m@champion", "--registry-uri", uri, "--input",
+                            tmp_path / "in.csv", "--output", tmp_path / "out.csv"], capsys, monkeypatch)
+    assert code == 2 and not (tmp_path / "out.csv").exists()
+    line = error_line(err)
+    assert "no version of m has the alias 'champion' (no version has passed the gate yet" in line
+    assert line.endswith("cockatoo promote --model-name m --version N")
+    code, _, err = run_cli(["predict", "--model", "models:/other@champion", "--registry-uri", uri, "--input",
+                            tmp_path / "in.csv", "--output", tmp_path / "out.csv"], capsys, monkeypatch)
+    assert code == 2 and "no model named 'other' is registered" in error_line(err)
+
+
+def test_an_evaluation_of_another_model_is_refused(trained_run, tmp_path):
+    with pytest.raises(CockatooError, match="is not of the model"):
+        promote(MLflowRegistry(local_registry_uri(tmp_path)), "m", trained_run["blind"], trained_run["data"],
+                trained_run["eval"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_embedded_registry_for_local_runs_keeps_its_files_under_the_root(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working folder (MLflow's default ./mlruns)
     registry = MLflowRegistry(local_registry_uri(tmp_path / "root"))
-    decision = _gate(registry, "local", trained_run, "model", tmp_path / "out")
+    decision = _gate(registry, "local", trained_run, "model", tmp_path / "out", baseline=0.0)
     assert decision["promoted"] and decision["registry"].startswith("sqlite:///")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "root"]
     downloaded = registry.download("models:/local@champion", tmp_path / "dl")
@@ -99,9 +182,9 @@ def test_embedded_registry_for_local_runs_keeps_its_files_under_the_root(trained
 
 def test_a_champion_split_by_another_rule_is_not_compared(trained_run, tmp_path):
     registry = MLflowRegistry(local_registry_uri(tmp_path))
-    _gate(registry, "m", trained_run, "blind", tmp_path / "a")
+    _gate(registry, "m", trained_run, "blind", tmp_path / "a", baseline=0.0, allow_below_baseline=True)
     registry.tag_version("m", "1", {"split_rule": json.dumps({"split_seed": 7})})
-    decision = _gate(registry, "m", trained_run, "model", tmp_path / "b")
+    decision = _gate(registry, "m", trained_run, "model", tmp_path / "b", baseline=0.0)
     assert not decision["promoted"]
     assert decision["reasons"][0].startswith("the champion was trained on data split by another rule")
 
@@ -130,7 +213,8 @@ def test_compare_works_the_rules_over_the_shared_labels():
     assert scored["per_label"]["b"] == {"challenger_f1": pytest.approx(2 / 3, abs=1e-6), "champion_f1": 1.0,
                                         "support": 2}
     assert scored["macro_f1_gain"] == pytest.approx((1 + 2 / 3) / 2 - 1, abs=1e-6)
-    assert scored["reasons"] == ["test: macro-F1 gain -0.1667 is below min_improvement 0"]
+    assert scored["reasons"] == ["test: macro-F1 gain over the champion -0.1667 is not above "
+                                 "min_improvement 0"]
     strict = compare(challenger, champion, rows, GateRules(min_improvement=-0.2, max_label_drop=0.4), "t")
     assert strict["passed"]
     drop = compare(challenger, champion, rows, GateRules(min_improvement=-0.2, max_label_drop=0.2), "t")
@@ -184,9 +268,10 @@ def test_a_champion_moved_by_another_gate_meanwhile_is_not_overwritten(trained_r
     uri = local_registry_uri(tmp_path)
     plain = MLflowRegistry(uri)
     _gate(plain, "m", trained_run, "blind", tmp_path / "a")  # version 1
-    _gate(plain, "m", trained_run, "blind", tmp_path / "b")  # version 2
+    _gate(plain, "m", trained_run, _nudged_copy(trained_run["blind"], tmp_path / "blind-2"), tmp_path / "b",
+          like="blind")  # version 2
     plain.set_alias("m", CHAMPION, "1")
-    decision = _gate(Concurrent(uri), "m", trained_run, "model", tmp_path / "c")  # version 3, better
+    decision = _gate(Concurrent(uri), "m", trained_run, "model", tmp_path / "c", baseline=0.0)  # 3, better
     assert not decision["promoted"]
     assert decision["reasons"] == ["the champion changed while the gate ran (now version 2, scored "
                                    "against 1); rerun the gate to compare with it"]
@@ -195,11 +280,12 @@ def test_a_champion_moved_by_another_gate_meanwhile_is_not_overwritten(trained_r
 
 def test_a_gate_that_fails_tags_the_version_and_writes_nothing(trained_run, tmp_path):
     registry = MLflowRegistry(local_registry_uri(tmp_path))
-    _gate(registry, "m", trained_run, "model", tmp_path / "a")
+    _gate(registry, "m", trained_run, "model", tmp_path / "a", baseline=0.0)
     for path in (tmp_path / "registry" / "artifacts").rglob(MODEL_MANIFEST):
         path.unlink()  # the champion's files are damaged
     with pytest.raises(CockatooError, match="has no cockatoo.json|cockatoo.json"):
-        _gate(registry, "m", trained_run, "model", tmp_path / "b")
+        other = _nudged_copy(trained_run["model"], tmp_path / "other")
+        _gate(registry, "m", trained_run, other, tmp_path / "b", baseline=0.0, like="model")
     assert not (tmp_path / "b").exists()
     version = registry.version("m", "2")
     assert version.tags["gate"] == "failed" and "cockatoo.json" in version.tags["gate_reasons"]
