@@ -87,3 +87,19 @@ def test_compiled_matches_eager(model_type, tiny_models):
         eager = model(**batch).logits
         compiled = torch.compile(model)(**batch).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_the_probe_runs_on_the_process_own_card(tiny_models, monkeypatch):
+    """Each process of a data-parallel training probes its own card (LOCAL_RANK's), not GPU 0."""
+    from cockatoo_lib.train import PaddingCollator, check_split_on_card
+
+    plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"])}, detect_hardware())
+    model = load_base_model(plan, LABELS)
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [0, 1, 0],
+             "label_mask": [1, 1, 1]}]
+    last = torch.cuda.device_count() - 1
+    monkeypatch.setenv("LOCAL_RANK", str(last))
+    checked = check_split_on_card(model, plan, PaddingCollator(0, 8), rows)
+    assert next(model.parameters()).device == torch.device("cuda", last)
+    assert torch.cuda.current_device() == last
+    assert checked.batch_size == plan.batch_size  # a tiny model holds the derived micro-batch at full width
