@@ -290,3 +290,23 @@ def test_a_gate_that_fails_tags_the_version_and_writes_nothing(trained_run, tmp_
     version = registry.version("m", "2")
     assert version.tags["gate"] == "failed" and "cockatoo.json" in version.tags["gate_reasons"]
     assert registry.by_alias("m", CHAMPION).version == "1"
+
+
+def test_the_demo_predicts_with_the_champion_or_says_it_has_none(trained_run, tmp_path, capsys):
+    """`cockatoo run --predict` (make demo): the champion's predictions, or, with no champion,
+    the run's own model's, with a line that says it is not the champion."""
+    from pipelines.cli import _predict_after_run
+
+    uri = local_registry_uri(tmp_path)
+    decision = _gate(MLflowRegistry(uri), "m", trained_run, "model", tmp_path / "a", baseline=0.99)
+    pd.DataFrame({"text": ["win a prize", "hello"]}).to_csv(tmp_path / "in.csv", index=False)
+    result = {"decision": decision, "registry_uri": uri, "model": str(trained_run["model"])}
+    _predict_after_run(result, str(tmp_path / "in.csv"), tmp_path / "first.csv")
+    out = capsys.readouterr().out
+    assert "no champion: the gate has promoted no version of m" in out and "NOT the champion" in out
+    assert len(pd.read_csv(tmp_path / "first.csv")) == 2
+    _gate(MLflowRegistry(uri), "m", trained_run, "blind", tmp_path / "b", baseline=0.0,
+          allow_below_baseline=True)
+    _predict_after_run(result, str(tmp_path / "in.csv"), tmp_path / "second.csv")
+    assert "predictions of the champion, m version 2" in capsys.readouterr().out
+    assert list(pd.read_csv(tmp_path / "second.csv", keep_default_na=False)["labels"]) == ["", ""]  # blind's
