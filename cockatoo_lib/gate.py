@@ -255,7 +255,7 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
     sets = {"test": (results["macro_f1"], results["baseline"]["macro_f1"])}
     if HOLDOUT in data_manifest:
         seed = challenger.manifest.get("seed", 42)
-        sets[HOLDOUT] = _holdout_beside_baseline(challenger, data_dir, seed)
+        sets[HOLDOUT] = _holdout_beside_baseline(challenger, data_dir, data_manifest["labels"], seed)
     verdicts, reasons = {}, []
     for name, (model_f1, baseline_f1) in sets.items():
         margin = model_f1 - baseline_f1
@@ -272,12 +272,11 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
             "reasons": reasons}
 
 
-def _holdout_beside_baseline(challenger, data_dir: Path, seed: int) -> tuple[float, float]:
+def _holdout_beside_baseline(challenger, data_dir: Path, labels: list[str], seed: int) -> tuple[float, float]:
     from cockatoo_lib.baseline import baseline_probabilities
 
     rows = {split: _rows(data_dir, split) for split in ("train", "validation", HOLDOUT)}
     holdout = rows[HOLDOUT]
-    labels = read_manifest(data_dir)["labels"]
     y, m = holdout["y"], holdout["m"]
     model = report(_scores(challenger, holdout), y, m, labels, list(challenger.thresholds))
     fitted_on = {s: (rows[s]["text"], rows[s]["y"], rows[s]["m"]) for s in ("train", "validation")}

@@ -107,8 +107,11 @@ def fetch(fs, uri: str, dest: Path) -> Path:
 
 def published_at(entry: Entry) -> float:
     """When an entry's upload started (its data folder's name says), in seconds since the epoch."""
-    stamp = DATA.match(_name(entry.uri)).group(1)
-    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+    return _started(DATA.match(_name(entry.uri)))
+
+
+def _started(data_name: re.Match) -> float:
+    return calendar.timegm(time.strptime(data_name.group(1), "%Y%m%dT%H%M%SZ"))
 
 
 def generations(fs, root: str) -> list[int]:
@@ -249,7 +252,7 @@ def clean_abandoned(fs, root: str, older_than: float | None = None) -> list[str]
         m = DATA.match(_name(path))
         if not m or _name(path) in named:
             continue
-        if now - calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ")) > older_than:
+        if now - _started(m) > older_than:
             log.warning("publish: removing abandoned upload %s (no marker names it; started %s)",
                         fs.unstrip_protocol(path), m.group(1))
             fs.rm(path, recursive=True)
