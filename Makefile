@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 REGISTRY ?= localhost:5000/cockatoo
 TAG ?= dev
 
-.PHONY: install demo test test-gpu mutate lint bench bench-gpu format golden compile images clean
+.PHONY: install demo test test-gpu test-images mutate lint bench bench-gpu bench-images format golden compile images \
+	push-images container-engine clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +30,7 @@ demo: install
 # Both cores, tests in random order (the seed is printed; `pytest --randomly-seed=N` repeats an
 # order), branch coverage printed and held above the floor in pyproject.toml.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term
+	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term -m "not images"
 
 # Tests marked `gpu` (skipped where there is no CUDA); docs/gpu.md says how to run them on an
 # offline GPU machine.
@@ -44,7 +45,7 @@ mutate: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/hadolint images/cpu/Dockerfile images/cuda/Dockerfile
+	$(BIN)/hadolint images/Dockerfile
 
 # Benchmarks (B1-B3, B5-B7 on this machine): writes docs/benchmarks.md. `make bench ONLY=b7`
 # runs some of them and keeps the other sections' recorded figures.
@@ -63,12 +64,37 @@ golden: install
 compile: install
 	$(BIN)/cockatoo compile --output build/cockatoo-train.yaml --image-registry $(REGISTRY) --image-tag $(TAG)
 
-# Build and push both images (needs a Docker engine), then compile against them.
-images:
-	docker build -f images/cpu/Dockerfile -t $(REGISTRY)/cockatoo-cpu:$(TAG) .
-	docker build -f images/cuda/Dockerfile -t $(REGISTRY)/cockatoo-cuda:$(TAG) .
-	docker push $(REGISTRY)/cockatoo-cpu:$(TAG)
-	docker push $(REGISTRY)/cockatoo-cuda:$(TAG)
+# Both images (images/Dockerfile): $(REGISTRY)/cockatoo-cpu:$(TAG) and .../cockatoo-cuda:$(TAG).
+# TORCH_INDEX_URL: where the CPU image takes torch's CPU build (a mirror; the Dockerfile's default
+# is the PyTorch CPU index); TORCH_CUDA_INDEX_URL the same for the CUDA build (default PyPI);
+# DOCKER_BUILD_FLAGS go to both builds (e.g. --network=host).
+CPU_IMAGE := $(REGISTRY)/cockatoo-cpu:$(TAG)
+CUDA_IMAGE := $(REGISTRY)/cockatoo-cuda:$(TAG)
+# Both builds get both index arguments: Docker's legacy builder (no BuildKit) builds every stage
+# above the target, so the cuda build passes through the (then cached) cpu stage.
+INDEX_ARGS = $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) \
+	$(if $(TORCH_CUDA_INDEX_URL),--build-arg TORCH_CUDA_INDEX_URL=$(TORCH_CUDA_INDEX_URL))
+images: container-engine
+	docker build $(DOCKER_BUILD_FLAGS) $(INDEX_ARGS) -f images/Dockerfile --target cpu -t $(CPU_IMAGE) .
+	docker build $(DOCKER_BUILD_FLAGS) $(INDEX_ARGS) -f images/Dockerfile --target cuda -t $(CUDA_IMAGE) .
+	@docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -F -e '$(CPU_IMAGE) ' -e '$(CUDA_IMAGE) '
+
+push-images: images
+	docker push $(CPU_IMAGE)
+	docker push $(CUDA_IMAGE)
+
+# Builds both images, then runs the compiled pipeline with kfp.local's DockerRunner, every step in
+# its own container of the CPU image, and checks both images as a random uid. Not in `make test`.
+test-images: install images
+	COCKATOO_CPU_IMAGE=$(CPU_IMAGE) COCKATOO_CUDA_IMAGE=$(CUDA_IMAGE) \
+		$(PY) -m pytest -q -p no:randomly -m images tests/test_images_run.py
+
+# B10 (bench/images.py): both images' sizes and what fills them, into docs/benchmarks.md.
+bench-images: install images
+	$(PY) -m bench.images --cpu $(CPU_IMAGE) --cuda $(CUDA_IMAGE)
+
+container-engine:
+	@docker info >/dev/null 2>&1 || { echo "no container engine answers (docker info failed): start dockerd, or point DOCKER_HOST at one" >&2; exit 1; }
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import RESULTS, ROOT, counting_trainer, machine, social_media_lengths
+from bench.harness import RESULTS, ROOT, counting_trainer, machine, replace_section, social_media_lengths
 
 # Dense bf16 peaks in TFLOP/s (without sparsity), by the name torch reports.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -271,11 +271,7 @@ def main() -> int:
     parallel = bench_all_gpus(args.parallel_rows, 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "b4.json").write_text(json.dumps({"machine": m, "b4": b4, "parallel": parallel}, indent=2))
-    text = args.output.read_text()
-    start = text.index("## B4")
-    end = text.find("\n## B", start + 1)
-    rest = "\n" + text[end:] if end > 0 else "\n"
-    args.output.write_text(text[:start] + "\n".join(section(m, b4, parallel)) + rest)
+    replace_section(args.output, "b4", section(m, b4, parallel))
     print(f"wrote B4 into {args.output}")
     return 0
 

@@ -738,6 +738,21 @@ def _recorded_sections(path: Path) -> dict[str, list[str]]:
     return {k: v[:-1] if v and not v[-1] else v for k, v in sections.items()}
 
 
+def replace_section(path: Path, key: str, section: list[str]) -> None:
+    """Write one section (`## B4: ...`) into the report written by `make bench`, in its place, or at
+    the end where it has none yet: for the benchmarks measured elsewhere (B4 on a GPU, B10 with
+    a container engine)."""
+    text = path.read_text()
+    heading = f"## {key.upper()}:"
+    start = text.find(heading)
+    if start < 0:
+        path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n")
+        return
+    end = text.find("\n## B", start + 1)
+    rest = "\n" + text[end:] if end > 0 else "\n"
+    path.write_text(text[:start] + "\n".join(section) + rest)
+
+
 def write_report(results: dict, path: Path) -> None:
     """Rewrite the report: the sections measured now, and the recorded ones for the rest."""
     m = results["machine"]
@@ -754,7 +769,7 @@ def write_report(results: dict, path: Path) -> None:
         f"{m['transformers']}, bitsandbytes {m['bitsandbytes']}; {m['date']}. Sections it did not measure "
         "(`--only`) keep the figures of the run that did, on the same kind of machine.",
     ]
-    for key in ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9"):
+    for key in ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "b10"):
         if key in results:
             section = SECTIONS[key](m, results[key])
         elif key == "b4":

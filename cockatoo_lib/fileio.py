@@ -75,11 +75,26 @@ def check_output(path: str | os.PathLike) -> Path:
     final = Path(path)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise CockatooError(f"output {final} already exists and is not empty; remove it or choose another")
-    existing = next(p for p in (final, *final.parents) if p.exists())
+    _check_creatable(final, final)
+    return final
+
+
+def _check_creatable(final: Path, folder: Path) -> None:
+    """`folder` (final or the folder it goes in) exists as a writable folder or can be created."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise CockatooError(f"output {final} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CockatooError(f"output {final} cannot be created: no permission to write in {existing}")
+
+
+def check_file_output(path: str | os.PathLike) -> Path:
+    """A file output that may replace an earlier one of its own (a compiled pipeline): it must not
+    be a folder, and its folder must be creatable and writable. One line, before any work."""
+    final = Path(path)
+    if final.is_dir():
+        raise CockatooError(f"output {final} is a folder; give a file name, e.g. {final / 'pipeline.yaml'}")
+    _check_creatable(final, final.parent)
     return final
 
 

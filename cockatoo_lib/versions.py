@@ -1,11 +1,15 @@
-"""Check that the installed dependencies are the versions pyproject.toml pins.
+"""Check that the installed dependencies are the versions pyproject.toml pins, and that torch is
+the build an image declares.
 
 The images run `python -m cockatoo_lib.versions` as their last build step, so an image that
-drifted from the pins fails to build instead of training with other versions.
+drifted from the pins, or whose torch is another build than it promises (the CPU image with
+CUDA torch, the CUDA image with another CUDA), fails to build instead of training with them.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from importlib import metadata
 
@@ -48,12 +52,34 @@ def mismatches() -> list[str]:
     return problems
 
 
+# What an image promises about torch: "cpu", or "cuda" and the CUDA major ("cuda13").
+TORCH_BUILD_ENV = "COCKATOO_TORCH_BUILD"
+
+
+def torch_build_problem(declared: str, torch_cuda: str | None) -> str | None:
+    """Why torch's build (its `torch.version.cuda`, None for the CPU build) is not `declared`."""
+    found = f"cuda{torch_cuda.split('.')[0]}" if torch_cuda else "cpu"
+    if not re.fullmatch(r"cpu|cuda\d+", declared):
+        return f"{TORCH_BUILD_ENV}={declared!r} is neither 'cpu' nor 'cuda' and a CUDA major, e.g. 'cuda13'"
+    if found != declared:
+        built = f"CUDA {torch_cuda}" if torch_cuda else "no CUDA (the CPU build)"
+        return f"torch: this image declares {TORCH_BUILD_ENV}={declared}, but its torch has {built}"
+    return None
+
+
 def main() -> int:
     problems = mismatches()
+    declared = os.environ.get(TORCH_BUILD_ENV)
+    if declared:
+        import torch
+
+        problem = torch_build_problem(declared, torch.version.cuda)
+        problems += [problem] if problem else []
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not problems:
-        print(f"all {len(pinned())} pinned dependencies installed at their pinned versions")
+        build = f"; torch is the {declared} build this image declares" if declared else ""
+        print(f"all {len(pinned())} pinned dependencies installed at their pinned versions{build}")
     return 1 if problems else 0
 
 

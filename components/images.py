@@ -1,5 +1,6 @@
 """The one images setting: every component's base image comes from here. `cockatoo compile
---image-registry R --image-tag T` sets them per build through `Images`."""
+--image-registry R --image-tag T` sets them per build; `cockatoo run --in-image I` runs every
+step in one image."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ DEFAULT_TAG = "0.1.0"
 
 @dataclass(frozen=True)
 class Images:
-    registry: str = DEFAULT_REGISTRY
-    tag: str = DEFAULT_TAG
+    # prepare, tokenize, evaluate, promote: images/Dockerfile, target cpu
+    cpu: str
+    # train: images/Dockerfile, target cuda
+    cuda: str
 
-    @property
-    def cpu(self) -> str:
-        """prepare, tokenize and evaluate: images/cpu/Dockerfile."""
-        return f"{self.registry}/cockatoo-cpu:{self.tag}"
+    @classmethod
+    def of(cls, registry: str = DEFAULT_REGISTRY, tag: str = DEFAULT_TAG) -> Images:
+        """The images `make images REGISTRY=... TAG=...` builds and pushes."""
+        return cls(f"{registry}/cockatoo-cpu:{tag}", f"{registry}/cockatoo-cuda:{tag}")
 
-    @property
-    def cuda(self) -> str:
-        """train: images/cuda/Dockerfile."""
-        return f"{self.registry}/cockatoo-cuda:{self.tag}"
+    @classmethod
+    def single(cls, image: str) -> Images:
+        """Every step, train included, in one image (the CPU image on a machine without GPUs)."""
+        return cls(image, image)
 
 
-DEFAULT_IMAGES = Images()
+DEFAULT_IMAGES = Images.of()

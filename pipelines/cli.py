@@ -70,7 +70,7 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
     selectors = dict(_pair(s, "--node-selector") for s in node_selector or [])
     tolerations = [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}
                    for k, v in (_pair(t, "--toleration") for t in toleration or [])]
-    return Cluster(images=Images(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG),
+    return Cluster(images=Images.of(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG),
                    accelerator_type=accelerator_type, node_selector=selectors,
                    tolerations=tolerations, cache_root=cache_root, gpus=gpus, scratch_size=scratch_size,
                    registry_uri=registry_uri, checkpoint_root=checkpoint_root, retries=retries)
@@ -106,7 +106,10 @@ def run(model_type: str = typer.Option(None, "--model-type", "-m"),
                                     help="then classify this file (CSV, JSONL, Parquet; a `text` column) "
                                          "with the champion, or, if there is none, with this run's model"),
         predictions: Path = typer.Option(None, "--predictions",
-                                         help="where --predict writes (<output-root>/predictions.csv)")):
+                                         help="where --predict writes (<output-root>/predictions.csv)"),
+        in_image: str = typer.Option(None, "--in-image",
+                                     help="run each step in its own container of this image (e.g. the "
+                                          "CPU image of `make images`; needs a Docker engine)")):
     """Run the whole pipeline locally with kfp.local (prepare, tokenize, train, evaluate, promote)."""
     import time
 
@@ -120,7 +123,7 @@ def run(model_type: str = typer.Option(None, "--model-type", "-m"),
     if predict:
         check_output(predictions)  # before an hour of training, not after
     start = time.perf_counter()
-    result = run_local(params, output_root.resolve())
+    result = run_local(params, output_root.resolve(), in_image)
     typer.echo(f"\nmodel:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}"
                f"\ncard:    {result['model_card']}")
     typer.echo(f"test macro-F1: {result['test_macro_f1']:.4f} at tuned thresholds "
@@ -160,9 +163,10 @@ def _predict_after_run(result: dict, source: str, predictions: Path) -> None:
 @with_cluster_options
 def compile_(output: Path = typer.Option(Path("cockatoo-train.yaml"), "--output", "-o"), cluster=None):
     """Compile the pipeline to a KFP YAML package."""
+    from cockatoo_lib.fileio import check_file_output
     from pipelines.runner import compile_pipeline
 
-    path = compile_pipeline(output, cluster)
+    path = compile_pipeline(check_file_output(output), cluster)
     typer.echo(f"compiled {path} (images {cluster.images.cpu}, {cluster.images.cuda})")
 
 

@@ -1,5 +1,6 @@
 """Compile the pipeline, run it locally with kfp.local, and talk to a KFP cluster."""
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from kfp import compiler
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.limits import check_range
+from components.images import Images
 from pipelines.cockatoo_train import PIPELINE_NAME, Cluster, build_pipeline
 
 _CRON_ITEM = r"(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?"  # *, 5, 1-5, MON-FRI, */15
@@ -81,29 +83,44 @@ def check_cron(cron: str) -> None:
 # ------------------------------------------------------------------------ local
 
 
-def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, Any]:
-    """Run the whole pipeline with kfp.local's SubprocessRunner in this Python environment:
-    the compiled pipeline file, as a cluster would receive it, not the Python definition."""
+def run_local(params: dict[str, Any], pipeline_root: str | Path,
+              in_image: str | None = None) -> dict[str, Any]:
+    """Run the whole pipeline locally with kfp.local: the compiled pipeline file, as a cluster
+    would receive it, not the Python definition. Each step runs in this Python environment
+    (SubprocessRunner), or, with `in_image`, in its own container of that image (DockerRunner),
+    the steps handing artifacts over through the pipeline root."""
     from kfp import components, local
 
     from cockatoo_lib.model_registry import local_registry_uri
 
     check_params(params)
-    if not params.get("registry_uri"):  # the embedded registry: SQLite under the output root
-        params = {**params, "registry_uri": local_registry_uri(pipeline_root)}
-    if not params.get("checkpoint_root"):  # checkpoints under the output root, to resume a rerun
-        params = {**params, "checkpoint_root": str(pipeline_root)}
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=False)
-    compiled = compile_pipeline(Path(pipeline_root) / f"{PIPELINE_NAME}.yaml", Cluster(for_local=True))
-    # The runner starts each step with `python3` from PATH: make that this interpreter, whose
-    # environment has cockatoo_lib and kfp installed, for the run only.
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path}"
-    try:
-        task = components.load_component_from_file(str(compiled))(**params)
-    finally:
-        os.environ["PATH"] = path
+    if in_image:
+        _check_engine()
+    root = Path(pipeline_root).resolve()
+    with _writable_by_containers(in_image):
+        # What steps share lies under the pipeline root, the one folder every container sees: the
+        # embedded registry (SQLite) and checkpoints, so that a rerun resumes; in containers the
+        # tokenization cache too (a container's own HOME is gone with it).
+        shared = {"registry_uri": local_registry_uri(root), "checkpoint_root": str(root)}
+        if in_image:
+            shared["tokenized_cache_root"] = str(root / "tokenized-cache")
+        params = {**params, **{key: value for key, value in shared.items() if not params.get(key)}}
+        if in_image:
+            runner, cluster = _docker_runner(root), Cluster(images=Images.single(in_image), for_local=True)
+        else:
+            runner, cluster = local.SubprocessRunner(use_venv=False), Cluster(for_local=True)
+        local.init(runner=runner, pipeline_root=str(root), raise_on_error=False)
+        compiled = compile_pipeline(root / f"{PIPELINE_NAME}.yaml", cluster)
+        # The subprocess runner starts each step with `python3` from PATH: make that this
+        # interpreter, whose environment has cockatoo_lib and kfp installed, for the run only.
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path}"
+        try:
+            task = components.load_component_from_file(str(compiled))(**params)
+        finally:
+            os.environ["PATH"] = path
+            if in_image:  # interrupted (Ctrl-C, a timeout): the step's container would train on
+                _stop_containers(root)
     if not task.outputs:
         raise CockatooError(f"the local run failed; the failing step's log is above ({pipeline_root})")
     from cockatoo_lib.gate import DECISION_JSON
@@ -119,6 +136,56 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path) -> dict[str, An
 
 
 # ---------------------------------------------------------------------- cluster
+
+
+CONTAINER_LABEL = "cockatoo.pipeline-root"  # on each step's container: the run it belongs to
+
+
+@contextlib.contextmanager
+def _writable_by_containers(in_image: str | None):
+    """Where this process is root, steps in containers run as the image's user, in group 0: the
+    folders this process creates meanwhile (the root, the registry's) are writable by that group."""
+    if not in_image or os.getuid() != 0:
+        yield
+        return
+    previous = os.umask(0o002)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _docker_runner(root: Path):
+    """Steps in containers: as the image's user where this process is root; else as the caller's
+    uid, in group 0 as on OpenShift, so that the files under the root stay the caller's. Each
+    container is labelled with the run's root."""
+    from kfp import local
+
+    root.mkdir(parents=True, exist_ok=True)
+    if os.getuid() == 0:  # folders made before this run (a rerun's root, its registry): the same
+        for folder in (root, *root.iterdir()):
+            if folder.is_dir() and folder.stat().st_uid == 0:
+                folder.chmod(folder.stat().st_mode | 0o070)
+    user = {} if os.getuid() == 0 else {"user": f"{os.getuid()}:0"}
+    return local.DockerRunner(labels={CONTAINER_LABEL: str(root)}, **user)
+
+
+def _stop_containers(root: Path) -> None:
+    import docker
+
+    client = docker.from_env()
+    for container in client.containers.list(filters={"label": f"{CONTAINER_LABEL}={root}"}):
+        container.kill()
+
+
+def _check_engine() -> None:
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as exc:  # noqa: BLE001 - docker raises many kinds, none of them the user's fault
+        raise CockatooError(f"no container engine answers (docker: {_reason(exc)}); start one, or run "
+                            "without --in-image") from None
 
 
 def kfp_client(host: str):

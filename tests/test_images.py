@@ -1,17 +1,30 @@
+"""What the images promise, checked without a container engine: the pins, torch's build, and
+the install script's quick failure. `make test-images` runs the built images
+(tests/test_images_run.py)."""
+
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import error_line, run_cli
 
 from cockatoo_lib import versions
 
 ROOT = Path(__file__).parents[1]
-DOCKERFILES = {kind: (ROOT / "images" / kind / "Dockerfile").read_text() for kind in ("cpu", "cuda")}
+DOCKERFILE = (ROOT / "images" / "Dockerfile").read_text()
+
+
+def _stage(target: str) -> str:
+    return re.search(rf"^FROM \S+ AS {target}$(.*?)(?=^FROM |\Z)", DOCKERFILE, re.M | re.S).group(1)
 
 
 def test_this_environment_has_exactly_the_pinned_versions():
     pins = versions.pinned()
-    assert {"torch", "transformers", "bitsandbytes", "kfp", "kfp-kubernetes"} <= set(pins)
+    assert {"torch", "transformers", "bitsandbytes", "kfp", "kfp-kubernetes", "docker"} <= set(pins)
     assert versions.mismatches() == []
 
 
@@ -33,16 +46,60 @@ def test_pins_with_extras_are_checked_and_local_versions_match(monkeypatch):
     assert "torch: pinned ==2.13.0, installed 2.13.1+cpu" in versions.mismatches()
 
 
-@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
-def test_images_install_the_project_pins_and_check_them(kind):
-    text = DOCKERFILES[kind].replace("\\\n", " ")  # join continued lines
-    install = re.search(r"^RUN (pip install .*)$", text, re.M).group(1)
-    assert re.search(r'pip install .*"?\.(\[demo\])?"?( |$)', install)  # the project itself
-    assert "==" not in install  # no second list of versions
-    assert "python -m cockatoo_lib.versions" in install
-    assert "COPY pyproject.toml" in text
-    assert re.search(r"^USER 1000$", text, re.M)  # not root
+@pytest.mark.parametrize(("declared", "torch_cuda", "problem"), [
+    ("cpu", None, None),
+    ("cuda13", "13.0", None),
+    ("cpu", "13.0", "declares COCKATOO_TORCH_BUILD=cpu, but its torch has CUDA 13.0"),
+    ("cuda13", "12.8", "declares COCKATOO_TORCH_BUILD=cuda13, but its torch has CUDA 12.8"),
+    ("cuda13", None, "declares COCKATOO_TORCH_BUILD=cuda13, but its torch has no CUDA (the CPU build)"),
+    ("cuda", "13.0", "is neither 'cpu' nor 'cuda' and a CUDA major"),
+])
+def test_torch_must_be_the_build_the_image_declares(declared, torch_cuda, problem):
+    found = versions.torch_build_problem(declared, torch_cuda)
+    assert (found is None) if problem is None else (problem in found)
 
 
-def test_cuda_image_is_a_cuda_12_runtime():
-    assert re.search(r"^FROM nvidia/cuda:12\.[0-9.]+-[a-z-]*runtime", DOCKERFILES["cuda"], re.M)
+@pytest.mark.parametrize(("declared", "code"), [("cpu", 0), ("cuda13", 1)])
+def test_the_versions_check_fails_when_torch_is_not_the_declared_build(declared, code):
+    check = subprocess.run([sys.executable, "-m", "cockatoo_lib.versions"], capture_output=True, text=True,
+                           env={**os.environ, versions.TORCH_BUILD_ENV: declared})
+    assert check.returncode == code, check.stderr  # this machine's torch is the CPU build
+    if code:
+        assert check.stderr.strip() == ("error: torch: this image declares COCKATOO_TORCH_BUILD=cuda13, "
+                                        "but its torch has no CUDA (the CPU build)")
+
+
+@pytest.mark.parametrize(("target", "build", "index_arg"), [("cpu", "cpu", "TORCH_INDEX_URL"),
+                                                             ("cuda", "cuda13", "TORCH_CUDA_INDEX_URL")])
+def test_each_image_declares_its_torch_build_and_installs_through_the_script(target, build, index_arg):
+    stage = _stage(target)
+    assert f"ENV COCKATOO_TORCH_BUILD={build}" in stage
+    assert f'RUN sh /tmp/dist/install.sh "${{{index_arg}}}"' in stage
+    assert re.search(r"^USER 1000$", stage, re.M)  # not root
+    # No second list of versions: the builder reads torch's pin from pyproject.toml.
+    assert not re.search(r"pip install[^\n]*==", DOCKERFILE + (ROOT / "images" / "install.sh").read_text())
+
+
+def test_an_unreachable_torch_index_fails_the_install_script_with_one_line(tmp_path):
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "torch-requirement.txt").write_text("torch==2.13.0\n")
+    script = (ROOT / "images" / "install.sh").read_text().replace("/tmp/dist", str(dist))
+    # pip as in an image: no settings of this machine's (its wheel folder holds torch), and an
+    # empty folder to install into (this environment has torch already).
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")}, "PIP_CONFIG_FILE": os.devnull,
+           "PIP_TARGET": str(tmp_path / "site"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([shutil.which("sh"), "-c", script, "install.sh", "http://127.0.0.1:9/simple/"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == "images: cannot install torch==2.13.0 from http://127.0.0.1:9/simple/"
+
+
+def test_a_run_in_containers_without_an_engine_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    code, _, err = run_cli(["run", "-m", "minilm", "--in-image", "cockatoo-cpu:0.1.0", "--output-root",
+                            tmp_path / "runs"], capsys, monkeypatch)
+    assert code != 0
+    assert error_line(err).startswith("error: no container engine answers (docker: ")
+    assert not (tmp_path / "runs").exists()

@@ -131,7 +131,7 @@ def test_train_alone_is_retried_with_backoff(retries, tmp_path):
 
 
 def test_the_train_step_names_its_image_for_the_nodes_of_a_trainjob(tmp_path):
-    cluster = Cluster(images=Images("europe-docker.pkg.dev/p/r", "1.2.3"))
+    cluster = Cluster(images=Images.of("europe-docker.pkg.dev/p/r", "1.2.3"))
     _, _, executors, _ = _compiled(tmp_path, cluster)
     env = {e["name"]: e["value"] for e in executors["exec-train"]["container"]["env"]}
     assert env["COCKATOO_TRAIN_IMAGE"] == cluster.images.cuda == executors["exec-train"]["container"]["image"]
@@ -150,7 +150,7 @@ def test_train_passes_its_pod_settings_through_to_a_trainjob_and_keeps_them(tmp_
 
 
 def test_images_caching_and_resources_per_step(tmp_path):
-    cluster = Cluster(images=Cluster().images.__class__("europe-docker.pkg.dev/p/r", "1.2.3"))
+    cluster = Cluster(images=Images.of("europe-docker.pkg.dev/p/r", "1.2.3"))
     _, tasks, executors, _ = _compiled(tmp_path, cluster)
     for step in STEPS:
         container = executors[f"exec-{step}"]["container"]
@@ -161,6 +161,11 @@ def test_images_caching_and_resources_per_step(tmp_path):
         # they are now; the rest are keyed on their inputs.
         cached = step not in ("prepare-data", "promote")
         assert tasks[step]["cachingOptions"].get("enableCache", False) is cached, step
+
+
+def test_one_image_for_every_step_for_a_run_in_containers(tmp_path):
+    _, _, executors, _ = _compiled(tmp_path, Cluster(images=Images.single("cockatoo-cpu:dev")))
+    assert {executors[f"exec-{step}"]["container"]["image"] for step in STEPS} == {"cockatoo-cpu:dev"}
 
 
 @pytest.mark.parametrize("secret", ["cockatoo-hf-token", "team-hf"])
