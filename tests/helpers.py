@@ -3,9 +3,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 BIN = Path(sys.executable).parent
@@ -64,18 +67,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(command: list[str], port: int, env: dict | None = None):
-    """Start a server process and wait until it accepts connections on loopback `port`."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+def serve(command: list[str], port: int, env: dict | None = None, ready_path: str | None = None,
+          timeout: float = 180):
+    """Start a server process and wait until it is ready: its loopback `port` accepts connections
+    and, with `ready_path`, a GET there answers. The bound holds on a busy 2-core machine (an
+    MLflow server once took over 30 s to start under load); the wait ends at once if the process
+    exits. Either way the failure carries the server's own log."""
+    log = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            if ready_path:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=5).close()
             return process
-        except OSError:
-            time.sleep(0.2)
+        except OSError:  # refused, not answering yet, or an HTTP error status
+            time.sleep(0.25)
     process.kill()
-    raise RuntimeError(f"{command[0]} did not start on port {port}")
+    process.wait()
+    state = f"exited with {process.returncode}" if process.returncode not in (None, -9) else \
+        f"not ready within {timeout:.0f} s"
+    pytest.fail(f"{' '.join(command[:4])} ...: {state} on port {port}; its log:\n{log.read_text()[-4000:]}")
 
 
 class SilentHost:

@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,21 @@ from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, loca
 from cockatoo_lib.train import MODEL_MANIFEST
 
 
+def test_a_server_that_does_not_start_fails_the_wait_at_once_with_its_own_log():
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"exited with 3 on port \d+; its log:\nno database here"):
+        serve([sys.executable, "-c", "import sys; print('no database here'); sys.exit(3)"], free_port())
+    assert time.monotonic() - start < 60  # not the whole bound: the process had exited
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     process = serve([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                      f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-                     "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port)
+                     "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port,
+                    ready_path="/health")
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(30)
