@@ -30,7 +30,7 @@ demo: install
 # Both cores, tests in random order (the seed is printed; `pytest --randomly-seed=N` repeats an
 # order), branch coverage printed and held above the floor in pyproject.toml.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term -m "not images"
+	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term -m "not images" --durations=15
 
 # Tests marked `gpu` (skipped where there is no CUDA); docs/gpu.md says how to run them on an
 # offline GPU machine.

@@ -45,7 +45,7 @@ def build_model(model_type: str, config: dict, labels: int):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from cockatoo_lib.models import CLIPClassifier
+    from cockatoo_lib.training.models import CLIPClassifier
 
     torch.manual_seed(0)
     hf_config = AutoConfig.for_model(**config, num_labels=labels)
@@ -69,7 +69,7 @@ def _with_images(data, size: int):
     pixels = [rng.integers(0, 256, 3 * size * size, dtype=np.uint8).tobytes() for _ in range(len(data))]
     spec = {"shape": [3, size, size], "dtype": "uint8", "rescale_factor": 1 / 255,
             "image_mean": [0.481, 0.458, 0.408], "image_std": [0.269, 0.261, 0.276]}
-    from cockatoo_lib.images import PIXEL_COLUMN
+    from cockatoo_lib.data.clip_images import PIXEL_COLUMN
 
     return data.add_column(PIXEL_COLUMN, pixels), spec
 
@@ -101,8 +101,8 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     import torch
 
     from bench.harness import _synthetic_split
-    from cockatoo_lib.sampling import LengthGroupedShuffle
-    from cockatoo_lib.train import PaddingCollator, pad_multiple, training_arguments
+    from cockatoo_lib.training.sampling import LengthGroupedShuffle
+    from cockatoo_lib.training.trainer import PaddingCollator, pad_multiple, training_arguments
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -191,8 +191,8 @@ def bench_model(model_type: str, config: dict, seed_plan, derived_plan, lengths:
 
 
 def bench_gpu(steps: int) -> dict:
-    from cockatoo_lib.batch_split import published_config
-    from cockatoo_lib.registry import detect_hardware, resolve_plan
+    from cockatoo_lib.plan.batch_split import published_config
+    from cockatoo_lib.plan.catalogue import detect_hardware, resolve_plan
 
     hardware = detect_hardware()
     results = {}

@@ -110,7 +110,7 @@ class PadToMaxCollator:
 def counting_trainer(model, args, collator, data, plan, callbacks=None):
     """The project's trainer, and a count of the tokens it feeds the model (`tokens`, padding
     included, and `real`), filled as it trains."""
-    from cockatoo_lib.train import CockatooTrainer
+    from cockatoo_lib.training.trainer import CockatooTrainer
 
     trainer = CockatooTrainer(model=model, args=args, data_collator=collator, train_dataset=data, plan=plan,
                               callbacks=callbacks)
@@ -130,7 +130,7 @@ def _throughput(model_config: dict, lengths: np.ndarray, plan, grouped: bool, st
     import torch
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    from cockatoo_lib.train import PaddingCollator, training_arguments
+    from cockatoo_lib.training.trainer import PaddingCollator, training_arguments
 
     torch.manual_seed(0)
     config = DebertaV2Config(**model_config, num_labels=7, problem_type="multi_label_classification")
@@ -154,8 +154,8 @@ def _throughput(model_config: dict, lengths: np.ndarray, plan, grouped: bool, st
 
 
 def bench_training(repeats: int, steps: int) -> dict:
-    from cockatoo_lib.registry import resolve_plan
-    from cockatoo_lib.sampling import sorted_bound
+    from cockatoo_lib.plan.catalogue import resolve_plan
+    from cockatoo_lib.training.sampling import sorted_bound
 
     plan = resolve_plan("deberta", {"gradient_accumulation_steps": 1, "dataloader_num_workers": 0,
                                     "fp16": False, "tf32": False})
@@ -195,8 +195,8 @@ def _texts(n: int, seed: int = 0) -> list[str]:
 def bench_tokenization(rows: int, repeats: int) -> dict:
     import pandas as pd
 
-    from cockatoo_lib.data import load_data_config, prepare
-    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.data.prepare import load_data_config, prepare
+    from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
 
     plan = resolve_plan("minilm")
@@ -237,8 +237,8 @@ def bench_optimizer_memory() -> dict:
     import torch
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    from cockatoo_lib.optim import build_optimizer
-    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.plan.catalogue import resolve_plan
+    from cockatoo_lib.training.optim import build_optimizer
 
     torch.manual_seed(0)
     model = DebertaV2ForSequenceClassification(DebertaV2Config(**DEBERTA_V3_BASE, num_labels=7))
@@ -302,7 +302,7 @@ def bench_prepare_at_scale(rows: int, repeats: int) -> dict:
         for i in range(repeats):
             # The child reports its own peak as VmHWM, which belongs to its address space: getrusage's
             # maxrss survives exec and would carry this (large) process's mark into the child.
-            code = ("import re, time; from cockatoo_lib.data import load_data_config, prepare;"
+            code = ("import re, time; from cockatoo_lib.data.prepare import load_data_config, prepare;"
                     f"t = time.perf_counter();"
                     f"prepare(load_data_config({str(config)!r}), {work!r} + '/out{i}');"
                     "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1);"
@@ -345,7 +345,7 @@ def _clip_preprocessor_folder(folder: Path) -> Path:
     from transformers import AutoTokenizer
     from transformers.models.clip import CLIPImageProcessorPil
 
-    from cockatoo_lib.registry import default_base_model, get_spec
+    from cockatoo_lib.plan.catalogue import default_base_model, get_spec
 
     AutoTokenizer.from_pretrained(default_base_model(get_spec("minilm"))).save_pretrained(folder)
     CLIPImageProcessorPil().save_pretrained(folder)
@@ -356,9 +356,9 @@ def bench_images(images: int, repeats: int) -> dict:
     import pandas as pd
     import torch
 
-    from cockatoo_lib.data import load_data_config, prepare
-    from cockatoo_lib.images import collate_pixels, load_image_processor, to_pixels
-    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.data.clip_images import collate_pixels, load_image_processor, to_pixels
+    from cockatoo_lib.data.prepare import load_data_config, prepare
+    from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import load_tokenized, tokenize
 
     rng = np.random.default_rng(0)
@@ -433,10 +433,10 @@ def demo_model_folder(folder: Path, labels: list[str]) -> Path:
     untrained head: throughput does not depend on what the head learnt."""
     from transformers import AutoTokenizer
 
-    from cockatoo_lib.fileio import write_json
-    from cockatoo_lib.models import load_base_model
-    from cockatoo_lib.registry import resolve_plan
-    from cockatoo_lib.train import MODEL_MANIFEST
+    from cockatoo_lib.plan.catalogue import resolve_plan
+    from cockatoo_lib.storage.fileio import write_json
+    from cockatoo_lib.training.models import load_base_model
+    from cockatoo_lib.training.trainer import MODEL_MANIFEST
 
     plan = resolve_plan("minilm")
     load_base_model(plan, labels).save_pretrained(folder)
@@ -453,8 +453,8 @@ def bench_predict(rows: int, repeats: int, batch_size: int = 64) -> dict:
     import pandas as pd
     from transformers import pipeline
 
-    from cockatoo_lib.predict import Classifier, predict_file
-    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.plan.catalogue import resolve_plan
+    from cockatoo_lib.release.predict import Classifier, predict_file
 
     labels = ["scam", "violence", "harassment", "hate_speech", "toxicity", "obscenity", "jailbreaking"]
     max_length = resolve_plan("minilm").inference_max_length
@@ -508,8 +508,8 @@ def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2)) -
 
     import pandas as pd
 
-    from cockatoo_lib.data import load_data_config, prepare
-    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.data.prepare import load_data_config, prepare
+    from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
 
     settings = {"num_epochs": 1, "dataloader_num_workers": 0, "early_stopping_patience": 0, "batch_size": 16,

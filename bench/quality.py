@@ -72,9 +72,9 @@ def fetch_reuters(cache: Path) -> Path:
 
 
 def _train_and_evaluate(tokenized: Path, data: Path, overrides: dict, work: Path, name: str) -> dict:
-    from cockatoo_lib.evaluate import evaluate
-    from cockatoo_lib.registry import detect_hardware, resolve_plan
-    from cockatoo_lib.train import train
+    from cockatoo_lib.evaluation.evaluate import evaluate
+    from cockatoo_lib.plan.catalogue import detect_hardware, resolve_plan
+    from cockatoo_lib.training.trainer import train
 
     plan = resolve_plan("minilm", overrides, detect_hardware())
     start = time.perf_counter()
@@ -100,8 +100,8 @@ def bench_quality(cache: Path, rows: int = QUALITY_ROWS, recipes: dict[str, dict
     comes from evaluate, fitted on those splits too."""
     import tempfile
 
-    from cockatoo_lib.data import load_data_config, prepare
-    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.data.prepare import load_data_config, prepare
+    from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
 
     folder = fetch_reuters(cache)
@@ -186,7 +186,7 @@ if __name__ == "__main__":  # a quick look at one or more recipes: python -m ben
     import json
     import logging
 
-    from cockatoo_lib.registry import parse_overrides
+    from cockatoo_lib.plan.catalogue import parse_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = sys.argv[1:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import check_output
+from cockatoo_lib.storage.fileio import check_output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train multi-label content-moderation classifiers.")
@@ -22,7 +22,7 @@ SET = typer.Option(None, "--set", "-s", help="override a plan setting: key=value
 
 
 def _plan(model_type: str, overrides: list[str] | None, detect: bool = True, hardware=None):
-    from cockatoo_lib.registry import detect_hardware, parse_overrides, resolve_plan
+    from cockatoo_lib.plan.catalogue import detect_hardware, parse_overrides, resolve_plan
 
     return resolve_plan(model_type, parse_overrides(overrides or []),
                         hardware or (detect_hardware() if detect else None))
@@ -38,8 +38,8 @@ def plan(model_type: str = MODEL_TYPE, set_: list[str] = SET,
     """Print the resolved settings for a model type: the guide's, this machine's (--hardware),
     or for cards (--gpu-memory-gib, --gpus): the split is each process's, the effective batch
     the whole step's."""
-    from cockatoo_lib.limits import check_range
-    from cockatoo_lib.registry import plan_table, planned_card
+    from cockatoo_lib.plan.catalogue import plan_table, planned_card
+    from cockatoo_lib.plan.limits import check_range
 
     card = None
     check_range("processes", gpus, "--gpus")
@@ -61,8 +61,8 @@ def prepare(config: str = typer.Option(..., "--config", "-c", help="data config 
             max_samples: int = typer.Option(0, "--max-samples", help="0 = all rows"),
             labels: str = typer.Option("", "--labels", help="comma-separated active labels")):
     """Read, map, clean and split the data config's sources into Parquet files."""
-    from cockatoo_lib.data import load_data_config
-    from cockatoo_lib.data import prepare as run
+    from cockatoo_lib.data.prepare import load_data_config
+    from cockatoo_lib.data.prepare import prepare as run
 
     active = [x.strip() for x in labels.split(",") if x.strip()]
     manifest = run(load_data_config(config, active), output, seed=seed, max_samples=max_samples)
@@ -107,9 +107,9 @@ def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, t
           keep_checkpoints: int = typer.Option(0, "--keep-checkpoints",
                                                help="checkpoints kept once the model is written")):
     """Fine-tune the model and tune per-label thresholds on validation."""
-    from cockatoo_lib import distributed
-    from cockatoo_lib.limits import check_range
-    from cockatoo_lib.train import train as run
+    from cockatoo_lib.plan.limits import check_range
+    from cockatoo_lib.training import distributed
+    from cockatoo_lib.training.trainer import train as run
 
     check_range("processes", processes, "--processes")
     check_range("keep_checkpoints", keep_checkpoints, "--keep-checkpoints")
@@ -134,7 +134,7 @@ def evaluate(model: Path = typer.Option(..., "--model"),
              data: Path = typer.Option(None, "--data", "-d", help="prepared data, to check against"),
              output: Path = typer.Option(..., "--output", "-o")):
     """Score the test split; write metrics.json and report.html."""
-    from cockatoo_lib.evaluate import evaluate as run
+    from cockatoo_lib.evaluation.evaluate import evaluate as run
 
     results = run(model, tokenized, output, data_dir=data)
     typer.echo(f"{output}: test macro-F1 {results['macro_f1']:.4f} (tuned thresholds), "
@@ -176,7 +176,7 @@ def promote(model_name: str = typer.Option(..., "--model-name"),
             version: str = typer.Option(..., "--version"),
             registry_uri: str = REGISTRY_URI):
     """Make a registered version the champion by hand (a rollback); the old one becomes previous."""
-    from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, open_registry
+    from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, open_registry
 
     registry = open_registry(registry_uri)
     if registry.version(model_name, version) is None:
@@ -201,8 +201,8 @@ def predict(model: str = typer.Option(..., "--model",
             registry_uri: str = REGISTRY_URI,
             batch_size: int = typer.Option(64, "--batch-size")):
     """Score a file with a trained model: each label's probability and the labels at its thresholds."""
-    from cockatoo_lib.limits import check_range
-    from cockatoo_lib.predict import predict_file
+    from cockatoo_lib.plan.limits import check_range
+    from cockatoo_lib.release.predict import predict_file
 
     check_range("batch_size", batch_size, "--batch-size")
     show_predictions(predict_file(model, input_, output, text_column, image_column, registry_uri, batch_size))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.registry import Plan, detect_hardware, resolve_plan
+from cockatoo_lib.plan.catalogue import Plan, detect_hardware, resolve_plan
 
 
 def step_plan(model_type: str, overrides: dict[str, Any], base_model: str = "",
@@ -21,7 +21,7 @@ def step_plan(model_type: str, overrides: dict[str, Any], base_model: str = "",
 
 def prepare_step(data_config: str, labels: list[str], seed: int, max_samples: int,
                  model_type: str, overrides: dict, base_model: str, output: str) -> dict:
-    from cockatoo_lib.data import load_data_config, prepare
+    from cockatoo_lib.data.prepare import load_data_config, prepare
 
     step_plan(model_type, overrides, base_model)  # a bad model type or override fails here, first
     manifest = prepare(load_data_config(data_config, labels), output, seed=seed,
@@ -60,10 +60,10 @@ def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model:
                output: str, gpus: int = 1, checkpoint_root: str = "", output_uri: str = "",
                nodes: int = 1, tokenized_uri: str = "", placement: dict | None = None) -> dict:
     """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one. With
-    more than one GPU, one process per GPU (cockatoo_lib.distributed); with more than one node,
-    a Kubeflow Trainer TrainJob does the training (cockatoo_lib.trainjob)."""
-    from cockatoo_lib import distributed
-    from cockatoo_lib.train import read_model_manifest, train
+    more than one GPU, one process per GPU (cockatoo_lib.training.distributed); with more than one node,
+    a Kubeflow Trainer TrainJob does the training (cockatoo_lib.training.trainjob)."""
+    from cockatoo_lib.training import distributed
+    from cockatoo_lib.training.trainer import read_model_manifest, train
 
     if "://" in output_uri and checkpoint_root and "://" not in checkpoint_root:
         # A retry runs in a new pod: checkpoints in this one's folder would be gone.
@@ -110,10 +110,11 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
                     gpus: int, nodes: int, checkpoint_root: str, placement: dict) -> dict:
     import os
 
-    from cockatoo_lib import remote, trainjob
-    from cockatoo_lib.fileio import atomic_output_dir
-    from cockatoo_lib.publish import fetch, read_published
-    from cockatoo_lib.train import read_model_manifest
+    from cockatoo_lib.storage import remote
+    from cockatoo_lib.storage.fileio import atomic_output_dir
+    from cockatoo_lib.storage.publish import fetch, read_published
+    from cockatoo_lib.training import trainjob
+    from cockatoo_lib.training.trainer import read_model_manifest
 
     for name, value in (("checkpoint_root", checkpoint_root), ("the tokenized data", tokenized_uri)):
         if "://" not in value:
@@ -148,38 +149,14 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
 
 
 def evaluate_step(model_dir: str, tokenized_dir: str, output: str) -> dict:
-    from cockatoo_lib.evaluate import evaluate
+    from cockatoo_lib.evaluation.evaluate import evaluate
 
     return evaluate(model_dir, local_path(tokenized_dir), output)
 
 
-def kfp_metrics(results: dict) -> tuple[dict[str, float], list[list[int]]]:
-    """Scalars for KFP's Metrics artifact (model beside the linear baseline, per label and per
-    source) and the label confusion matrix."""
-    tuned = results["at_tuned_thresholds"]
-    scalars = {"test_macro_f1": results["macro_f1"],
-               "baseline_test_macro_f1": results["baseline"]["macro_f1"],
-               "test_macro_f1_minus_baseline": results["macro_f1_minus_baseline"],
-               "test_micro_f1": results["micro_f1"],
-               "test_mean_average_precision": results["mean_average_precision"],
-               "test_macro_f1_at_0_5": results["at_0.5"]["macro_f1"]}
-    for label, row in tuned["per_label"].items():
-        scalars[f"f1_{label}"] = row["f1"]
-        if row["pr_auc"] is not None:
-            scalars[f"pr_auc_{label}"] = row["pr_auc"]
-    for source, row in results["per_source"].items():
-        scalars[f"source_{source}_macro_f1"] = row["macro_f1"]
-    if results.get("batch_split"):  # how training split each step, beside what it achieved
-        split = results["batch_split"]
-        scalars.update(train_micro_batch=split["micro_batch"],
-                       train_gradient_accumulation_steps=split["gradient_accumulation_steps"],
-                       train_gradient_checkpointing=int(split["gradient_checkpointing"]))
-    return {k: round(float(v), 6) for k, v in scalars.items()}, results["label_confusion"]
-
-
 def evaluation_files(evaluation_dir: str) -> dict[str, Path]:
-    from cockatoo_lib.evaluate import METRICS_FILE, REPORT_FILE
-    from cockatoo_lib.model_card import MODEL_CARD
+    from cockatoo_lib.evaluation.evaluate import METRICS_FILE, REPORT_FILE
+    from cockatoo_lib.evaluation.model_card import MODEL_CARD
 
     folder = Path(evaluation_dir)
     return {"metrics": folder / METRICS_FILE, "report": folder / REPORT_FILE,
@@ -190,15 +167,15 @@ def promote_step(model_dir: str, data_dir: str, evaluation_dir: str, registry_ur
                  run_id: str, min_improvement: float, max_label_drop: float, allow_label_change: bool,
                  output: str, output_uri: str, min_gain_over_baseline: float = 0.0,
                  allow_below_baseline: bool = False) -> dict:
-    """Register the model and run the champion/challenger gate (cockatoo_lib.gate)."""
-    from cockatoo_lib.gate import GateRules, promote
-    from cockatoo_lib.model_registry import open_registry
+    """Register the model and run the champion/challenger gate (cockatoo_lib.release.gate)."""
+    from cockatoo_lib.release.gate import GateRules, promote
+    from cockatoo_lib.release.model_registry import open_registry
 
     if not registry_uri and "://" in output_uri:
         raise CockatooError(f"registry_uri is empty, but this step runs on a cluster (its output is "
                             f"{output_uri}); set it to the MLflow tracking server, e.g. "
                             "http://mlflow.mlflow:5000")
-    from cockatoo_lib.limits import check_range
+    from cockatoo_lib.plan.limits import check_range
 
     check_range("min_improvement", min_improvement)
     check_range("max_label_drop", max_label_drop)

@@ -4,10 +4,10 @@ KFP caches on artifact IDs, not content, so a rerun upstream step makes KFP reru
 our cache makes that rerun cheap. Key = split fingerprints + tokenizer identity (name and a
 hash of its files) + max length + PREPROCESSING_VERSION. The cache root is any fsspec URI
 (a local folder, gs://, s3://) that two runs may share: entries are published and verified as
-cockatoo_lib.publish describes, under `<root>/tokenized/<key>/`.
+cockatoo_lib.storage.publish describes, under `<root>/tokenized/<key>/`.
 
 For a model that reads images (CLIP), rows with an image also get cached pixels: see
-cockatoo_lib.images for their storage.
+cockatoo_lib.data.clip_images for their storage.
 """
 
 from __future__ import annotations
@@ -21,13 +21,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cockatoo_lib import remote
-from cockatoo_lib.data import SPLITS, read_manifest
+from cockatoo_lib.data.clip_images import (
+    IMAGE_BACKEND,
+    PIXEL_COLUMN,
+    load_image_processor,
+    pixel_spec,
+    to_pixels,
+)
+from cockatoo_lib.data.prepare import SPLITS, read_manifest
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
-from cockatoo_lib.images import IMAGE_BACKEND, PIXEL_COLUMN, load_image_processor, pixel_spec, to_pixels
-from cockatoo_lib.publish import clean_abandoned, publish, read_published
-from cockatoo_lib.registry import Plan
+from cockatoo_lib.plan.catalogue import Plan
+from cockatoo_lib.storage import remote
+from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
+from cockatoo_lib.storage.publish import clean_abandoned, publish, read_published
 
 log = logging.getLogger(__name__)
 

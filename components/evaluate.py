@@ -19,7 +19,8 @@ def evaluate(
     ClassificationMetrics, the report to HTML, the card to Markdown."""
     import shutil
 
-    from cockatoo_lib.steps import evaluate_step, evaluation_files, kfp_metrics
+    from cockatoo_lib.evaluation.evaluate import kfp_metrics
+    from cockatoo_lib.steps import evaluate_step, evaluation_files
 
     results = evaluate_step(model.path, tokenized.path, evaluation.path)
     scalars, confusion = kfp_metrics(results)

@@ -21,11 +21,11 @@ def promote(
     decision_report: Output[Markdown],
 ):
     """Register the model as a new version of `model_name` and move the `champion` alias to it
-    only if it beats the linear baseline and the current champion (cockatoo_lib.gate):
+    only if it beats the linear baseline and the current champion (cockatoo_lib.release.gate):
     decision.json and its Markdown."""
     import shutil
 
-    from cockatoo_lib.gate import DECISION_MD
+    from cockatoo_lib.release.gate import DECISION_MD
     from cockatoo_lib.steps import promote_step
 
     meta = promote_step(model.path, data.path, evaluation.path, registry_uri, model_name, run_id,

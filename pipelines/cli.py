@@ -61,7 +61,7 @@ def with_cluster_options(command):
 def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu", gpus=1,
              node_selector=None, toleration=None, cache_root="", scratch_size="", registry_uri="",
              checkpoint_root="", retries=2):
-    from cockatoo_lib.limits import check_range
+    from cockatoo_lib.plan.limits import check_range
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
     from pipelines.cockatoo_train import Cluster
 
@@ -86,7 +86,7 @@ def _pair(text: str, option: str) -> tuple[str, str]:
 
 
 def _params(model_type, set_, params):
-    from cockatoo_lib.registry import parse_overrides
+    from cockatoo_lib.plan.catalogue import parse_overrides
     from pipelines.runner import parse_params
 
     values = parse_params(params or [])
@@ -113,7 +113,7 @@ def run(model_type: str = typer.Option(None, "--model-type", "-m"),
     """Run the whole pipeline locally with kfp.local (prepare, tokenize, train, evaluate, promote)."""
     import time
 
-    from cockatoo_lib.fileio import check_output
+    from cockatoo_lib.storage.fileio import check_output
     from pipelines.runner import run_local
 
     params = _params(model_type, set_, param)
@@ -143,8 +143,8 @@ def run(model_type: str = typer.Option(None, "--model-type", "-m"),
 def _predict_after_run(result: dict, source: str, predictions: Path) -> None:
     """Classify with what would serve: the champion; with no champion, this run's model, said so."""
     from cockatoo_lib.cli import show_predictions
-    from cockatoo_lib.model_registry import CHAMPION, open_registry
-    from cockatoo_lib.predict import predict_file
+    from cockatoo_lib.release.model_registry import CHAMPION, open_registry
+    from cockatoo_lib.release.predict import predict_file
 
     name, registry_uri = result["decision"]["model_name"], result["registry_uri"]
     champion = open_registry(registry_uri).by_alias(name, CHAMPION)
@@ -163,7 +163,7 @@ def _predict_after_run(result: dict, source: str, predictions: Path) -> None:
 @with_cluster_options
 def compile_(output: Path = typer.Option(Path("cockatoo-train.yaml"), "--output", "-o"), cluster=None):
     """Compile the pipeline to a KFP YAML package."""
-    from cockatoo_lib.fileio import check_file_output
+    from cockatoo_lib.storage.fileio import check_file_output
     from pipelines.runner import compile_pipeline
 
     path = compile_pipeline(check_file_output(output), cluster)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
-from cockatoo_lib.trainjob import ACCELERATOR_ENV, IMAGE_ENV
+from cockatoo_lib.training.trainjob import ACCELERATOR_ENV, IMAGE_ENV
 from components import evaluate, prepare_data, promote, tokenize, train
 from components.images import DEFAULT_IMAGES, Images
 from components.train import train_pod_gpus

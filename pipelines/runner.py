@@ -12,7 +12,7 @@ from typing import Any
 from kfp import compiler
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.limits import check_range
+from cockatoo_lib.plan.limits import check_range
 from components.images import Images
 from pipelines.cockatoo_train import PIPELINE_NAME, Cluster, build_pipeline
 
@@ -53,7 +53,7 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 def check_params(params: dict[str, Any]) -> None:
     """Fail before anything runs: a bad model type or override, or a missing data config."""
-    from cockatoo_lib.data import load_data_config
+    from cockatoo_lib.data.prepare import load_data_config
     from cockatoo_lib.steps import step_plan
 
     defaults = pipeline_inputs()
@@ -91,7 +91,7 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path,
     the steps handing artifacts over through the pipeline root."""
     from kfp import components, local
 
-    from cockatoo_lib.model_registry import local_registry_uri
+    from cockatoo_lib.release.model_registry import local_registry_uri
 
     check_params(params)
     if in_image:
@@ -123,7 +123,7 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path,
                 _stop_containers(root)
     if not task.outputs:
         raise CockatooError(f"the local run failed; the failing step's log is above ({pipeline_root})")
-    from cockatoo_lib.gate import DECISION_JSON
+    from cockatoo_lib.release.gate import DECISION_JSON
     from cockatoo_lib.steps import evaluation_files
 
     files = evaluation_files(task.outputs["evaluation"].path)

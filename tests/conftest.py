@@ -110,7 +110,7 @@ def tiny_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory) -> Path:
     """The demo sample, prepared (all rows, seed 42)."""
-    from cockatoo_lib.data import load_data_config, prepare
+    from cockatoo_lib.data.prepare import load_data_config, prepare
 
     out = tmp_path_factory.mktemp("sample") / "data"
     prepare(load_data_config(str(SAMPLE_CONFIG)), out)
@@ -120,7 +120,7 @@ def sample_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """400 rows of the sample: enough for every label, quick to train on."""
-    from cockatoo_lib.data import load_data_config, prepare
+    from cockatoo_lib.data.prepare import load_data_config, prepare
 
     out = tmp_path_factory.mktemp("small") / "data"
     prepare(load_data_config(str(SAMPLE_CONFIG)), out, max_samples=400)
@@ -133,7 +133,7 @@ def image_data(tmp_path_factory):
     some captions longer than CLIP's 77 tokens; the label depends on text and image colour."""
     import pandas as pd
 
-    from cockatoo_lib.data import load_data_config, prepare
+    from cockatoo_lib.data.prepare import load_data_config, prepare
 
     root = tmp_path_factory.mktemp("images")
     (root / "img").mkdir()
@@ -211,10 +211,10 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
     import json
     import shutil
 
-    from cockatoo_lib.evaluate import evaluate
-    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.evaluation.evaluate import evaluate
+    from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
-    from cockatoo_lib.train import MODEL_MANIFEST, train
+    from cockatoo_lib.training.trainer import MODEL_MANIFEST, train
 
     root = tmp_path_factory.mktemp("trained")
     plan = resolve_plan("deberta", {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,

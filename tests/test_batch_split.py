@@ -1,13 +1,13 @@
-"""The micro-batch split derived from a card's memory (cockatoo_lib/batch_split.py)."""
+"""The micro-batch split derived from a card's memory (cockatoo_lib/plan/batch_split.py)."""
 
 from __future__ import annotations
 
 import pytest
 from helpers import error_line, run_cli
 
-from cockatoo_lib.batch_split import Split, derive_split, estimate_bytes, parameter_count, probe
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.plan.batch_split import Split, derive_split, estimate_bytes, parameter_count, probe
+from cockatoo_lib.plan.catalogue import resolve_plan
 
 GUIDE_MODELS = ["deberta", "modernbert", "clip-vit"]
 
@@ -94,10 +94,9 @@ def test_a_card_size_out_of_range_is_one_line(capsys, monkeypatch):
 
 
 def test_the_split_used_is_in_the_manifest_and_the_runs_metrics(tiny_models, small_data, tmp_path):
-    from cockatoo_lib.evaluate import evaluate
-    from cockatoo_lib.steps import kfp_metrics
+    from cockatoo_lib.evaluation.evaluate import evaluate, kfp_metrics
     from cockatoo_lib.tokenize import tokenize
-    from cockatoo_lib.train import train
+    from cockatoo_lib.training.trainer import train
 
     plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"]), "num_epochs": 1,
                                     "batch_size": 16, "gradient_accumulation_steps": 2,
@@ -128,7 +127,12 @@ def test_the_readmes_table_is_what_the_plan_derives():
 
 
 def test_on_cuda_the_model_is_compiled_on_bucketed_widths_from_pinned_memory():
-    from cockatoo_lib.train import COMPILE_WIDTH_MULTIPLE, PaddingCollator, pad_multiple, training_arguments
+    from cockatoo_lib.training.trainer import (
+        COMPILE_WIDTH_MULTIPLE,
+        PaddingCollator,
+        pad_multiple,
+        training_arguments,
+    )
 
     plan = resolve_plan("deberta", {"fp16": False, "tf32": False})
     assert pad_multiple(plan, cuda=True) == COMPILE_WIDTH_MULTIPLE == 64

@@ -98,7 +98,7 @@ TINY_CONFIGS = {
 def test_b4_measures_the_training_step_and_its_ceiling_on_tiny_configs(model_type, images):
     from bench.gpu import WARM_STEPS, bench_model
     from bench.harness import social_media_lengths
-    from cockatoo_lib.registry import Hardware, resolve_plan
+    from cockatoo_lib.plan.catalogue import Hardware, resolve_plan
 
     cpu = Hardware(cuda=False)
     seed = resolve_plan(model_type, {"batch_split": "seed", "dataloader_num_workers": 0,

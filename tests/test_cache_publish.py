@@ -11,9 +11,9 @@ import uuid
 import pytest
 from helpers import error_line, run_cli
 
-import cockatoo_lib.publish as publish_module
-from cockatoo_lib.publish import clean_abandoned, read_published
-from cockatoo_lib.registry import resolve_plan
+import cockatoo_lib.storage.publish as publish_module
+from cockatoo_lib.plan.catalogue import resolve_plan
+from cockatoo_lib.storage.publish import clean_abandoned, read_published
 from cockatoo_lib.tokenize import load_tokenized, tokenize
 
 STORES = ["local", "gcs", "s3"]
@@ -132,8 +132,8 @@ def test_a_poisoned_entry_is_rebuilt_and_republished(poison, cache, small_data, 
 
 KILLED_PUBLISHER = """
 import os, signal, sys
-import cockatoo_lib.publish as publish
-from cockatoo_lib.registry import resolve_plan
+import cockatoo_lib.storage.publish as publish
+from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import tokenize
 publish._before_marker = lambda location: os.kill(os.getpid(), signal.SIGKILL)
 data, base, out, root = sys.argv[1:]

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 from safetensors.torch import load_file
 
-from cockatoo_lib.checkpoints import DurableCheckpoints, checkpoint_key
-from cockatoo_lib.publish import generations, publish_new
-from cockatoo_lib.registry import Hardware, resolve_plan
+from cockatoo_lib.plan.catalogue import Hardware, resolve_plan
+from cockatoo_lib.storage.publish import generations, publish_new
 from cockatoo_lib.tokenize import tokenize
-from cockatoo_lib.train import read_model_manifest
+from cockatoo_lib.training.checkpoints import DurableCheckpoints, checkpoint_key
+from cockatoo_lib.training.trainer import read_model_manifest
 
 SETTINGS = {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
             "dataloader_num_workers": 0, "early_stopping_patience": 0}
@@ -26,7 +26,8 @@ SETTINGS = {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,
 # the test kills it: a preemption at a known point.
 PAUSE_AFTER_FIRST_CHECKPOINT = """
 import sys, time
-from cockatoo_lib import checkpoints, cli
+from cockatoo_lib.training import checkpoints
+from cockatoo_lib import cli
 original = checkpoints.DurableCheckpoints.on_save
 def on_save(self, args, state, control, **kwargs):
     control = original(self, args, state, control, **kwargs)
@@ -142,7 +143,7 @@ def test_a_checkpoint_killed_mid_write_is_never_read(tmp_path, monkeypatch):
     local = tmp_path / "local"
     _publish(durable, local, 4, 4)
     # Step 8: the writer died between its upload and its marker (the marker is written last).
-    import cockatoo_lib.publish as publishing
+    import cockatoo_lib.storage.publish as publishing
 
     def die(location):
         raise KeyboardInterrupt
@@ -185,7 +186,7 @@ def test_the_best_checkpoint_comes_with_the_newest_or_the_newest_is_not_used(tmp
     assert durable.resume_point(work) == work / "checkpoint-12"
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint-12", "checkpoint-8"]
     # Without its best checkpoint, step 12 would end on its last weights: the one before is used.
-    from cockatoo_lib.publish import remove_generation
+    from cockatoo_lib.storage.publish import remove_generation
 
     remove_generation(durable.fs, durable.root, generation[8])
     work = tmp_path / "work2"
@@ -193,8 +194,8 @@ def test_the_best_checkpoint_comes_with_the_newest_or_the_newest_is_not_used(tmp
 
 
 def test_a_checkpoint_unpublished_while_it_is_copied_is_passed_over(tmp_path, monkeypatch):
-    import cockatoo_lib.publish as publishing
-    from cockatoo_lib.publish import remove_generation
+    import cockatoo_lib.storage.publish as publishing
+    from cockatoo_lib.storage.publish import remove_generation
 
     durable = _durable(tmp_path)
     local = tmp_path / "local"

@@ -16,9 +16,9 @@ import torch
 from helpers import error_line, make_image, run_cli, write_config
 from PIL import Image
 
-from cockatoo_lib.data import load_data_config, prepare
-from cockatoo_lib.images import PIXEL_COLUMN, collate_pixels, load_image_processor
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.data.clip_images import PIXEL_COLUMN, collate_pixels, load_image_processor
+from cockatoo_lib.data.prepare import load_data_config, prepare
+from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
 
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1,
@@ -167,7 +167,7 @@ def test_transient_failures_of_an_image_host_are_retried(tmp_path):
 
 PREPARE = """
 import sys
-from cockatoo_lib.data import load_data_config, prepare
+from cockatoo_lib.data.prepare import load_data_config, prepare
 prepare(load_data_config(sys.argv[1]), sys.argv[2])
 """
 
@@ -262,7 +262,7 @@ def test_image_column_of_the_wrong_kind_or_name(tmp_path, capsys, monkeypatch):
 
 
 def test_image_store_gives_back_what_it_was_given_across_batches():
-    from cockatoo_lib.images import ImageStore
+    from cockatoo_lib.data.clip_images import ImageStore
 
     blobs = [f"image {i}".encode() * (1 + i % 5) for i in range(2 * ImageStore.BATCH + 37)]
     with ImageStore() as store:
@@ -314,7 +314,7 @@ def test_tokenize_caches_uint8_pixels_that_collate_to_the_processor_output(image
 
 
 def test_pixels_follow_exif_orientation(tiny_models):
-    from cockatoo_lib.images import to_pixels
+    from cockatoo_lib.data.clip_images import to_pixels
 
     image = Image.fromarray(np.tile(np.arange(300, dtype=np.uint8)[None, :, None], (100, 1, 3)) // 2)
     exif = image.getexif()
@@ -341,7 +341,7 @@ def test_text_model_on_image_data_uses_the_text(image_data, tiny_models, tmp_pat
 
 
 def test_classifier_averages_image_and_text_embeddings_per_row(tiny_models):
-    from cockatoo_lib.models import load_base_model
+    from cockatoo_lib.training.models import load_base_model
 
     plan = resolve_plan("clip-vit", {"base_model": str(tiny_models["clip-vit"])})
     model = load_base_model(plan, ["scam", "toxicity"]).eval()
@@ -366,10 +366,10 @@ def test_classifier_averages_image_and_text_embeddings_per_row(tiny_models):
 def test_clip_with_images_trains_saves_loads_and_evaluates(image_data, tiny_models, tmp_path):
     from transformers import AutoImageProcessor
 
-    from cockatoo_lib.evaluate import evaluate
-    from cockatoo_lib.metrics import macro_f1, sigmoid
-    from cockatoo_lib.models import load_trained_model, predict_logits
-    from cockatoo_lib.train import PaddingCollator, train
+    from cockatoo_lib.evaluation.evaluate import evaluate
+    from cockatoo_lib.evaluation.metrics import macro_f1, sigmoid
+    from cockatoo_lib.training.models import load_trained_model, predict_logits
+    from cockatoo_lib.training.trainer import PaddingCollator, train
 
     plan = resolve_plan("clip-vit", {**FAST, "base_model": str(tiny_models["clip-vit"])})
     tokenize(image_data / "data", plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))

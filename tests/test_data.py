@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import error_line, run_cli, write_config
 
-from cockatoo_lib.data import content_split, load_data_config, prepare
+from cockatoo_lib.data.prepare import content_split, load_data_config, prepare
 
 
 def _read(folder, split="train"):

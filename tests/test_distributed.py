@@ -8,9 +8,9 @@ import pytest
 from helpers import error_line, run_cli
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.registry import Hardware, resolve_plan
+from cockatoo_lib.plan.catalogue import Hardware, resolve_plan
 from cockatoo_lib.tokenize import tokenize
-from cockatoo_lib.train import MODEL_MANIFEST, read_model_manifest
+from cockatoo_lib.training.trainer import MODEL_MANIFEST, read_model_manifest
 
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
         "dataloader_num_workers": 0}
@@ -58,7 +58,7 @@ def test_the_plan_for_several_cards_prints_each_process_split_and_the_whole_step
 
 
 def test_training_refuses_a_plan_made_for_another_count_of_processes(tiny_models, small_data, tmp_path):
-    from cockatoo_lib.train import train
+    from cockatoo_lib.training.trainer import train
 
     plan = resolve_plan("deberta", {**FAST, "base_model": str(tiny_models["deberta"])},
                         Hardware(cuda=False, processes=2))
@@ -71,8 +71,8 @@ def test_training_refuses_a_plan_made_for_another_count_of_processes(tiny_models
 SETTLE = """
 import os, sys
 import torch.distributed as dist
-from cockatoo_lib.registry import resolve_plan
-from cockatoo_lib.train import settle_micro_batch
+from cockatoo_lib.plan.catalogue import resolve_plan
+from cockatoo_lib.training.trainer import settle_micro_batch
 plan = resolve_plan("deberta", {"batch_size": 48, "gradient_accumulation_steps": 1}).model_copy(
     update={"processes": 2})
 # Process 1's card runs out of memory above 16 rows; process 0's holds all 48.
@@ -98,7 +98,7 @@ def test_processes_agree_on_the_split_the_smallest_card_holds(tmp_path):
 def test_each_process_probes_its_own_card(monkeypatch):
     import torch
 
-    from cockatoo_lib import distributed
+    from cockatoo_lib.training import distributed
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

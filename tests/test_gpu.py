@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cockatoo_lib.batch_split import derive_split
-from cockatoo_lib.models import load_base_model
-from cockatoo_lib.optim import build_optimizer
-from cockatoo_lib.registry import detect_hardware, resolve_plan
+from cockatoo_lib.plan.batch_split import derive_split
+from cockatoo_lib.plan.catalogue import detect_hardware, resolve_plan
+from cockatoo_lib.training.models import load_base_model
+from cockatoo_lib.training.optim import build_optimizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -62,7 +62,7 @@ def test_the_derived_split_fits_at_max_length(model_type, tiny_models):
     """The published-size model at the split derived for this card, at full width: one forward
     and backward pass runs without out-of-memory."""
     from bench.gpu import build_model
-    from cockatoo_lib.batch_split import published_config
+    from cockatoo_lib.plan.batch_split import published_config
 
     hardware = detect_hardware()
     plan = resolve_plan(model_type, {}, hardware)
@@ -91,7 +91,7 @@ def test_compiled_matches_eager(model_type, tiny_models):
 
 def test_the_probe_runs_on_the_process_own_card(tiny_models, monkeypatch):
     """Each process of a data-parallel training probes its own card (LOCAL_RANK's), not GPU 0."""
-    from cockatoo_lib.train import PaddingCollator, check_split_on_card
+    from cockatoo_lib.training.trainer import PaddingCollator, check_split_on_card
 
     plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"])}, detect_hardware())
     model = load_base_model(plan, LABELS)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import tokenize
-from cockatoo_lib.train import train
+from cockatoo_lib.training.trainer import train
 
 FAST = ["num_epochs=1", "batch_size=16", "gradient_accumulation_steps=1", "dataloader_num_workers=0"]
 

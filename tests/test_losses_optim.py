@@ -2,10 +2,10 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from cockatoo_lib.losses import asymmetric_loss, masked_bce
-from cockatoo_lib.models import load_base_model
-from cockatoo_lib.optim import build_optimizer, parameter_depths, parameter_groups
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.plan.catalogue import resolve_plan
+from cockatoo_lib.training.losses import asymmetric_loss, masked_bce
+from cockatoo_lib.training.models import load_base_model
+from cockatoo_lib.training.optim import build_optimizer, parameter_depths, parameter_groups
 
 LABELS = ["scam", "violence", "toxicity"]
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from cockatoo_lib.losses import _reduce, masked_bce
-from cockatoo_lib.metrics import (
+from cockatoo_lib.evaluation.metrics import (
     label_confusion,
     macro_f1,
     mean_average_precision,
@@ -15,6 +14,7 @@ from cockatoo_lib.metrics import (
     sigmoid,
     sweep_thresholds,
 )
+from cockatoo_lib.training.losses import _reduce, masked_bce
 
 # Six rows, three labels. Label 1 is not annotated on rows 2 and 3 (row 2 says positive, but
 # that must not count); label 2 has no positive among its annotated rows (no support).
@@ -130,7 +130,7 @@ def test_a_probability_on_a_grid_point_is_positive_at_that_threshold():
 
 @pytest.mark.parametrize("loss", ["asl", "bce"])
 def test_label_weights_scale_each_labels_term(loss):
-    from cockatoo_lib.losses import asymmetric_loss
+    from cockatoo_lib.training.losses import asymmetric_loss
 
     fn = asymmetric_loss if loss == "asl" else masked_bce
     logits, targets, mask = torch.tensor([[0.3, -1.2]]), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2)
@@ -157,8 +157,8 @@ def test_loss_is_the_mean_over_each_rows_annotated_labels_then_over_annotated_ro
 
 def test_the_restored_weights_are_the_best_epochs(tiny_models, small_data, tmp_path, monkeypatch):
     """Validation says epoch 2 is best (0.2, 0.9, 0.5): the saved weights are epoch 2's."""
-    import cockatoo_lib.train as train_module
-    from cockatoo_lib.registry import resolve_plan
+    import cockatoo_lib.training.trainer as train_module
+    from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
 
     sequence = iter([0.2, 0.9, 0.5])  # then the final prediction on validation: 0

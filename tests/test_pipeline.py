@@ -14,8 +14,8 @@ from helpers import error_line, run_cli
 from kfp import dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from cockatoo_lib.model_registry import MLflowRegistry, local_registry_uri
-from cockatoo_lib.train import read_model_manifest
+from cockatoo_lib.release.model_registry import MLflowRegistry, local_registry_uri
+from cockatoo_lib.training.trainer import read_model_manifest
 from components import evaluate, prepare_data, promote, tokenize, train
 from pipelines.cockatoo_train import PIPELINE_NAME
 from pipelines.runner import compile_pipeline, pipeline_inputs, run_local
@@ -260,7 +260,7 @@ def test_local_run_of_clip_with_images(tiny_models, image_data, tmp_path):
     assert result["decision"]["baseline"]["overridden"] == (not result["decision"]["baseline"]["passed"])
     # Predict reads the image column as prepare does; rows with an image score differently
     # with it than without it, rows without one the same.
-    from cockatoo_lib.predict import Classifier, predict_file
+    from cockatoo_lib.release.predict import Classifier, predict_file
 
     predict_file(result["model"], str(image_data / "posts.csv"), tmp_path / "p.parquet",
                  text_column="caption", image_column="image")

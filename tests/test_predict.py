@@ -8,11 +8,11 @@ import torch
 from helpers import error_line, run_cli
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.metrics import sigmoid
-from cockatoo_lib.models import load_trained_model, predict_logits
-from cockatoo_lib.predict import Classifier
+from cockatoo_lib.evaluation.metrics import sigmoid
+from cockatoo_lib.release.predict import Classifier
 from cockatoo_lib.tokenize import load_tokenized
-from cockatoo_lib.train import PaddingCollator
+from cockatoo_lib.training.models import load_trained_model, predict_logits
+from cockatoo_lib.training.trainer import PaddingCollator
 
 
 def test_classifier_scores_as_the_trained_model_in_input_order(trained_run):
@@ -129,7 +129,7 @@ def test_an_existing_output_is_never_replaced(trained_run, tmp_path, capsys, mon
 
 def test_an_output_that_appears_while_predicting_is_left_alone(trained_run, tmp_path, monkeypatch):
     """Another run writes the same output between the check and the write: ours is not written."""
-    import cockatoo_lib.predict as predicting
+    import cockatoo_lib.release.predict as predicting
 
     pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "in.csv", index=False)
     monkeypatch.setattr(predicting, "_check_new_output", lambda output: None)

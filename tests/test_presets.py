@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cockatoo_lib.data import load_data_config, prepare
+from cockatoo_lib.data.prepare import load_data_config, prepare
 
 FIXTURES = Path(__file__).parent / "fixtures" / "moderation"
 LOCAL = {

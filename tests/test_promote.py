@@ -14,9 +14,9 @@ import pytest
 from helpers import error_line, free_port, run_cli, serve
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.gate import DECISION_JSON, DECISION_MD, GateRules, bootstrap_gain, compare, promote
-from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
-from cockatoo_lib.train import MODEL_MANIFEST
+from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, GateRules, bootstrap_gain, compare, promote
+from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
+from cockatoo_lib.training.trainer import MODEL_MANIFEST
 
 
 def test_a_server_that_does_not_start_fails_the_wait_at_once_with_its_own_log():
@@ -237,7 +237,7 @@ def test_bootstrap_interval_of_the_gain():
     assert bootstrap_gain(y, y, y, m) == [0.0, 0.0]
     noisy = y ^ (rng.random(y.shape) < 0.3)  # 30% of decisions flipped
     low, high = bootstrap_gain(y, noisy, y, m)
-    from cockatoo_lib.metrics import macro_f1
+    from cockatoo_lib.evaluation.metrics import macro_f1
 
     gain = 1 - macro_f1(noisy.astype(float), y, m, [0.5] * 3)
     assert 0 < low < gain < high < 0.5

@@ -15,7 +15,7 @@ from helpers import write_config
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from cockatoo_lib.data import SPLITS, load_data_config, prepare
+from cockatoo_lib.data.prepare import SPLITS, load_data_config, prepare
 from cockatoo_lib.errors import CockatooError
 
 LABELS = ["scam", "spam"]

@@ -13,22 +13,22 @@ import pytest
 from helpers import error_line, run_cli, write_config
 from transformers import EvalPrediction
 
-from cockatoo_lib.baseline import fit_predict
-from cockatoo_lib.data import load_data_config, prepare
-from cockatoo_lib.evaluate import evaluate
-from cockatoo_lib.metrics import mean_average_precision, report, sigmoid
-from cockatoo_lib.models import init_head_bias, load_base_model, output_layer
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.data.prepare import load_data_config, prepare
+from cockatoo_lib.evaluation.baseline import fit_predict
+from cockatoo_lib.evaluation.evaluate import evaluate
+from cockatoo_lib.evaluation.metrics import mean_average_precision, report, sigmoid
+from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
-from cockatoo_lib.train import _compute_metrics, label_priors, train, training_arguments
+from cockatoo_lib.training.models import init_head_bias, load_base_model, output_layer
+from cockatoo_lib.training.trainer import _compute_metrics, label_priors, train, training_arguments
 
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
         "dataloader_num_workers": 0}
 
 TRAIN_IN_A_PROCESS = """
 import sys
-from cockatoo_lib.registry import resolve_plan
-from cockatoo_lib.train import train
+from cockatoo_lib.plan.catalogue import resolve_plan
+from cockatoo_lib.training.trainer import train
 base, tok, out, seed = sys.argv[1:]
 plan = resolve_plan("deberta", {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,
                                 "learning_rate": 1e-3, "dataloader_num_workers": 0, "base_model": base,
@@ -81,7 +81,7 @@ def test_epoch_metric_tunes_thresholds_instead_of_cutting_at_one_half():
 def test_deterministic_setting_switches_on_strict_mode(tmp_path):
     import torch
 
-    from cockatoo_lib.train import seed_everything
+    from cockatoo_lib.training.trainer import seed_everything
 
     plan = resolve_plan("minilm", {"deterministic": True})
     assert training_arguments(plan, str(tmp_path), cuda=False).full_determinism is True
@@ -247,8 +247,8 @@ def test_evaluation_reports_each_source_and_the_baseline_and_writes_the_model_ca
     assert per_source["alpha"]["labels"] == ["spam"] and per_source["beta"]["labels"] == ["self_harm"]
     assert per_source["alpha"]["rows"] + per_source["beta"]["rows"] == results["rows"] == len(test)
     # A source's figure is the report over its own rows and labels, nothing else.
-    from cockatoo_lib.models import load_trained_model, predict_logits
-    from cockatoo_lib.train import PaddingCollator
+    from cockatoo_lib.training.models import load_trained_model, predict_logits
+    from cockatoo_lib.training.trainer import PaddingCollator
 
     model = load_trained_model(tmp_path / "model", "sequence-classification")
     probs = sigmoid(predict_logits(model, [PaddingCollator(0)([test[i] for i in range(len(test))])]).numpy())

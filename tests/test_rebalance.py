@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import write_config
 
-from cockatoo_lib.data import load_data_config, prepare
-from cockatoo_lib.losses import asymmetric_loss
-from cockatoo_lib.rebalance import Rebalance, band, label_weights, rebalance
+from cockatoo_lib.data.prepare import load_data_config, prepare
+from cockatoo_lib.training.losses import asymmetric_loss
+from cockatoo_lib.training.rebalance import Rebalance, band, label_weights, rebalance
 
 
 def _labels(pos_rates, n=1000, seed=0):
@@ -91,9 +91,9 @@ def test_rebalancing_changes_train_only_and_is_recorded(tmp_path):
 
 
 def test_training_applies_the_risky_band_learning_rate(tiny_models, tmp_path):
-    from cockatoo_lib.registry import resolve_plan
+    from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
-    from cockatoo_lib.train import train
+    from cockatoo_lib.training.trainer import train
 
     rng = np.random.default_rng(2)
     pd.DataFrame({"text": [f"post number {i}" for i in range(300)], "s": (rng.random(300) < 0.03).astype(int),

@@ -3,7 +3,7 @@ from typer.testing import CliRunner
 
 from cockatoo_lib.cli import app
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.registry import REGISTRY, Hardware, Plan, parse_overrides, resolve_plan
+from cockatoo_lib.plan.catalogue import REGISTRY, Hardware, Plan, parse_overrides, resolve_plan
 
 # Every row of the per-model tables in shared/seed/model_switching_guide.md.
 # The guide's `default` attention means the model's eager attention.

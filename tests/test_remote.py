@@ -8,8 +8,8 @@ import time
 import pytest
 from helpers import SilentHost, error_line, run_cli, write_config
 
-from cockatoo_lib import remote
 from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.storage import remote
 
 SETTING = remote.TIMEOUT_SETTING
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.harness import social_media_lengths
-from cockatoo_lib.sampling import LengthGroupedShuffle, padding_share, sorted_bound
+from cockatoo_lib.training.sampling import LengthGroupedShuffle, padding_share, sorted_bound
 
 
 @pytest.mark.parametrize("rows", [300, 5_000, 200_000])
@@ -46,9 +46,9 @@ def test_padding_share_by_hand():
 def test_training_draws_its_batches_from_it(tiny_models, tmp_path):
     from datasets import Dataset
 
-    from cockatoo_lib.models import load_base_model
-    from cockatoo_lib.registry import resolve_plan
-    from cockatoo_lib.train import CockatooTrainer, training_arguments
+    from cockatoo_lib.plan.catalogue import resolve_plan
+    from cockatoo_lib.training.models import load_base_model
+    from cockatoo_lib.training.trainer import CockatooTrainer, training_arguments
 
     plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"]), "batch_size": 4})
     data = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 9, 4, 8)], "length": [3, 9, 4, 8]})

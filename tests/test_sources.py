@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from helpers import BIN, error_line, free_port, run_cli, serve, write_config
 
-from cockatoo_lib.data import load_data_config, prepare
+from cockatoo_lib.data.prepare import load_data_config, prepare
 
 ROWS = pd.DataFrame({"text": [f"row {i}" for i in range(20)], "label": [i % 2 for i in range(20)]})
 

@@ -4,7 +4,7 @@ import logging
 import pytest
 from helpers import error_line, run_cli
 
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
 
 

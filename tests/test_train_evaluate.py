@@ -5,11 +5,11 @@ import pytest
 import torch
 from helpers import run_cli
 
-from cockatoo_lib.metrics import macro_f1, sigmoid, sweep_thresholds
-from cockatoo_lib.models import load_trained_model, predict_logits
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.evaluation.metrics import macro_f1, sigmoid, sweep_thresholds
+from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
-from cockatoo_lib.train import PaddingCollator, read_model_manifest, train, training_arguments
+from cockatoo_lib.training.models import load_trained_model, predict_logits
+from cockatoo_lib.training.trainer import PaddingCollator, read_model_manifest, train, training_arguments
 
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1,
         "learning_rate": 1e-3, "dataloader_num_workers": 0}

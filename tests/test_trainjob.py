@@ -16,10 +16,10 @@ from kfp import dsl
 from kubeflow_trainer_api import models
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.registry import resolve_plan
+from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import tokenize
-from cockatoo_lib.train import read_model_manifest
-from cockatoo_lib.trainjob import remove_stale_models
+from cockatoo_lib.training.trainer import read_model_manifest
+from cockatoo_lib.training.trainjob import remove_stale_models
 from components import train
 from tests.fake_k8s import FakeKubernetes
 from tests.helpers import free_port

@@ -12,19 +12,19 @@ import torch
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from cockatoo_lib import distributed
-from cockatoo_lib.checkpoints import DurableCheckpoints, checkpoint_key, checkpoint_step, stopped
-from cockatoo_lib.data import read_manifest
+from cockatoo_lib.data.clip_images import PIXEL_COLUMN, collate_pixels
+from cockatoo_lib.data.prepare import read_manifest
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, write_json
-from cockatoo_lib.images import PIXEL_COLUMN, collate_pixels
-from cockatoo_lib.losses import asymmetric_loss, masked_bce
-from cockatoo_lib.metrics import macro_f1, mean_average_precision, sigmoid, sweep_thresholds
-from cockatoo_lib.models import init_head_bias, load_base_model
-from cockatoo_lib.optim import build_optimizer
-from cockatoo_lib.registry import Plan
-from cockatoo_lib.sampling import LengthGroupedShuffle
+from cockatoo_lib.evaluation.metrics import macro_f1, mean_average_precision, sigmoid, sweep_thresholds
+from cockatoo_lib.plan.catalogue import Plan
+from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, write_json
 from cockatoo_lib.tokenize import load_processors, load_tokenized
+from cockatoo_lib.training import distributed
+from cockatoo_lib.training.checkpoints import DurableCheckpoints, checkpoint_key, checkpoint_step, stopped
+from cockatoo_lib.training.losses import asymmetric_loss, masked_bce
+from cockatoo_lib.training.models import init_head_bias, load_base_model
+from cockatoo_lib.training.optim import build_optimizer
+from cockatoo_lib.training.sampling import LengthGroupedShuffle
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class CockatooTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         """Length grouping that keeps padding at the sorted bound at any data size
-        (cockatoo_lib/sampling.py), in place of transformers' megabatches."""
+        (cockatoo_lib/training/sampling.py), in place of transformers' megabatches."""
         data = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in data.column_names:
             return super()._get_train_sampler(train_dataset)
@@ -221,7 +221,7 @@ def batch_split_record(plan: Plan, cuda: bool) -> dict:
 def check_split_on_card(model, plan: Plan, collator, dataset) -> Plan:
     """On CUDA, run one forward and backward pass of the plan's micro-batch at the worst-case
     width (every row max_length long) on this process's own card; step down on out-of-memory."""
-    from cockatoo_lib.batch_split import published_config
+    from cockatoo_lib.plan.batch_split import published_config
 
     if not torch.cuda.is_available() or plan.batch_split != "derived":
         return plan
@@ -259,7 +259,7 @@ def settle_micro_batch(plan: Plan, fits) -> Plan:
     """The largest divisor of each process's rows per step, up to the plan's micro-batch, that
     `fits` this process's card; then the smallest of those over every process, so that all of
     them train one split (a process that steps down alone would take other batches, or hang)."""
-    from cockatoo_lib.batch_split import Split, probe
+    from cockatoo_lib.plan.batch_split import Split, probe
 
     per_process = plan.batch_size * plan.gradient_accumulation_steps
     checked = probe(Split(plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing, 0.0,
@@ -291,12 +291,12 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
     """Fine-tune, restore the best epoch, tune per-label thresholds on validation, save the model
     folder (weights, tokenizer, cockatoo.json). Returns the model manifest.
 
-    With `checkpoint_root`, every checkpoint is published there (cockatoo_lib/checkpoints.py)
+    With `checkpoint_root`, every checkpoint is published there (cockatoo_lib/training/checkpoints.py)
     and the same training started again resumes from the newest complete one; once the model
     is written, all but the newest `keep_checkpoints` are removed.
 
     `tokenized_dir` and `output` may be bucket URIs (a TrainJob's nodes share no disk): the
-    data is copied once per node, and the model published at `output` (cockatoo_lib.publish)."""
+    data is copied once per node, and the model published at `output` (cockatoo_lib.storage.publish)."""
     tokenized = (distributed.node_copy(str(tokenized_dir), "tokenized") if "://" in str(tokenized_dir)
                  else contextlib.nullcontext(Path(tokenized_dir)))
     with tokenized as local:
@@ -321,7 +321,7 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
             f"tokenized data {tokenized_dir} is for {tok_info['model_type']} at max_length "
             f"{tok_info['max_length']}, not {plan.model_type} at {plan.max_length}; rerun tokenize")
     scale = tok_info["learning_rate_scale"]
-    if scale != 1.0:  # the data's label weights are in a risky band (see cockatoo_lib.rebalance)
+    if scale != 1.0:  # the data's label weights are in a risky band (see cockatoo_lib.training.rebalance)
         note = f"learning rate × {scale:g} for the reweighted loss: {plan.learning_rate:g} -> " \
                f"{plan.learning_rate * scale:g}"
         log.warning(note)
@@ -339,7 +339,7 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
     if plan.processes != world:
         raise CockatooError(f"the plan shares each step among {plan.processes} processes, but this training "
                             f"runs in {world}; resolve the plan with this hardware "
-                            "(cockatoo_lib.registry.detect_hardware)")
+                            "(cockatoo_lib.plan.catalogue.detect_hardware)")
     plan = check_split_on_card(model, plan, collator, datasets["train"])
     if world > 1:
         log.info("training in %d processes (%s backend); this is process %d", world,
@@ -439,8 +439,8 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
 
 def _fit_to_bucket(tokenized_dir: Path, plan: Plan, output: str, data_dir, checkpoint_root):
     """Train into a local folder, then publish it at `output` (process 0)."""
-    from cockatoo_lib import remote
-    from cockatoo_lib.publish import publish
+    from cockatoo_lib.storage import remote
+    from cockatoo_lib.storage.publish import publish
 
     with tempfile.TemporaryDirectory(prefix="cockatoo-model-") as work:
         local = Path(work) / "model"

@@ -4,7 +4,7 @@ TrainJob (the `torch-distributed` runtime) through the `kubeflow` SDK, whose eve
 in PET_* variables), streams node 0's log into the step's, waits, and fails with the job's own
 error. The nodes share no disk: they read the tokenized data from its bucket URI, checkpoint
 under the checkpoint root, and process 0 publishes the model there, from where the step takes
-it (cockatoo_lib.publish verifies it on the way).
+it (cockatoo_lib.storage.publish verifies it on the way).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def model_uri(checkpoint_root: str, name: str) -> str:
 def remove_stale_models(checkpoint_root: str, older_than_s: float = STALE_MODEL_S) -> list[str]:
     """Unpublish the models TrainJobs published under the checkpoint root more than a week ago: the
     steps that waited for them have long since handed them on."""
-    from cockatoo_lib import remote
-    from cockatoo_lib.publish import generations, published_at, read_generation, remove_generation
+    from cockatoo_lib.storage import remote
+    from cockatoo_lib.storage.publish import generations, published_at, read_generation, remove_generation
 
     fs, root = remote.url_to_fs(model_uri(checkpoint_root, ""))
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cockatoo_lib.registry import Plan
+from cockatoo_lib.plan.catalogue import Plan
 
 # ASL's defaults are the plan's, declared once there.
 GAMMA_NEG, GAMMA_POS, CLIP = (Plan.model_fields[f"asl_{name}"].default

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cockatoo_lib.baseline import baseline_probabilities
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, check_output, write_json, write_text_atomic
-from cockatoo_lib.metrics import label_confusion, mean_average_precision, report, sigmoid
-from cockatoo_lib.model_card import MODEL_CARD, render_model_card
-from cockatoo_lib.models import load_trained_model, predict_logits
+from cockatoo_lib.evaluation.baseline import baseline_probabilities
+from cockatoo_lib.evaluation.metrics import label_confusion, mean_average_precision, report, sigmoid
+from cockatoo_lib.evaluation.model_card import MODEL_CARD, render_model_card
+from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, write_json, write_text_atomic
 from cockatoo_lib.tokenize import load_tokenized
-from cockatoo_lib.train import PaddingCollator, check_same_data, read_model_manifest
+from cockatoo_lib.training.models import load_trained_model, predict_logits
+from cockatoo_lib.training.trainer import PaddingCollator, check_same_data, read_model_manifest
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +219,27 @@ micro-F1 {results['micro_f1']:.4f}. Labels without support are left out of macro
 <h2>Precision-recall curves</h2><img alt="precision-recall curves" src="{pr_plot}">
 </body></html>
 """
+
+
+def kfp_metrics(results: dict) -> tuple[dict[str, float], list[list[int]]]:
+    """Scalars for KFP's Metrics artifact (model beside the linear baseline, per label and per
+    source) and the label confusion matrix."""
+    tuned = results["at_tuned_thresholds"]
+    scalars = {"test_macro_f1": results["macro_f1"],
+               "baseline_test_macro_f1": results["baseline"]["macro_f1"],
+               "test_macro_f1_minus_baseline": results["macro_f1_minus_baseline"],
+               "test_micro_f1": results["micro_f1"],
+               "test_mean_average_precision": results["mean_average_precision"],
+               "test_macro_f1_at_0_5": results["at_0.5"]["macro_f1"]}
+    for label, row in tuned["per_label"].items():
+        scalars[f"f1_{label}"] = row["f1"]
+        if row["pr_auc"] is not None:
+            scalars[f"pr_auc_{label}"] = row["pr_auc"]
+    for source, row in results["per_source"].items():
+        scalars[f"source_{source}_macro_f1"] = row["macro_f1"]
+    if results.get("batch_split"):  # how training split each step, beside what it achieved
+        split = results["batch_split"]
+        scalars.update(train_micro_batch=split["micro_batch"],
+                       train_gradient_accumulation_steps=split["gradient_accumulation_steps"],
+                       train_gradient_checkpointing=int(split["gradient_checkpointing"]))
+    return {k: round(float(v), 6) for k, v in scalars.items()}, results["label_confusion"]

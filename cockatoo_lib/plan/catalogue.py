@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.limits import RANGES
+from cockatoo_lib.plan.limits import RANGES
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,12 @@ class Plan(BaseModel):
     save_steps: int = Field(default=0, ge=0)
     train_sampling_strategy: Literal["group_by_length", "random"] = "group_by_length"
     # On CUDA, "derived" keeps the effective batch (batch_size × gradient_accumulation_steps)
-    # and picks the micro-batch and checkpointing for the card (cockatoo_lib/batch_split.py)
+    # and picks the micro-batch and checkpointing for the card (cockatoo_lib/plan/batch_split.py)
     # unless the user set one of those three, and bf16 where the card has it unless the user
     # set fp16 or bf16; "seed" trains with the values above exactly.
     batch_split: Literal["derived", "seed"] = "derived"
     # torch.compile the model on CUDA (never on CPU), with padded widths bucketed to multiples
-    # of 64 (cockatoo_lib/train.py) so that the shapes it compiles for stay few.
+    # of 64 (cockatoo_lib/training/trainer.py) so that the shapes it compiles for stay few.
     torch_compile: bool = True
     seed: int = Field(default=42, ge=RANGES["seed"][0], le=RANGES["seed"][1])
     # Data-parallel processes (GPUs over all nodes) that each take a micro-batch per step; the
@@ -196,7 +196,7 @@ def detect_hardware() -> Hardware:
     of processes training together."""
     import torch
 
-    from cockatoo_lib import distributed
+    from cockatoo_lib.training import distributed
 
     processes = distributed.world_size()
     if not torch.cuda.is_available():
@@ -278,7 +278,7 @@ def _fit_to_hardware(plan: Plan, hw: Hardware, pinned: set[str] = frozenset()) -
         changes.update(fp16=False, bf16=True)
         notes.append(f"{hw.device_name} has bf16: bf16 instead of fp16 (fp16's range needs a loss "
                      "scaler; bf16's does not)")
-    from cockatoo_lib.batch_split import derive_split, split_for_processes
+    from cockatoo_lib.plan.batch_split import derive_split, split_for_processes
 
     split_asked_for = {"batch_size", "gradient_accumulation_steps", "gradient_checkpointing"} & pinned
     split = None

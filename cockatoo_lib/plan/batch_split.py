@@ -24,14 +24,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cockatoo_lib.errors import CockatooError
 
-if TYPE_CHECKING:
-    from cockatoo_lib.registry import Plan
-
 log = logging.getLogger(__name__)
+
+
+class BatchPlan(Protocol):
+    """What a split needs of a plan (catalogue.Plan has it; this module does not import it)."""
+
+    model_type: str
+    max_length: int
+    attention_implementation: str
+    batch_size: int
+    gradient_accumulation_steps: int
+
+    @property
+    def effective_batch_size(self) -> int: ...
 
 GIB = 1024**3
 HEADROOM = 0.85  # share of the card the estimate may fill: allocator fragmentation, workspaces
@@ -99,7 +109,7 @@ def _tower(config: dict, tokens: int) -> Tower:
                  ratio)
 
 
-def towers(plan, config: dict) -> list[Tower]:
+def towers(plan: BatchPlan, config: dict) -> list[Tower]:
     if config["model_type"] == "clip":
         vision = config["vision_config"]
         patches = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
@@ -113,7 +123,7 @@ def _parameters(model_type: str) -> int:
     return parameter_count(model_type)[0]
 
 
-def estimate_bytes(plan, micro_batch: int, checkpointing: bool) -> float:
+def estimate_bytes(plan: BatchPlan, micro_batch: int, checkpointing: bool) -> float:
     config = published_config(plan.model_type)
     eager = plan.attention_implementation == "eager"
     per_sample = sum(t.activation_bytes(checkpointing, eager) for t in towers(plan, config))
@@ -124,7 +134,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def derive_split(plan, memory_gib: float, processes: int = 1) -> Split | None:
+def derive_split(plan: BatchPlan, memory_gib: float, processes: int = 1) -> Split | None:
     """Each process's split on a card of `memory_gib` when `processes` share the plan's effective
     batch, or None when the model has no published config."""
     if published_config(plan.model_type) is None:
@@ -171,7 +181,7 @@ def probe(split: Split, effective_per_process: int, fits: Callable[[int], bool])
     raise CockatooError("not even a micro-batch of 1 fits this card at full width")
 
 
-def split_for_processes(plan: Plan, processes: int, pinned: bool) -> tuple[int, int, str]:
+def split_for_processes(plan: BatchPlan, processes: int, pinned: bool) -> tuple[int, int, str]:
     """Data parallel without a card to derive from (CPU, a split the user pinned, a model without
     a published config): each of `processes` takes a micro-batch per step, so the plan's effective
     batch is kept by lowering the accumulation, and the micro-batch where the accumulation cannot

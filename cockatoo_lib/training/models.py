@@ -15,7 +15,7 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.registry import Plan
+from cockatoo_lib.plan.catalogue import Plan
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ import yaml
 from fsspec.utils import infer_compression
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cockatoo_lib import remote
+from cockatoo_lib.data.clip_images import Fetch, ImageStore, load_image_column
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
-from cockatoo_lib.images import Fetch, ImageStore, load_image_column
-from cockatoo_lib.limits import check_range
-from cockatoo_lib.rebalance import Rebalance, rebalance
+from cockatoo_lib.plan.limits import check_range
+from cockatoo_lib.storage import remote
+from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
+from cockatoo_lib.training.rebalance import Rebalance, rebalance
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ SPLITS = ("train", "validation", "test")
 HOLDOUT = "holdout"  # the data config's fixed holdout: scored by the promote gate, never trained on
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 MANIFEST = "manifest.json"
-PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS_DIR = Path(__file__).parents[1] / "presets"
 
 
 class LabelMapping(BaseModel):
@@ -106,7 +106,7 @@ class Source(BaseModel):
     revision: str | None = None
     format: Literal["csv", "jsonl", "json", "parquet"] | None = None
     text_column: str = "text"
-    # Optional: a column holding an image per row (see cockatoo_lib.images for what it may
+    # Optional: a column holding an image per row (see cockatoo_lib.data.clip_images for what it may
     # hold). Rows with and without images may mix; a row with an image may have no text.
     image_column: str | None = None
     # When several rows describe one item (one row per annotator, say): the column naming the
@@ -156,7 +156,7 @@ class DataConfig(BaseModel):
     # A missing or corrupt image: `error` stops with the row and path; `drop` drops the row
     # and counts it in the manifest.
     bad_images: Literal["error", "drop"] = "error"
-    # Image URLs: per-request timeout and attempts (see cockatoo_lib.images.Fetch).
+    # Image URLs: per-request timeout and attempts (see cockatoo_lib.data.clip_images.Fetch).
     image_fetch: Fetch = Field(default_factory=Fetch)
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)

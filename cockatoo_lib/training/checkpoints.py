@@ -6,7 +6,7 @@ again, resumes from its newest complete checkpoint instead of starting over.
   the number of processes), so a retried step, or the same command again, finds them.
 - How: the Trainer saves each checkpoint (model, optimizer with its 8-bit state, scheduler,
   RNG states, trainer state) to a local folder; process 0 then publishes it as generation
-  <global step> under the key, by the contract of cockatoo_lib.publish: uploaded to a folder
+  <global step> under the key, by the contract of cockatoo_lib.storage.publish: uploaded to a folder
   of its own, then one create-only marker listing every file with its size. A checkpoint
   killed mid-write has no marker, or fails its marker's check, and is never read.
 - Resume: the newest checkpoint that verifies is downloaded (with the best epoch's, which the
@@ -26,8 +26,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from cockatoo_lib import distributed, remote
-from cockatoo_lib.publish import (
+from cockatoo_lib.plan.catalogue import Plan
+from cockatoo_lib.storage import remote
+from cockatoo_lib.storage.publish import (
     Entry,
     clean_abandoned,
     fetch_verified,
@@ -36,7 +37,7 @@ from cockatoo_lib.publish import (
     read_generation,
     remove_generation,
 )
-from cockatoo_lib.registry import Plan
+from cockatoo_lib.training import distributed
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from cockatoo_lib.metrics import sweep_thresholds
+from cockatoo_lib.evaluation.metrics import sweep_thresholds
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cockatoo_lib import remote
+from cockatoo_lib.data.clip_images import PIXEL_COLUMN
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import check_output
-from cockatoo_lib.images import PIXEL_COLUMN
-from cockatoo_lib.metrics import sigmoid
-from cockatoo_lib.train import MODEL_MANIFEST, PaddingCollator, read_model_manifest
+from cockatoo_lib.evaluation.metrics import sigmoid
+from cockatoo_lib.storage import remote
+from cockatoo_lib.storage.fileio import check_output
+from cockatoo_lib.training.trainer import MODEL_MANIFEST, PaddingCollator, read_model_manifest
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Classifier:
     def __init__(self, model_dir: str | Path, *, keep_alive=None, device: str | None = None):
         from transformers import AutoTokenizer
 
-        from cockatoo_lib.models import load_trained_model
+        from cockatoo_lib.training.models import load_trained_model
 
         self.model_dir = Path(model_dir)
         self.manifest = read_model_manifest(self.model_dir)
@@ -49,7 +49,7 @@ class Classifier:
         self.model = load_trained_model(self.model_dir, self.manifest["architecture"]).to(self.device).eval()
         self.image_processor = None
         if self.manifest["architecture"] == "clip":
-            from cockatoo_lib.images import load_image_processor
+            from cockatoo_lib.data.clip_images import load_image_processor
 
             self.image_processor = load_image_processor(str(self.model_dir))
         self._keep_alive = keep_alive  # the temporary folder a downloaded model lives in
@@ -59,7 +59,7 @@ class Classifier:
         """A model folder, an fsspec URI of one (gs://, s3://), or models:/NAME@ALIAS."""
         uri = str(uri)
         if uri.startswith("models:/"):
-            from cockatoo_lib.model_registry import open_registry
+            from cockatoo_lib.release.model_registry import open_registry
 
             work = tempfile.TemporaryDirectory(prefix="cockatoo-model-")
             folder = open_registry(registry_uri).download(uri, work.name)
@@ -107,7 +107,7 @@ class Classifier:
     def _pixel_spec(self) -> dict | None:
         if self.image_processor is None:
             return None
-        from cockatoo_lib.images import pixel_spec
+        from cockatoo_lib.data.clip_images import pixel_spec
 
         return pixel_spec(self.image_processor)
 
@@ -119,7 +119,7 @@ class Classifier:
             return None
         if len(images) != n:
             raise CockatooError(f"{len(images)} images for {n} texts")
-        from cockatoo_lib.images import check_image, to_pixels
+        from cockatoo_lib.data.clip_images import check_image, to_pixels
 
         for i, data in enumerate(images):
             if data is not None and (why := check_image(data)):
@@ -145,7 +145,7 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
                  batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
     """Score a CSV, JSONL or Parquet file; write its rows with p_<label> and `labels` columns,
     in a format named by the output's suffix, in one step (nothing on failure)."""
-    from cockatoo_lib.data import read_table, table_format
+    from cockatoo_lib.data.prepare import read_table, table_format
 
     output = str(output)
     out_format = table_format(output, "predict output")
@@ -157,8 +157,8 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
                                 f"columns: {', '.join(map(str, frame.columns))}")
     images = None
     if image_column is not None:  # paths, URIs, URLs or bytes, as a data config's image column
-        from cockatoo_lib.data import _parent
-        from cockatoo_lib.images import ImageStore, load_image_column
+        from cockatoo_lib.data.clip_images import ImageStore, load_image_column
+        from cockatoo_lib.data.prepare import _parent
 
         with ImageStore() as store:
             ids = load_image_column(frame[image_column], _parent(input_uri), "predict input", input_uri,
@@ -195,7 +195,7 @@ def _write_table(frame: pd.DataFrame, output: str, fmt: str) -> None:
     local disk (a hard link) and in a bucket (a create-only write) alike."""
     import io
 
-    from cockatoo_lib.publish import create_only
+    from cockatoo_lib.storage.publish import create_only
 
     buffer = io.BytesIO()
     {"csv": lambda f: frame.to_csv(f, index=False),

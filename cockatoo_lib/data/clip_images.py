@@ -33,8 +33,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from cockatoo_lib import remote
 from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.storage import remote
 
 log = logging.getLogger(__name__)
 

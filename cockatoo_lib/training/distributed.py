@@ -106,8 +106,8 @@ def node_copy(uri: str, name: str, wait_s: float = 3600.0) -> Iterator[Path]:
     """A local copy of the folder at `uri`, made once per node (by its local process 0) in the
     folder this node's processes share, while the block runs; the others wait for it to appear
     whole."""
-    from cockatoo_lib import remote
-    from cockatoo_lib.publish import fetch
+    from cockatoo_lib.storage import remote
+    from cockatoo_lib.storage.publish import fetch
 
     base = shared_work_dir() if launched() else Path(tempfile.mkdtemp(prefix="cockatoo-"))
     dest, partial = base / name, base / f"{name}.partial"

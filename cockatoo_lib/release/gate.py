@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cockatoo_lib.data import HOLDOUT, read_manifest
+from cockatoo_lib.data.prepare import HOLDOUT, read_manifest
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
-from cockatoo_lib.metrics import _f1, report, support
-from cockatoo_lib.model_registry import CHAMPION, PREVIOUS, ModelRegistry, Registration, plan_params
+from cockatoo_lib.evaluation.metrics import _f1, report, support
+from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, ModelRegistry, Registration, plan_params
+from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def weights_digest(model_dir: Path) -> str:
     """SHA-256 of what makes the model answer as it does: its files (weights, tokenizer, config)
     and, of its manifest, the labels and thresholds it decides with. A retraining that comes out
     the same has the same digest; the manifest's timings do not count."""
-    from cockatoo_lib.train import MODEL_MANIFEST, read_model_manifest
+    from cockatoo_lib.training.trainer import MODEL_MANIFEST, read_model_manifest
 
     files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name != MODEL_MANIFEST)
     if not any(p.suffix == ".safetensors" for p in files):
@@ -137,9 +137,8 @@ def weights_digest(model_dir: Path) -> str:
 
 def registration(model_dir: Path, evaluation_dir: Path, data_manifest: dict, run_id: str,
                  digest: str) -> Registration:
-    from cockatoo_lib.evaluate import METRICS_FILE
-    from cockatoo_lib.steps import kfp_metrics
-    from cockatoo_lib.train import read_model_manifest
+    from cockatoo_lib.evaluation.evaluate import METRICS_FILE, kfp_metrics
+    from cockatoo_lib.training.trainer import read_model_manifest
 
     model = read_model_manifest(model_dir)
     results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")
@@ -198,7 +197,7 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
 
 def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str, model_dir: Path,
             data_dir: Path, evaluation_dir: Path, data_manifest: dict, rules: GateRules) -> dict:
-    from cockatoo_lib.predict import Classifier
+    from cockatoo_lib.release.predict import Classifier
 
     champion_version = registry.by_alias(model_name, CHAMPION)
     decision = {"model_name": model_name, "registry": registry.uri, "challenger": version,
@@ -245,7 +244,7 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
     """The challenger beside the linear baseline: on the test split as its own evaluation scored
     both (the numbers its model card shows), and on the holdout, where the baseline is fitted on
     the train split as evaluate fits it."""
-    from cockatoo_lib.evaluate import METRICS_FILE
+    from cockatoo_lib.evaluation.evaluate import METRICS_FILE
 
     results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")
     if (results.get("data_fingerprint") != data_manifest["fingerprint"]
@@ -273,7 +272,7 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
 
 
 def _holdout_beside_baseline(challenger, data_dir: Path, labels: list[str], seed: int) -> tuple[float, float]:
-    from cockatoo_lib.baseline import baseline_probabilities
+    from cockatoo_lib.evaluation.baseline import baseline_probabilities
 
     rows = {split: _rows(data_dir, split) for split in ("train", "validation", HOLDOUT)}
     holdout = rows[HOLDOUT]
@@ -286,7 +285,7 @@ def _holdout_beside_baseline(challenger, data_dir: Path, labels: list[str], seed
 
 
 def _judge(registry, challenger, champion_version, data_dir: Path, data_manifest: dict, rules) -> dict:
-    from cockatoo_lib.predict import Classifier
+    from cockatoo_lib.release.predict import Classifier
 
     reasons, blocked = [], []
     if champion_version.tags.get("split_rule") != split_rule_tag(data_manifest):

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from cockatoo_lib.registry import Plan
+from cockatoo_lib.plan.catalogue import Plan
 
 log = logging.getLogger(__name__)
 
