@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 REGISTRY ?= localhost:5000/cockatoo
 TAG ?= dev
 
-.PHONY: install demo test test-gpu test-images mutate lint bench bench-gpu bench-images format golden compile images \
+.PHONY: install demo test test-fast test-gpu test-images mutate lint bench bench-gpu bench-images format golden compile images \
 	push-images container-engine clean
 
 install: $(VENV)/.installed
@@ -31,6 +31,11 @@ demo: install
 # order), branch coverage printed and held above the floor in pyproject.toml.
 test: lint
 	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term -m "not images" --durations=15
+
+# The inner loop: everything but the tests marked slow (training, pipelines, servers) and images,
+# on both cores, without coverage.
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not images" -p no:randomly
 
 # Tests marked `gpu` (skipped where there is no CUDA); docs/gpu.md says how to run them on an
 # offline GPU machine.

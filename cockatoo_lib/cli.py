@@ -12,12 +12,13 @@ from pathlib import Path
 import typer
 
 from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.plan.catalogue import CATALOGUE
 from cockatoo_lib.storage.fileio import check_output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train multi-label content-moderation classifiers.")
 
-MODEL_TYPE = typer.Option("deberta", "--model-type", "-m", help="deberta, modernbert, clip-vit, minilm")
+MODEL_TYPE = typer.Option("deberta", "--model-type", "-m", help=", ".join(CATALOGUE))
 SET = typer.Option(None, "--set", "-s", help="override a plan setting: key=value (repeatable)")
 
 

@@ -10,15 +10,18 @@ import typer
 
 from cockatoo_lib.cli import SET, app
 from cockatoo_lib.cli import main as _library_main
+from cockatoo_lib.plan.catalogue import CATALOGUE
 
+# The run parameter model_type (default the pipeline's); the names from the one catalogue.
+PIPELINE_MODEL_TYPE = typer.Option(None, "--model-type", "-m", help=", ".join(CATALOGUE))
 PARAM = typer.Option(None, "--param", "-p", help="pipeline parameter name=value (repeatable)")
-REGISTRY = typer.Option(None, "--image-registry", help="registry of the cockatoo-cpu/-cuda images")
+IMAGE_REGISTRY = typer.Option(None, "--image-registry", help="registry of the cockatoo-cpu/-cuda images")
 TAG = typer.Option(None, "--image-tag", help="tag of the images")
 
 
 # The options that say where and how the steps run, taken alike by compile, submit and schedule.
 CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
-    "image_registry": (str, REGISTRY),
+    "image_registry": (str, IMAGE_REGISTRY),
     "image_tag": (str, TAG),
     "accelerator_type": (str, typer.Option("nvidia.com/gpu", "--accelerator-type")),
     "gpus": (int, typer.Option(1, "--gpus", help="default of the gpus run parameter")),
@@ -98,7 +101,7 @@ def _params(model_type, set_, params):
 
 
 @app.command()
-def run(model_type: str = typer.Option(None, "--model-type", "-m"),
+def run(model_type: str = PIPELINE_MODEL_TYPE,
         data_config: str = typer.Option(None, "--data-config", "-c", help="preset name or YAML path"),
         set_: list[str] = SET, param: list[str] = PARAM,
         output_root: Path = typer.Option(Path("runs"), "--output-root", help="kfp.local pipeline root"),
@@ -174,7 +177,7 @@ def compile_(output: Path = typer.Option(Path("cockatoo-train.yaml"), "--output"
 @with_cluster_options
 def submit(host: str = typer.Option(..., "--host", help="KFP API URL, e.g. http://localhost:8080"),
            experiment: str = typer.Option("cockatoo", "--experiment"),
-           model_type: str = typer.Option(None, "--model-type", "-m"),
+           model_type: str = PIPELINE_MODEL_TYPE,
            set_: list[str] = SET, param: list[str] = PARAM,
            run_name: str = typer.Option(None, "--run-name"), cluster=None):
     """Compile the pipeline and start a run on a KFP cluster; prints the run's URL."""
@@ -189,7 +192,7 @@ def schedule(host: str = typer.Option(..., "--host"),
              cron: str = typer.Option(..., "--cron", help="six fields, seconds first: '0 0 3 * * 1'"),
              experiment: str = typer.Option("cockatoo", "--experiment"),
              name: str = typer.Option("cockatoo-weekly-retrain", "--name"),
-             model_type: str = typer.Option(None, "--model-type", "-m"),
+             model_type: str = PIPELINE_MODEL_TYPE,
              set_: list[str] = SET, param: list[str] = PARAM, cluster=None):
     """Create a recurring run (one at a time, no catch-up); prints its URL."""
     from pipelines.runner import schedule as run_schedule

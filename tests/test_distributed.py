@@ -12,6 +12,9 @@ from cockatoo_lib.plan.catalogue import Hardware, resolve_plan
 from cockatoo_lib.tokenize import tokenize
 from cockatoo_lib.training.trainer import MODEL_MANIFEST, read_model_manifest
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
         "dataloader_num_workers": 0}
 

@@ -31,10 +31,10 @@ cockatoo compile --output pipeline.yaml >&2
 python - <<'EOF'
 import getpass, hashlib, json, os, pathlib
 import cockatoo_lib
-from cockatoo_lib.plan.catalogue import REGISTRY, default_base_model
+from cockatoo_lib.plan.catalogue import CATALOGUE, default_base_model
 for folder in (os.environ["HOME"], os.environ["HF_HOME"], os.environ["XDG_CACHE_HOME"], os.getcwd()):
     (pathlib.Path(folder) / "written-by-any-uid").write_text("ok")
-weights = pathlib.Path(default_base_model(REGISTRY["minilm"]))
+weights = pathlib.Path(default_base_model(CATALOGUE["minilm"]))
 print(json.dumps({
     "user": getpass.getuser(), "uid": os.getuid(), "workdir": os.getcwd(),
     "workdir_files": sorted(os.listdir(".")), "package": cockatoo_lib.__file__,

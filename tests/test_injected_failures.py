@@ -19,6 +19,9 @@ from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import tokenize
 from cockatoo_lib.training.trainer import train
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 FAST = ["num_epochs=1", "batch_size=16", "gradient_accumulation_steps=1", "dataloader_num_workers=0"]
 
 # Runs the command line with os.replace stopped where a step publishes its output folder: the

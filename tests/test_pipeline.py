@@ -20,6 +20,9 @@ from components import evaluate, prepare_data, promote, tokenize, train
 from pipelines.cockatoo_train import PIPELINE_NAME
 from pipelines.runner import compile_pipeline, pipeline_inputs, run_local
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 GOLDEN = Path(__file__).parent / "golden" / "cockatoo-train.yaml"
 PARAMETERS = {"model_type", "data_config", "labels", "overrides", "base_model", "seed",
               "max_train_samples", "tokenized_cache_root", "gpus", "nodes", "checkpoint_root", "registry_uri",

@@ -14,6 +14,9 @@ from cockatoo_lib.tokenize import load_tokenized
 from cockatoo_lib.training.models import load_trained_model, predict_logits
 from cockatoo_lib.training.trainer import PaddingCollator
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 
 def test_classifier_scores_as_the_trained_model_in_input_order(trained_run):
     datasets, _ = load_tokenized(trained_run["tok"])

@@ -18,6 +18,9 @@ from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, GateRules, boo
 from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
 from cockatoo_lib.training.trainer import MODEL_MANIFEST
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 
 def test_a_server_that_does_not_start_fails_the_wait_at_once_with_its_own_log():
     start = time.monotonic()

@@ -22,6 +22,9 @@ from cockatoo_lib.tokenize import load_tokenized, tokenize
 from cockatoo_lib.training.models import init_head_bias, load_base_model, output_layer
 from cockatoo_lib.training.trainer import _compute_metrics, label_priors, train, training_arguments
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
         "dataloader_num_workers": 0}
 

@@ -1,9 +1,13 @@
+import re
+from pathlib import Path
+
 import pytest
+from helpers import run_cli
 from typer.testing import CliRunner
 
 from cockatoo_lib.cli import app
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.plan.catalogue import REGISTRY, Hardware, Plan, parse_overrides, resolve_plan
+from cockatoo_lib.plan.catalogue import CATALOGUE, Hardware, Plan, parse_overrides, resolve_plan
 
 # Every row of the per-model tables in shared/seed/model_switching_guide.md.
 # The guide's `default` attention means the model's eager attention.
@@ -51,7 +55,7 @@ def test_minilm_is_registered_for_cpu_runs():
 
 
 def test_every_record_resolves_to_a_valid_plan():
-    for model_type in REGISTRY:
+    for model_type in CATALOGUE:
         assert isinstance(resolve_plan(model_type), Plan)
 
 
@@ -112,3 +116,15 @@ def test_plan_command_prints_the_table():
     assert rows["attention_implementation"] == "sdpa"
     assert rows["inference_max_length"] == "8192"
     assert rows["learning_rate"] == "1e-05"
+
+
+def test_the_readme_and_the_help_list_exactly_the_catalogue(capsys, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("| `model_type` | base model | notes |", 1)[1].split("\n\n", 1)[0]
+    rows = dict(re.findall(r"^\| `([\w-]+)`(?: \(default\))? \| ([^ |]+) \|", table, re.M))
+    assert rows == {name: spec.base_model for name, spec in CATALOGUE.items()}
+    parameter = re.search(r"^\| `model_type` \| `\w+` \| (.*) \|$", readme, re.M).group(1)
+    assert parameter == ", ".join(f"`{name}`" for name in CATALOGUE)
+    for command in (["train", "--help"], ["run", "--help"]):
+        _, out, _ = run_cli(command, capsys, monkeypatch)
+        assert ", ".join(CATALOGUE) in " ".join(out.replace("│", " ").split())

