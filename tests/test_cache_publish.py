@@ -177,3 +177,17 @@ def test_a_hit_whose_files_do_not_load_is_an_error_not_a_success(small_data, pla
                            capsys, monkeypatch)
     assert code == 2 and "does not load" in error_line(err)
     assert not (tmp_path / "b").exists()
+
+
+def test_the_run_that_loses_the_race_to_publish_gets_the_winners_entry(tmp_path):
+    import fsspec
+
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "cache")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.txt").write_text(f"written by {name}")
+    first = publish_module.publish(fs, root, tmp_path / "a", {"run": "a"}, 0)
+    second = publish_module.publish(fs, root, tmp_path / "b", {"run": "b"}, 0)  # same generation
+    assert second == first
+    assert fs.cat(f"{second.uri}/x.txt") == b"written by a"
+    assert len([n for n in fs.ls(root, detail=False) if "/data-" in n]) == 1  # the loser's upload is gone
