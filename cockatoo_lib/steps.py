@@ -9,6 +9,10 @@ from typing import Any
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.plan.catalogue import Plan, detect_hardware, resolve_plan
 
+# The pipeline's steps, in order: the one list. The components (components.COMPONENTS), the
+# pipeline's per-step resources, the run command's help and the tests derive from it.
+STEPS = ("prepare", "tokenize", "train", "evaluate", "promote")
+
 
 def step_plan(model_type: str, overrides: dict[str, Any], base_model: str = "",
               detect: bool = False) -> Plan:

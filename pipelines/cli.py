@@ -11,6 +11,7 @@ import typer
 from cockatoo_lib.cli import SET, app
 from cockatoo_lib.cli import main as _library_main
 from cockatoo_lib.plan.catalogue import CATALOGUE
+from cockatoo_lib.steps import STEPS
 
 # The run parameter model_type (default the pipeline's); the names from the one catalogue.
 PIPELINE_MODEL_TYPE = typer.Option(None, "--model-type", "-m", help=", ".join(CATALOGUE))
@@ -100,7 +101,7 @@ def _params(model_type, set_, params):
     return values
 
 
-@app.command()
+@app.command(help=f"Run the whole pipeline locally with kfp.local ({', '.join(STEPS)}).")
 def run(model_type: str = PIPELINE_MODEL_TYPE,
         data_config: str = typer.Option(None, "--data-config", "-c", help="preset name or YAML path"),
         set_: list[str] = SET, param: list[str] = PARAM,
@@ -113,7 +114,6 @@ def run(model_type: str = PIPELINE_MODEL_TYPE,
         in_image: str = typer.Option(None, "--in-image",
                                      help="run each step in its own container of this image (e.g. the "
                                           "CPU image of `make images`; needs a Docker engine)")):
-    """Run the whole pipeline locally with kfp.local (prepare, tokenize, train, evaluate, promote)."""
     import time
 
     from cockatoo_lib.storage.fileio import check_output

@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cockatoo_lib import steps
+from components import COMPONENTS
 from components.images import Images
-from pipelines.cockatoo_train import Cluster
+from pipelines.cockatoo_train import RESOURCES, Cluster
 from pipelines.runner import compile_pipeline, pipeline_inputs
 
 README = Path(__file__).parents[1] / "README.md"
-STEPS = ("prepare-data", "tokenize", "train-pod-gpus", "train", "evaluate", "promote")
+# The compiled tasks: one per step of the one list, and the helper that sizes train's pod.
+STEPS = ("train-pod-gpus", *(component.name for component in COMPONENTS.values()))
 
 
 def _compiled(tmp_path, cluster: Cluster = Cluster()):
@@ -217,3 +220,12 @@ def test_promote_takes_the_runs_data_model_and_evaluation_and_the_mlflow_secret(
         "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
     for step in STEPS[:-1]:  # credentials reach the step that needs them, no other
         assert all(s["secretName"] != "team-mlflow" for s in k8s[f"exec-{step}"]["secretAsEnv"]), step
+
+
+def test_every_step_of_the_one_list_is_a_component_with_resources_and_a_task(tmp_path):
+    assert list(COMPONENTS) == list(steps.STEPS)
+    assert set(RESOURCES) == {*steps.STEPS, "train-pod-gpus"}
+    _, tasks, _, _ = _compiled(tmp_path)
+    assert set(STEPS) <= set(tasks)
+    shown = [tasks[component.name]["taskInfo"]["name"] for component in COMPONENTS.values()]
+    assert shown == list(steps.STEPS)  # the KFP UI shows each task by its step's name
