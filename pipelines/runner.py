@@ -101,10 +101,12 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path,
         # What steps share lies under the pipeline root, the one folder every container sees: the
         # embedded registry (SQLite) and checkpoints, so that a rerun resumes; in containers the
         # tokenization cache too (a container's own HOME is gone with it).
-        shared = {"registry_uri": local_registry_uri(root), "checkpoint_root": str(root)}
+        shared = {"checkpoint_root": str(root)}
         if in_image:
             shared["tokenized_cache_root"] = str(root / "tokenized-cache")
         params = {**params, **{key: value for key, value in shared.items() if not params.get(key)}}
+        if not params.get("registry_uri"):  # only then: it creates the registry's folder
+            params["registry_uri"] = local_registry_uri(root)
         if in_image:
             runner, cluster = _docker_runner(root), Cluster(images=Images.single(in_image), for_local=True)
         else:
@@ -133,9 +135,6 @@ def run_local(params: dict[str, Any], pipeline_root: str | Path,
             "gate": task.outputs["gate"].path, "decision": decision, "registry_uri": params["registry_uri"],
             "test_macro_f1": metrics["macro_f1"], "test_macro_f1_at_0_5": metrics["at_0.5"]["macro_f1"],
             "baseline_test_macro_f1": metrics["baseline"]["macro_f1"]}
-
-
-# ---------------------------------------------------------------------- cluster
 
 
 CONTAINER_LABEL = "cockatoo.pipeline-root"  # on each step's container: the run it belongs to
@@ -186,6 +185,9 @@ def _check_engine() -> None:
     except Exception as exc:  # noqa: BLE001 - docker raises many kinds, none of them the user's fault
         raise CockatooError(f"no container engine answers (docker: {_reason(exc)}); start one, or run "
                             "without --in-image") from None
+
+
+# ---------------------------------------------------------------------- cluster
 
 
 def kfp_client(host: str):

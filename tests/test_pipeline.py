@@ -379,3 +379,16 @@ def test_unreachable_host_is_one_line(capsys, monkeypatch):
 
 def test_pipeline_inputs_are_the_documented_parameters():
     assert set(pipeline_inputs()) == PARAMETERS
+
+
+def test_a_run_with_a_registry_of_its_own_makes_no_embedded_one(tmp_path, monkeypatch):
+    def stop(*args, **kwargs):  # the parameters are settled by now
+        raise RuntimeError("stop before compiling")
+
+    monkeypatch.setattr("pipelines.runner.compile_pipeline", stop)
+    with pytest.raises(RuntimeError, match="stop before compiling"):
+        run_local({"model_type": "minilm", "registry_uri": "http://mlflow.example:5000"}, tmp_path / "root")
+    assert not (tmp_path / "root" / "registry").exists()
+    with pytest.raises(RuntimeError, match="stop before compiling"):
+        run_local({"model_type": "minilm"}, tmp_path / "root")
+    assert (tmp_path / "root" / "registry").is_dir()  # the embedded one, when none is given
