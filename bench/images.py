@@ -36,31 +36,39 @@ def _docker(*args: str) -> str:
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def measure(image: str, base: str) -> dict:
+def _size(image: str) -> int:
+    return int(_docker("image", "inspect", "-f", "{{.Size}}", image))
+
+
+def measure(image: str) -> dict:
     inside = json.loads(_docker("run", "--rm", "--network", "none", "--user", "54321", image,
                                 "python", "-c", MEASURE).splitlines()[-1])
+    return {"image": image, "size": _size(image), **inside}
+
+
+def measure_base(base: str) -> dict:
+    """The base both images start from; `stand_in` names a local stand-in's label (else None)."""
     stand_in = _docker("image", "inspect", "-f", '{{index .Config.Labels "stand-in"}}', base)
-    return {"image": image, "size": int(_docker("image", "inspect", "-f", "{{.Size}}", image)),
-            "base": base, "base_size": int(_docker("image", "inspect", "-f", "{{.Size}}", base)),
-            "base_stand_in": stand_in if stand_in not in ("", "<no value>") else None, **inside}
+    return {"name": base, "size": _size(base),
+            "stand_in": stand_in if stand_in not in ("", "<no value>") else None}
 
 
-def section(images: dict[str, dict], date: str) -> list[str]:
+def section(images: dict[str, dict], base: dict, date: str) -> list[str]:
     def gb(n: int) -> str:
         return f"{n / 1e9:.2f} GB"
 
-    rows = [f"| {kind} | {m['torch_build']} | **{gb(m['size'])}** | {gb(m['base_size'])} | "
+    rows = [f"| {kind} | {m['torch_build']} | **{gb(m['size'])}** | {gb(base['size'])} | "
             f"{gb(m['site_packages'])} | {gb(m['torch'])} | {gb(m['triton'])} | {gb(m['cuda_libraries'])} | "
             f"{gb(m['bytecode'])} |" for kind, m in images.items()]
     cuda = images["cuda"]
-    base = (f"a local stand-in for it (label stand-in={cuda['base_stand_in']}: Debian's Python; the "
-            "official image's size differs)" if cuda["base_stand_in"] else "it")
+    measured = (f"a local stand-in for it (label stand-in={base['stand_in']}: Debian's Python; the "
+                "official image's size differs)" if base["stand_in"] else "it")
     return [
         "## B10: images",
         "",
         f"`make bench-images` (bench/images.py) after `make images`, {date}; sizes as the engine reports "
-        f"them (uncompressed), the rest measured inside each image. Both images start from `{cuda['base']}`; "
-        f"the base measured here was {base}.",
+        f"them (uncompressed), the rest measured inside each image. Both images start from `{base['name']}`; "
+        f"the base measured here was {measured}.",
         "",
         "| image | torch | size | base | installed packages | of which torch | triton "
         "| CUDA libraries (nvidia-*) | bytecode |",
@@ -83,10 +91,10 @@ def main() -> int:
     parser.add_argument("--base", default="python:3.11-slim-bookworm", help="the base both start from")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
-    images = {"cpu": measure(args.cpu, args.base), "cuda": measure(args.cuda, args.base)}
+    images, base = {"cpu": measure(args.cpu), "cuda": measure(args.cuda)}, measure_base(args.base)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "b10.json").write_text(json.dumps(images, indent=2))
-    replace_section(args.output, "b10", section(images, time.strftime("%Y-%m-%d")))
+    (RESULTS / "b10.json").write_text(json.dumps({"images": images, "base": base}, indent=2))
+    replace_section(args.output, "b10", section(images, base, time.strftime("%Y-%m-%d")))
     sizes = ", ".join(f"{kind} {m['size'] / 1e9:.2f} GB" for kind, m in images.items())
     print(f"wrote B10 into {args.output}: {sizes}")
     return 0

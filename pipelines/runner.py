@@ -11,7 +11,7 @@ from typing import Any
 
 from kfp import compiler
 
-from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.errors import CockatooError, first_line
 from cockatoo_lib.plan.limits import check_range
 from components.images import Images
 from pipelines.cockatoo_train import PIPELINE_NAME, Cluster, build_pipeline
@@ -183,8 +183,8 @@ def _check_engine() -> None:
 
         docker.from_env().ping()
     except Exception as exc:  # noqa: BLE001 - docker raises many kinds, none of them the user's fault
-        raise CockatooError(f"no container engine answers (docker: {_reason(exc)}); start one, or run "
-                            "without --in-image") from None
+        raise CockatooError(f"no container engine answers (docker: {first_line(exc, 'reason')}); start "
+                            "one, or run without --in-image") from None
 
 
 # ---------------------------------------------------------------------- cluster
@@ -198,12 +198,7 @@ def kfp_client(host: str):
     try:
         return kfp.Client(host=host, existing_token=os.environ.get("KF_PIPELINES_TOKEN") or None)
     except Exception as exc:  # noqa: BLE001 - urllib3 and kfp_server_api raise many kinds
-        raise CockatooError(f"cannot reach KFP at {host}: {_reason(exc)}") from None
-
-
-def _reason(exc: Exception) -> str:
-    text = str(getattr(exc, "reason", None) or exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+        raise CockatooError(f"cannot reach KFP at {host}: {first_line(exc, 'reason')}") from None
 
 
 def _compiled(cluster: Cluster, folder: str) -> str:
@@ -228,7 +223,7 @@ def submit(host: str, params: dict[str, Any], experiment: str, cluster: Cluster,
         except CockatooError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise CockatooError(f"KFP at {host} refused the run: {_reason(exc)}") from None
+            raise CockatooError(f"KFP at {host} refused the run: {first_line(exc, 'reason')}") from None
     return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
 
 
@@ -247,5 +242,6 @@ def schedule(host: str, cron: str, params: dict[str, Any], experiment: str, clus
         except CockatooError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise CockatooError(f"KFP at {host} refused the recurring run: {_reason(exc)}") from None
+            raise CockatooError(f"KFP at {host} refused the recurring run: "
+                                f"{first_line(exc, 'reason')}") from None
     return f"{host.rstrip('/')}/#/recurringrun/details/{run.recurring_run_id}"

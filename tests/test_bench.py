@@ -173,23 +173,25 @@ def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path
     assert parallel_section(None)[1] == "1 GPU against all: this machine has one GPU; nothing to compare."
 
 
+BASE = {"name": "python:3.11-slim-bookworm", "size": 190_000_000, "stand_in": None}
+
+
 def test_b10_is_written_in_its_place_and_kept_by_a_later_partial_run(tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## B1: training throughput\n\nB1 figures, kept.\n")
 
     def measured(kind: str, size: int) -> dict:
-        return {"image": f"cockatoo-{kind}:t", "size": size, "base": "python:3.11-slim-bookworm",
-                "base_size": 190_000_000, "base_stand_in": None, "site_packages": 1_800_000_000,
+        return {"image": f"cockatoo-{kind}:t", "size": size, "site_packages": 1_800_000_000,
                 "torch": 620_000_000, "triton": 0, "cuda_libraries": 2_870_000_000 if kind == "cuda" else 0,
                 "bytecode": 340_000_000, "torch_build": "cpu" if kind == "cpu" else "cuda13"}
 
     replace_section(doc, "b10", images_section({"cpu": measured("cpu", 1_990_000_000),
-                                                "cuda": measured("cuda", 6_140_000_000)}, "2026-12-02"))
+                                                "cuda": measured("cuda", 6_140_000_000)}, BASE, "2026-12-02"))
     text = doc.read_text()
     assert "| cpu | cpu | **1.99 GB** |" in text and "| cuda | cuda13 | **6.14 GB** |" in text
     assert "2.87 GB of CUDA libraries" in text and "stand-in" not in text
     replace_section(doc, "b10", images_section({"cpu": measured("cpu", 1_500_000_000),
-                                                "cuda": measured("cuda", 6_000_000_000)}, "2026-12-03"))
+                                                "cuda": measured("cuda", 6_000_000_000)}, BASE, "2026-12-03"))
     write_report({"machine": MACHINE, "b7": _b7(0.85)}, doc)  # `make bench ONLY=b7` afterwards
     again = doc.read_text()
     assert again.count("## B10") == 1 and "**1.50 GB**" in again and "**1.99 GB**" not in again

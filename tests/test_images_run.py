@@ -57,6 +57,17 @@ def _docker(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(["docker", *args], capture_output=True, text=True, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def as_any_uid() -> dict[str, tuple[str, subprocess.CompletedProcess]]:
+    """AS_ANY_UID run once in each image, offline, as a random uid: (that uid, the run)."""
+    runs = {}
+    for kind, image in IMAGES.items():
+        uid = str(random.randint(10_000, 2_000_000))
+        runs[kind] = uid, _docker("run", "--rm", "--network", "none", "--user", uid, image, "sh", "-c",
+                                  AS_ANY_UID)
+    return runs
+
+
 @pytest.mark.timeout(1800)  # three epochs of MiniLM on the sample: minutes on two cores
 def test_the_pipeline_runs_with_every_step_in_its_own_container_of_the_cpu_image(tmp_path):
     root = tmp_path / "run"
@@ -76,9 +87,8 @@ def test_the_pipeline_runs_with_every_step_in_its_own_container_of_the_cpu_image
 
 
 @pytest.mark.parametrize("kind", ["cpu", "cuda"])
-def test_any_uid_can_run_each_image_and_it_holds_no_source_tree(kind):
-    uid = str(random.randint(10_000, 2_000_000))
-    run = _docker("run", "--rm", "--network", "none", "--user", uid, IMAGES[kind], "sh", "-c", AS_ANY_UID)
+def test_any_uid_can_run_each_image_and_it_holds_no_source_tree(kind, as_any_uid):
+    uid, run = as_any_uid[kind]
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert "installed at their pinned versions" in run.stderr
@@ -88,10 +98,9 @@ def test_any_uid_can_run_each_image_and_it_holds_no_source_tree(kind):
     assert re.search(r"/(site|dist)-packages/cockatoo_lib/", seen["package"]) and seen["leftovers"] == []
 
 
-def test_minilm_is_the_same_bundled_weights_in_both_images():
+def test_minilm_is_the_same_bundled_weights_in_both_images(as_any_uid):
     seen = {}
-    for kind, image in IMAGES.items():
-        run = _docker("run", "--rm", "--network", "none", image, "sh", "-c", AS_ANY_UID)
+    for kind, (_, run) in as_any_uid.items():
         assert run.returncode == 0, run.stderr[-3000:]
         seen[kind] = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["cpu"]["minilm"] == seen["cuda"]["minilm"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.errors import CockatooError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,13 @@ class MLflowRegistry:
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return None
-            raise CockatooError(f"model registry {self.uri}: cannot {what}: {_first_line(exc)}") from None
+            raise CockatooError(f"model registry {self.uri}: cannot {what}: "
+                                f"{first_line(exc, 'message')}") from None
         except CockatooError:
             raise
         except Exception as exc:  # noqa: BLE001 - connection errors arrive as many types
-            raise CockatooError(f"model registry {self.uri}: cannot {what}: {_first_line(exc)}") from None
+            raise CockatooError(f"model registry {self.uri}: cannot {what}: "
+                                f"{first_line(exc, 'message')}") from None
 
     def _experiment_id(self, name: str) -> str:
         experiment = self._call("read experiments", self.client.get_experiment_by_name, name)
@@ -199,11 +201,6 @@ class MLflowRegistry:
 def _version(found) -> ModelVersion:
     return ModelVersion(found.name, str(found.version), dict(found.tags or {}),
                         tuple(getattr(found, "aliases", ()) or ()))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def plan_params(plan: dict) -> dict[str, str]:

@@ -202,11 +202,8 @@ def _write_table(frame: pd.DataFrame, output: str, fmt: str) -> None:
      "jsonl": lambda f: frame.to_json(f, orient="records", lines=True, force_ascii=False),
      "json": lambda f: frame.to_json(f, orient="records", force_ascii=False),
      "parquet": lambda f: frame.to_parquet(f, index=False)}[fmt](buffer)
-    fs, path = remote.url_to_fs(output) if "://" in output else (None, output)
-    if fs is None or "file" in fs.protocol:
-        from fsspec.implementations.local import LocalFileSystem
-
-        fs = LocalFileSystem()
+    fs, path = remote.url_to_fs(output)  # a plain path is local disk's
+    if "file" in fs.protocol:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         create_only(fs, path, buffer.getvalue())

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.errors import CockatooError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,10 @@ def create(client, request: JobRequest, name: str) -> str:
         api.create_namespaced_custom_object(constants.GROUP, constants.VERSION, namespace,
                                             constants.TRAINJOB_PLURAL, job.to_dict())
     except Exception as exc:  # noqa: BLE001 - the kubernetes client raises many kinds
-        raise CockatooError(f"cannot create TrainJob {name}: {_reason(exc)}") from None
+        raise CockatooError(f"cannot create TrainJob {name}: {first_line(exc, 'reason')}") from None
     log.info("TrainJob %s created: %d nodes x %d %s, %s; command: %s", name, request.nodes,
              request.gpus_per_node, request.accelerator, request.image, shlex.join(request.command))
     return name
-
-
-def _reason(exc: Exception) -> str:
-    text = str(getattr(exc, "reason", None) or exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def follow(client, name: str, echo: Callable[[str], None] = print, timeout_s: int = WAIT_S,
