@@ -162,12 +162,11 @@ def gate(model: Path = typer.Option(..., "--model"),
                                                    help="promote even if the linear baseline does as well")):
     """Register a trained model and promote it to champion if it beats the linear baseline and the
     current champion."""
-    from cockatoo_lib.steps import promote_step
+    from cockatoo_lib.steps import PromoteArgs, promote_step
 
-    meta = promote_step(str(model), str(data), str(evaluation), registry_uri, model_name, "",
-                        min_improvement, max_label_drop, allow_label_change, str(output), str(output),
-                        min_gain_over_baseline=min_gain_over_baseline,
-                        allow_below_baseline=allow_below_baseline)
+    meta = promote_step(PromoteArgs.of(locals(), model_dir=str(model), data_dir=str(data),
+                                       evaluation_dir=str(evaluation), output=str(output),
+                                       output_uri=str(output), registry_uri=registry_uri or ""))
     typer.echo(f"{meta['model_uri']}: {'promoted to champion' if meta['promoted'] else 'not promoted'}; "
                + "; ".join(meta["reasons"]))
 

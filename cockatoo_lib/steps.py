@@ -3,8 +3,9 @@ the metadata a user should see in the KFP UI out. Knows nothing of KFP."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.plan.catalogue import Plan, detect_hardware, resolve_plan
@@ -14,38 +15,114 @@ from cockatoo_lib.plan.catalogue import Plan, detect_hardware, resolve_plan
 STEPS = ("prepare", "tokenize", "train", "evaluate", "promote")
 
 
-def step_plan(model_type: str, overrides: dict[str, Any], base_model: str = "",
-              detect: bool = False) -> Plan:
-    """The run's plan; `base_model`, when given, replaces the registry's model id or path."""
-    overrides = dict(overrides or {})
-    if base_model:
-        overrides["base_model"] = base_model
-    return resolve_plan(model_type, overrides, detect_hardware() if detect else None)
+# Each step takes one object: its run parameters under the names the component's parameters
+# have, and the paths of its artifacts. A new run parameter is a field here, a parameter of the
+# component and a line of the pipeline; StepArgs.of carries it from one to the other.
 
 
-def prepare_step(data_config: str, labels: list[str], seed: int, max_samples: int,
-                 model_type: str, overrides: dict, base_model: str, output: str) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class StepArgs:
+    @classmethod
+    def of(cls, inputs: dict[str, Any], **paths: Any) -> Self:
+        """A component's arguments: its run parameters by name from `inputs` (the component's
+        `locals()`; what is not a field, such as an artifact, is left out) and its artifacts'
+        paths and URIs, given by keyword."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in inputs.items() if k in names}, **paths})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanArgs(StepArgs):
+    """The run parameters that choose the plan (cockatoo_lib.plan.catalogue)."""
+    model_type: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    base_model: str = ""  # a model id or path in place of the catalogue's
+
+    def settings(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The plan's settings: `defaults` under the overrides, and base_model over both."""
+        return {**(defaults or {}), **(self.overrides or {}),
+                **({"base_model": self.base_model} if self.base_model else {})}
+
+    def plan(self, defaults: dict[str, Any] | None = None, detect: bool = False) -> Plan:
+        """The run's plan; `detect` applies this machine's hardware."""
+        return resolve_plan(self.model_type, self.settings(defaults), detect_hardware() if detect else None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareArgs(PlanArgs):
+    data_config: str
+    labels: list[str] = field(default_factory=list)
+    seed: int = 42
+    max_samples: int = 0
+    output: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeArgs(PlanArgs):
+    data_dir: str
+    cache_root: str = ""
+    output: str
+    output_uri: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainArgs(PlanArgs):
+    tokenized_dir: str
+    tokenized_uri: str = ""
+    seed: int = 42
+    gpus: int = 1
+    nodes: int = 1
+    checkpoint_root: str = ""
+    placement: dict[str, Any] = field(default_factory=dict)  # the step's pod settings, for the nodes
+    output: str
+    output_uri: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateArgs(StepArgs):
+    model_dir: str
+    tokenized_dir: str
+    output: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromoteArgs(StepArgs):
+    model_dir: str
+    data_dir: str
+    evaluation_dir: str
+    registry_uri: str = ""
+    model_name: str = "cockatoo-moderation"
+    run_id: str = ""
+    min_improvement: float = 0.0
+    max_label_drop: float = 0.02
+    allow_label_change: bool = False
+    min_gain_over_baseline: float = 0.0
+    allow_below_baseline: bool = False
+    output: str
+    output_uri: str = ""
+
+
+def prepare_step(args: PrepareArgs) -> dict:
     from cockatoo_lib.data.prepare import load_data_config, prepare
 
-    step_plan(model_type, overrides, base_model)  # a bad model type or override fails here, first
-    manifest = prepare(load_data_config(data_config, labels), output, seed=seed,
-                       max_samples=max_samples)
+    args.plan()  # a bad model type or override fails here, first
+    manifest = prepare(load_data_config(args.data_config, args.labels), args.output, seed=args.seed,
+                       max_samples=args.max_samples)
     meta = {f"{split}_rows": v["rows"] for split, v in manifest["splits"].items()}
     return {**meta, "fingerprint": manifest["fingerprint"], "labels": manifest["labels"],
             "warnings": manifest["warnings"]}
 
 
-def tokenize_step(data_dir: str, model_type: str, overrides: dict, base_model: str,
-                  cache_root: str, output: str, output_uri: str) -> dict:
+def tokenize_step(args: TokenizeArgs) -> dict:
     from cockatoo_lib.tokenize import DEFAULT_CACHE_ROOT, diagnostic_warnings, tokenize
 
-    cache_root = cache_root or DEFAULT_CACHE_ROOT
-    if "://" in output_uri and "://" not in cache_root:
+    cache_root = args.cache_root or DEFAULT_CACHE_ROOT
+    if "://" in args.output_uri and "://" not in cache_root:
         # Steps on a cluster run in separate pods: a local cache folder would die with this one.
         raise CockatooError(f"tokenized_cache_root {cache_root!r} is a local folder, but this step runs "
-                            f"on a cluster (its output is {output_uri}); set it to a bucket URI "
+                            f"on a cluster (its output is {args.output_uri}); set it to a bucket URI "
                             "such as gs://BUCKET/cockatoo-cache or s3://BUCKET/cockatoo-cache")
-    info = tokenize(data_dir, step_plan(model_type, overrides, base_model), output, cache_root)
+    info = tokenize(args.data_dir, args.plan(), args.output, cache_root)
     diagnostics = info["diagnostics"]
     return {"cache_hit": info["cache_hit"], "cache_key": info["cache_key"],
             "cache_uri": local_path(info["cache_uri"]), "rows": info["rows"], "truncated": info["truncated"],
@@ -60,34 +137,32 @@ def local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
-def train_step(tokenized_dir: str, model_type: str, overrides: dict, base_model: str, seed: int,
-               output: str, gpus: int = 1, checkpoint_root: str = "", output_uri: str = "",
-               nodes: int = 1, tokenized_uri: str = "", placement: dict | None = None) -> dict:
+def train_step(args: TrainArgs) -> dict:
     """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one. With
     more than one GPU, one process per GPU (cockatoo_lib.training.distributed); with more than one node,
     a Kubeflow Trainer TrainJob does the training (cockatoo_lib.training.trainjob)."""
     from cockatoo_lib.training import distributed
     from cockatoo_lib.training.trainer import read_model_manifest, train
 
-    if "://" in output_uri and checkpoint_root and "://" not in checkpoint_root:
+    if "://" in args.output_uri and args.checkpoint_root and "://" not in args.checkpoint_root:
         # A retry runs in a new pod: checkpoints in this one's folder would be gone.
-        raise CockatooError(f"checkpoint_root {checkpoint_root!r} is a local folder, but this step runs on a "
-                            f"cluster (its output is {output_uri}); set it to a bucket URI such as "
+        raise CockatooError(f"checkpoint_root {args.checkpoint_root!r} is a local folder, but this step runs "
+                            f"on a cluster (its output is {args.output_uri}); set it to a bucket URI such as "
                             "gs://BUCKET/cockatoo-checkpoints, or leave it empty")
-    settings = {"seed": seed, **(overrides or {}), **({"base_model": base_model} if base_model else {})}
-    plan = step_plan(model_type, settings, detect=nodes == 1)
-    if nodes > 1:
-        info = _train_on_nodes(tokenized_uri, model_type, settings, output, output_uri or output, gpus, nodes,
-                               checkpoint_root, placement or {})
-    elif gpus > 1 and not distributed.launched():
-        code = distributed.launch(gpus, train_argv(local_path(tokenized_dir), output, model_type, settings,
-                                                   checkpoint_root))
+    settings = args.settings({"seed": args.seed})  # the run's seed, unless the overrides set one
+    plan = args.plan({"seed": args.seed}, detect=args.nodes == 1)
+    if args.nodes > 1:
+        info = _train_on_nodes(args, settings)
+    elif args.gpus > 1 and not distributed.launched():
+        code = distributed.launch(args.gpus, train_argv(local_path(args.tokenized_dir), args.output,
+                                                        args.model_type, settings, args.checkpoint_root))
         if code:
-            raise CockatooError(f"training in {gpus} processes failed (exit code {code}); the failing "
+            raise CockatooError(f"training in {args.gpus} processes failed (exit code {code}); the failing "
                                 "process's error is in the log above")
-        info = read_model_manifest(output)
+        info = read_model_manifest(args.output)
     else:
-        info = train(local_path(tokenized_dir), plan, output, checkpoint_root=checkpoint_root or None)
+        info = train(local_path(args.tokenized_dir), plan, args.output,
+                     checkpoint_root=args.checkpoint_root or None)
     return {"model_type": info["model_type"], "base_model": info["base_model"],
             "selection_metric": info["selection_metric"],
             "best_validation_metric": info["best_validation_metric"], "best_epoch": info["best_epoch"],
@@ -110,8 +185,7 @@ def train_argv(tokenized: str, output: str, model_type: str, settings: dict,
             *(["--checkpoint-root", checkpoint_root] if checkpoint_root else [])]
 
 
-def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output: str, output_uri: str,
-                    gpus: int, nodes: int, checkpoint_root: str, placement: dict) -> dict:
+def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
     import os
 
     from cockatoo_lib.storage import remote
@@ -120,7 +194,8 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
     from cockatoo_lib.training import trainjob
     from cockatoo_lib.training.trainer import read_model_manifest
 
-    for name, value in (("checkpoint_root", checkpoint_root), ("the tokenized data", tokenized_uri)):
+    nodes, checkpoint_root = args.nodes, args.checkpoint_root
+    for name, value in (("checkpoint_root", checkpoint_root), ("the tokenized data", args.tokenized_uri)):
         if "://" not in value:
             raise CockatooError(f"nodes={nodes} needs {name} in a bucket the nodes share (gs://, s3://), "
                                 f"not {value!r}")
@@ -132,13 +207,15 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
     accelerator = os.environ.get(trainjob.ACCELERATOR_ENV) or "nvidia.com/gpu"
 
     def request(name: str) -> trainjob.JobRequest:
-        command = trainjob.train_command(train_argv(tokenized_uri, trainjob.model_uri(checkpoint_root, name),
-                                                    model_type, settings, checkpoint_root))
-        return trainjob.JobRequest(image=image, nodes=nodes, gpus_per_node=max(gpus, 1), command=command,
-                                   placement=placement, accelerator=accelerator)
+        model_uri = trainjob.model_uri(checkpoint_root, name)
+        command = trainjob.train_command(train_argv(args.tokenized_uri, model_uri, args.model_type, settings,
+                                                    checkpoint_root))
+        return trainjob.JobRequest(image=image, nodes=nodes, gpus_per_node=max(args.gpus, 1), command=command,
+                                   placement=args.placement, accelerator=accelerator)
 
     trainjob.remove_stale_models(checkpoint_root)
-    name = trainjob.run(trainjob.trainer_client(), trainjob.job_base_name(output_uri), request)
+    name = trainjob.run(trainjob.trainer_client(), trainjob.job_base_name(args.output_uri or args.output),
+                        request)
     uri = trainjob.model_uri(checkpoint_root, name)
     fs, root = remote.url_to_fs(uri)
     published = read_published(fs, root)
@@ -147,15 +224,15 @@ def _train_on_nodes(tokenized_uri: str, model_type: str, settings: dict, output:
                             f"{published.problem or 'nothing published'}")
     # The published model stays: KFP uploads this step's output only after the step returns, and a
     # retry before then takes the model again. remove_stale_models clears it a week on.
-    with atomic_output_dir(output) as tmp:
+    with atomic_output_dir(args.output) as tmp:
         fetch(fs, published.entry.uri, tmp)
-    return read_model_manifest(output)
+    return read_model_manifest(args.output)
 
 
-def evaluate_step(model_dir: str, tokenized_dir: str, output: str) -> dict:
+def evaluate_step(args: EvaluateArgs) -> dict:
     from cockatoo_lib.evaluation.evaluate import evaluate
 
-    return evaluate(model_dir, local_path(tokenized_dir), output)
+    return evaluate(args.model_dir, local_path(args.tokenized_dir), args.output)
 
 
 def evaluation_files(evaluation_dir: str) -> dict[str, Path]:
@@ -167,28 +244,26 @@ def evaluation_files(evaluation_dir: str) -> dict[str, Path]:
             "model_card": folder / MODEL_CARD}
 
 
-def promote_step(model_dir: str, data_dir: str, evaluation_dir: str, registry_uri: str, model_name: str,
-                 run_id: str, min_improvement: float, max_label_drop: float, allow_label_change: bool,
-                 output: str, output_uri: str, min_gain_over_baseline: float = 0.0,
-                 allow_below_baseline: bool = False) -> dict:
+def promote_step(args: PromoteArgs) -> dict:
     """Register the model and run the champion/challenger gate (cockatoo_lib.release.gate)."""
+    from cockatoo_lib.plan.limits import check_range
     from cockatoo_lib.release.gate import GateRules, promote
     from cockatoo_lib.release.model_registry import open_registry
 
-    if not registry_uri and "://" in output_uri:
+    if not args.registry_uri and "://" in args.output_uri:
         raise CockatooError(f"registry_uri is empty, but this step runs on a cluster (its output is "
-                            f"{output_uri}); set it to the MLflow tracking server, e.g. "
+                            f"{args.output_uri}); set it to the MLflow tracking server, e.g. "
                             "http://mlflow.mlflow:5000")
-    from cockatoo_lib.plan.limits import check_range
-
-    check_range("min_improvement", min_improvement)
-    check_range("max_label_drop", max_label_drop)
-    check_range("min_gain_over_baseline", min_gain_over_baseline)
-    rules = GateRules(min_improvement=min_improvement, max_label_drop=max_label_drop,
-                      allow_label_change=allow_label_change, min_gain_over_baseline=min_gain_over_baseline,
-                      allow_below_baseline=allow_below_baseline)
-    decision = promote(open_registry(registry_uri), model_name, model_dir, data_dir, evaluation_dir, output,
-                       run_id, rules)
+    for name in ("min_improvement", "max_label_drop", "min_gain_over_baseline"):
+        check_range(name, getattr(args, name))
+    rules = GateRules(min_improvement=args.min_improvement, max_label_drop=args.max_label_drop,
+                      allow_label_change=args.allow_label_change,
+                      min_gain_over_baseline=args.min_gain_over_baseline,
+                      allow_below_baseline=args.allow_below_baseline)
+    decision = promote(open_registry(args.registry_uri), model_name=args.model_name, model_dir=args.model_dir,
+                       data_dir=args.data_dir, evaluation_dir=args.evaluation_dir, output=args.output,
+                       run_id=args.run_id, rules=rules)
+    model_name = args.model_name
     return {"model_name": model_name, "version": decision["challenger"], "promoted": decision["promoted"],
             "champion_before": decision["champion"], "reasons": decision["reasons"],
             "blocked_by": decision["blocked_by"],

@@ -20,9 +20,10 @@ def evaluate(
     import shutil
 
     from cockatoo_lib.evaluation.evaluate import kfp_metrics
-    from cockatoo_lib.steps import evaluate_step, evaluation_files
+    from cockatoo_lib.steps import EvaluateArgs, evaluate_step, evaluation_files
 
-    results = evaluate_step(model.path, tokenized.path, evaluation.path)
+    results = evaluate_step(EvaluateArgs(model_dir=model.path, tokenized_dir=tokenized.path,
+                                         output=evaluation.path))
     scalars, confusion = kfp_metrics(results)
     for name, value in scalars.items():
         metrics.log_metric(name, value)

@@ -21,7 +21,6 @@ def prepare_data(
     `schedule_time` is not read: it is part of KFP's cache key, so a scheduled run always
     reads its sources afresh instead of reusing last week's data.
     """
-    from cockatoo_lib.steps import prepare_step
+    from cockatoo_lib.steps import PrepareArgs, prepare_step
 
-    data.metadata.update(prepare_step(data_config, labels, seed, max_samples, model_type,
-                                      overrides, base_model, data.path))
+    data.metadata.update(prepare_step(PrepareArgs.of(locals(), output=data.path)))

@@ -26,11 +26,10 @@ def promote(
     import shutil
 
     from cockatoo_lib.release.gate import DECISION_MD
-    from cockatoo_lib.steps import promote_step
+    from cockatoo_lib.steps import PromoteArgs, promote_step
 
-    meta = promote_step(model.path, data.path, evaluation.path, registry_uri, model_name, run_id,
-                        min_improvement, max_label_drop, allow_label_change, decision.path, decision.uri,
-                        min_gain_over_baseline=min_gain_over_baseline,
-                        allow_below_baseline=allow_below_baseline)
+    meta = promote_step(PromoteArgs.of(locals(), model_dir=model.path, data_dir=data.path,
+                                       evaluation_dir=evaluation.path, output=decision.path,
+                                       output_uri=decision.uri))
     decision.metadata.update(meta)
     shutil.copyfile(f"{decision.path}/{DECISION_MD}", decision_report.path)

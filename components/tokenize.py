@@ -19,9 +19,9 @@ def tokenize(
     names the tokenized data by content (the pipeline imports it for train and evaluate)."""
     from collections import namedtuple
 
-    from cockatoo_lib.steps import tokenize_step
+    from cockatoo_lib.steps import TokenizeArgs, tokenize_step
 
-    meta = tokenize_step(data.path, model_type, overrides, base_model, cache_root,
-                         tokenized.path, tokenized.uri)
+    meta = tokenize_step(TokenizeArgs.of(locals(), data_dir=data.path, output=tokenized.path,
+                                         output_uri=tokenized.uri))
     tokenized.metadata.update(meta)
     return namedtuple("TokenizeOutputs", ["cache_uri"])(meta["cache_uri"])

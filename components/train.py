@@ -36,9 +36,10 @@ def train(
     """Fine-tune on the tokenized splits with the run's seed; the model folder with cockatoo.json.
     With several GPUs, one data-parallel process per GPU; with several nodes, a Kubeflow Trainer
     TrainJob. With a checkpoint root, a retry resumes from the newest checkpoint."""
-    from cockatoo_lib.steps import train_step
+    from cockatoo_lib.steps import TrainArgs, train_step
 
     placement = {"resources": task_config.resources, "env": task_config.env,
                  "tolerations": task_config.tolerations, "node_selector": task_config.node_selector}
-    model.metadata.update(train_step(tokenized.path, model_type, overrides, base_model, seed, model.path,
-                                     gpus, checkpoint_root, model.uri, nodes, tokenized.uri, placement))
+    model.metadata.update(train_step(TrainArgs.of(
+        locals(), tokenized_dir=tokenized.path, tokenized_uri=tokenized.uri, placement=placement,
+        output=model.path, output_uri=model.uri)))

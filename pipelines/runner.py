@@ -54,7 +54,7 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 def check_params(params: dict[str, Any]) -> None:
     """Fail before anything runs: a bad model type or override, or a missing data config."""
     from cockatoo_lib.data.prepare import load_data_config
-    from cockatoo_lib.steps import step_plan
+    from cockatoo_lib.steps import PlanArgs
 
     defaults = pipeline_inputs()
     values = {**defaults, **params}
@@ -66,7 +66,7 @@ def check_params(params: dict[str, Any]) -> None:
                         ("min_gain_over_baseline", values["min_gain_over_baseline"]),
                         ("max_label_drop", values["max_label_drop"])):
         check_range(name, value, {"max_samples": "max_train_samples"}.get(name, name))
-    step_plan(values["model_type"], values["overrides"], values["base_model"])
+    PlanArgs.of(values).plan()
     if "://" not in values["data_config"]:
         load_data_config(values["data_config"], values["labels"] or None)
 

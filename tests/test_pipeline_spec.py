@@ -2,13 +2,16 @@
 and every compile option lands (which task, which value). The golden file only detects that
 something changed; these tests say what must stay true."""
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from kfp.dsl.types import type_utils
 
 from cockatoo_lib import steps
+from cockatoo_lib.steps import EvaluateArgs, PrepareArgs, PromoteArgs, TokenizeArgs, TrainArgs
 from components import COMPONENTS
 from components.images import Images
 from pipelines.cockatoo_train import RESOURCES, Cluster
@@ -104,6 +107,31 @@ def test_gpus_and_accelerator_type_reach_the_train_step_only(tmp_path):
     assert env["COCKATOO_ACCELERATOR"] == "nvidia-tesla-a100"
     for step in ("prepare-data", "tokenize", "train-pod-gpus", "evaluate", "promote"):
         assert "accelerator" not in executors[f"exec-{step}"]["container"]["resources"], step
+
+
+STEP_ARGS = dict(zip(steps.STEPS, (PrepareArgs, TokenizeArgs, TrainArgs, EvaluateArgs, PromoteArgs),
+                     strict=True))
+NOT_PASSED_ON = {"schedule_time",  # prepare's: only in KFP's cache key
+                 "task_config"}  # train's: KFP's own, handed on as TrainArgs.placement
+
+
+@pytest.mark.parametrize("step", steps.STEPS)
+def test_every_run_parameter_of_a_component_reaches_its_step_as_a_field_of_the_steps_arguments(step):
+    inputs = COMPONENTS[step].component_spec.inputs.items()
+    parameters = {name for name, spec in inputs if type_utils.is_parameter_type(spec.type)} - NOT_PASSED_ON
+    assert parameters <= {f.name for f in dataclasses.fields(STEP_ARGS[step])}
+
+
+def test_step_arguments_take_a_components_run_parameters_by_name_and_its_paths_by_keyword():
+    inputs = {"model_type": "minilm", "seed": 3, "nodes": 2, "tokenized": object(), "task_config": object()}
+    args = TrainArgs.of(inputs, tokenized_dir="/in", output="/out", output_uri="gs://b/out")
+    assert (args.model_type, args.seed, args.nodes, args.gpus) == ("minilm", 3, 2, 1)
+    assert (args.tokenized_dir, args.output, args.output_uri) == ("/in", "/out", "gs://b/out")
+    # The overrides' seed wins over the run's; base_model over the overrides'.
+    args = TrainArgs(model_type="minilm", overrides={"seed": 9, "base_model": "a"}, base_model="b",
+                     tokenized_dir="/in", output="/out", seed=3)
+    assert args.settings({"seed": args.seed}) == {"seed": 9, "base_model": "b"}
+    assert args.plan({"seed": args.seed}).seed == 9
 
 
 def test_tokenized_data_reaches_train_and_evaluate_through_a_content_keyed_importer(tmp_path):
