@@ -94,9 +94,9 @@ test-images: install images
 	COCKATOO_CPU_IMAGE=$(CPU_IMAGE) COCKATOO_CUDA_IMAGE=$(CUDA_IMAGE) \
 		$(PY) -m pytest -q -p no:randomly -m images tests/test_images_run.py
 
-# B10 (bench/images.py): both images' sizes and what fills them, into docs/benchmarks.md.
+# B10 (bench/container_images.py): both images' sizes and what fills them, into docs/benchmarks.md.
 bench-images: install images
-	$(PY) -m bench.images --cpu $(CPU_IMAGE) --cuda $(CUDA_IMAGE)
+	$(PY) -m bench.container_images --cpu $(CPU_IMAGE) --cuda $(CUDA_IMAGE)
 
 container-engine:
 	@docker info >/dev/null 2>&1 || { echo "no container engine answers (docker info failed): start dockerd, or point DOCKER_HOST at one" >&2; exit 1; }

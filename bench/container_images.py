@@ -66,9 +66,9 @@ def section(images: dict[str, dict], base: dict, date: str) -> list[str]:
     return [
         "## B10: images",
         "",
-        f"`make bench-images` (bench/images.py) after `make images`, {date}; sizes as the engine reports "
-        f"them (uncompressed), the rest measured inside each image. Both images start from `{base['name']}`; "
-        f"the base measured here was {measured}.",
+        f"`make bench-images` (bench/container_images.py) after `make images`, {date}; sizes as the "
+        f"engine reports them (uncompressed), the rest measured inside each image. Both images start "
+        f"from `{base['name']}`; the base measured here was {measured}.",
         "",
         "| image | torch | size | base | installed packages | of which torch | triton "
         "| CUDA libraries (nvidia-*) | bytecode |",

@@ -6,7 +6,7 @@ optimizer on B1's token lengths. Rows per model: the guide's split, eager; the s
 for this card, eager; the derived split, compiled; and the model alone (forward and backward,
 no trainer, no optimizer) at the same widths, as the ceiling. For CLIP, text rows and rows
 with an image. On a machine with several GPUs, also `cockatoo train` on 1 GPU against all of
-them (B9's comparison, bench.harness.bench_processes).
+them (B9's comparison, bench.data_parallel.bench_processes).
 
 MFU counts 6 × non-embedding parameters × real tokens (for CLIP image rows, the vision
 tower's parameters × its 257 patch tokens as well) against the card's dense bf16 peak.
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import RESULTS, ROOT, counting_trainer, machine, replace_section, social_media_lengths
+from bench.harness import RESULTS, ROOT, machine, replace_section, social_media_lengths
+from bench.training_throughput import counting_trainer, synthetic_split
 
 # Dense bf16 peaks in TFLOP/s (without sparsity), by the name torch reports.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -100,7 +101,6 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     after WARM_STEPS unmeasured ones."""
     import torch
 
-    from bench.harness import _synthetic_split
     from cockatoo_lib.training.sampling import LengthGroupedShuffle
     from cockatoo_lib.training.trainer import PaddingCollator, pad_multiple, training_arguments
 
@@ -108,7 +108,7 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     device = torch.device("cuda" if cuda else "cpu")
     model = build_model(model_type, config, labels=7)
     text_config = getattr(model.config, "text_config", model.config)
-    data, pixels = _synthetic_split(lengths, text_config.vocab_size, 7), None
+    data, pixels = synthetic_split(lengths, text_config.vocab_size, 7), None
     if images:
         data, pixels = _with_images(data, model.config.vision_config.image_size)
     plan = plan.model_copy(update={"torch_compile": compiled})
@@ -214,7 +214,7 @@ def bench_all_gpus(rows: int, repeats: int) -> dict | None:
     one process per GPU, NCCL); None with a single GPU."""
     import torch
 
-    from bench.harness import bench_processes
+    from bench.data_parallel import bench_processes
 
     gpus = torch.cuda.device_count()
     return bench_processes(rows, repeats, (1, gpus)) if gpus > 1 else None

@@ -31,6 +31,22 @@ RECIPES = {"default": {}, "bce": {"loss": "bce"}, "prior": {"head_bias_init": "p
 FILES = ("reuters-r8-train.tab", "reuters-r8-test.tab")
 TOPICS = {"crude": "crude", "trade": "trade", "money_fx": "money-fx", "interest": "interest", "ship": "ship"}
 
+KEY, TITLE = "b7", "B7 quality on real imbalanced data"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quality-rows", type=int, default=QUALITY_ROWS, help="B7 rows (0: all 7,674)")
+
+
+def run(args) -> dict:
+    from bench.harness import RESULTS
+
+    return bench_quality(RESULTS, args.quality_rows)
+
+
+def section(m: dict, b7: dict) -> list[str]:
+    return render(b7)
+
 
 def fetch_reuters(cache: Path) -> Path:
     """A folder with reuters.csv (text, topic) and data.yaml mapping the topics to labels."""

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from bench.harness import replace_section, write_report
-from bench.images import section as images_section
+from bench.container_images import section as images_section
+from bench.harness import _benchmarks, replace_section, write_report
 
 MACHINE = {"cores": 2, "cpu": "x86_64", "gpu": None, "python": "3.11", "torch": "2.13.0",
            "transformers": "5.23.0", "bitsandbytes": "0.50.2", "date": "2026-11-25"}
@@ -24,6 +24,23 @@ def _b7(default_f1: float) -> dict:
             "positive_share": {"crude": 0.05, "ship": 0.02}, "test_positives": {"crude": 5, "ship": 2},
             "diagnostics": {"truncated_share": 0.3, "unknown_token_share": 0.0},
             "runs": {"default": run(default_f1, {}), "bce": run(0.7, {"loss": "bce"})}}
+
+
+def test_make_bench_runs_every_benchmark_module_of_bench_each_with_its_parts():
+    """One module per benchmark: a new one under bench/ that the harness does not run is an error,
+    as is one without its key, title, run or section."""
+    from pathlib import Path
+
+    import bench
+
+    run_elsewhere = {"gpu", "container_images"}  # B4 on a CUDA machine, B10 beside a container engine
+    not_benchmarks = {"__init__", "harness", "make_sample_data"}
+    modules = {p.stem for p in Path(bench.__file__).parent.glob("*.py")} - run_elsewhere - not_benchmarks
+    benchmarks = _benchmarks()
+    assert {b.__name__.removeprefix("bench.") for b in benchmarks} == modules
+    keys = [b.KEY for b in benchmarks]
+    assert len(set(keys)) == len(keys) and all(b.TITLE.startswith(b.KEY.upper() + " ") for b in benchmarks)
+    assert all(callable(b.run) and callable(b.section) for b in benchmarks)
 
 
 def test_a_partial_run_keeps_the_recorded_sections(tmp_path):
@@ -136,7 +153,8 @@ def test_b4_without_cuda_says_so_and_leaves_the_report_alone(tmp_path, capsys, m
 
 @pytest.mark.slow
 def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
-    from bench.harness import bench_predict, write_report
+    from bench.harness import write_report
+    from bench.predict_speed import bench_predict
 
     before = logging.getLogger("cockatoo_lib").level
     b8 = bench_predict(rows=120, repeats=1, batch_size=32)
@@ -153,7 +171,8 @@ def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
 
 @pytest.mark.slow
 def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path):
-    from bench.harness import bench_processes, write_report
+    from bench.data_parallel import bench_processes
+    from bench.harness import write_report
 
     b9 = bench_processes(rows=100, repeats=1)
     one, two = b9["median"][1], b9["median"][2]
