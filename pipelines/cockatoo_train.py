@@ -10,6 +10,7 @@ Caching (KFP keys its cache on parameter values and upstream artifact IDs):
 No dsl.If/Else: kfp.local 2.16 runs both branches; the gate decides inside its step.
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -90,6 +91,15 @@ def _configure(task, step: str, image: str, cluster: Cluster, shm: bool = False,
 
 
 def build_pipeline(cluster: Cluster = Cluster()):
+    """The pipeline for `cluster`. Built in a thread of its own: KFP's task setters name their
+    caller with inspect.stack(), which reads the source of every frame on the stack, seconds a
+    build under a deep stack in a process that has loaded torch (a test, a notebook); a new
+    thread's stack is a few frames deep."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(_build, cluster).result()
+
+
+def _build(cluster: Cluster):
     schedule_time = "" if cluster.for_local else dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER
 
     @dsl.pipeline(name=PIPELINE_NAME,

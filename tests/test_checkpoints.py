@@ -75,12 +75,21 @@ def tokenized(tiny_models, small_data, tmp_path_factory):
     return folder, base
 
 
-@pytest.mark.parametrize("save_steps", [0, 3], ids=["at-epoch-end", "mid-epoch"])
-def test_a_killed_training_resumes_and_ends_with_the_uninterrupted_weights(tokenized, tmp_path, save_steps):
+@pytest.fixture(scope="module")
+def whole(tokenized, tmp_path_factory) -> Path:
+    """The same training, never interrupted; save_steps only adds saves, which change nothing it
+    learns, so one serves both kinds of resume."""
     tok, base = tokenized
-    whole = _run(_command(tok, tmp_path / "whole", base, save_steps=save_steps))
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    folder = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    done = _run(_command(tok, folder, base))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
 
+
+@pytest.mark.parametrize("save_steps", [0, 3], ids=["at-epoch-end", "mid-epoch"])
+def test_a_killed_training_resumes_and_ends_with_the_uninterrupted_weights(tokenized, whole, tmp_path,
+                                                                           save_steps):
+    tok, base = tokenized
     root = tmp_path / "durable"
     argv = _command(tok, tmp_path / "resumed", base, ["--checkpoint-root", str(root)], save_steps=save_steps)
     _kill_after_first_checkpoint(argv, root)
@@ -88,17 +97,17 @@ def test_a_killed_training_resumes_and_ends_with_the_uninterrupted_weights(token
 
     again = _run(argv)
     assert again.returncode == 0, again.stderr[-3000:]
-    first = 3 if save_steps else read_model_manifest(tmp_path / "whole")["optimizer_steps"] // 2
+    first = 3 if save_steps else read_model_manifest(whole)["optimizer_steps"] // 2
     assert f"resumed from step {first}:" in again.stderr
     resumed = read_model_manifest(tmp_path / "resumed")
     assert resumed["resumed_from_step"] == first
-    uninterrupted = read_model_manifest(tmp_path / "whole")
+    uninterrupted = read_model_manifest(whole)
     total = uninterrupted["optimizer_steps"]
     assert f"this run trained {total - first} of {total} optimizer steps" in again.stderr
     assert resumed["optimizer_steps"] == uninterrupted["optimizer_steps"]
     assert resumed["validation_by_epoch"] == uninterrupted["validation_by_epoch"]
     assert resumed["thresholds"] == uninterrupted["thresholds"]
-    a = load_file(tmp_path / "whole" / "model.safetensors")
+    a = load_file(whole / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(bool((a[k] == b[k]).all()) for k in a), "the resumed run's weights differ"

@@ -146,3 +146,26 @@ def test_two_processes_train_one_model_at_the_same_effective_batch(tiny_models, 
     saved = {p.name for p in (tmp_path / "out" / "two").iterdir()}
     assert {"model.safetensors", "tokenizer.json", MODEL_MANIFEST} <= saved
     assert json.loads((tmp_path / "out" / "two" / MODEL_MANIFEST).read_text())["labels"] == single["labels"]
+
+
+LAUNCH_ONLY = """
+import sys
+from cockatoo_lib.training import distributed
+distributed.launch = lambda processes, argv: print("launched", processes) or 0
+from cockatoo_lib import cli
+sys.argv = ["cockatoo", *sys.argv[1:]]
+try:
+    cli.main()
+except SystemExit:
+    pass
+print("trainer imported" if "cockatoo_lib.training.trainer" in sys.modules else "trainer not imported")
+"""
+
+
+def test_the_launching_process_does_not_load_the_trainer(tmp_path):
+    """The process that starts the training processes only waits for them: loading the trainer
+    there (transformers, sklearn: seconds of each start) buys nothing."""
+    done = subprocess.run([sys.executable, "-c", LAUNCH_ONLY, "train", "--tokenized", str(tmp_path / "tok"),
+                           "--output", str(tmp_path / "out"), "--processes", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[:2] == ["launched 2", "trainer not imported"], done.stderr[-2000:]

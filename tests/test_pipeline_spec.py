@@ -257,3 +257,29 @@ def test_every_step_of_the_one_list_is_a_component_with_resources_and_a_task(tmp
     assert set(STEPS) <= set(tasks)
     shown = [tasks[component.name]["taskInfo"]["name"] for component in COMPONENTS.values()]
     assert shown == list(steps.STEPS)  # the KFP UI shows each task by its step's name
+
+
+def test_the_pipeline_is_built_on_a_shallow_stack_whatever_the_callers_depth(monkeypatch):
+    """KFP's task setters call inspect.stack(), whose cost grows with the frames below it: a
+    build from deep in a test or a notebook took seconds. The build runs on a stack of its own."""
+    import inspect
+
+    from kfp.dsl import pipeline_task
+
+    from pipelines.cockatoo_train import build_pipeline
+
+    depths = []
+    original = inspect.stack
+
+    def counting_stack(*args, **kwargs):
+        frames = original(*args, **kwargs)
+        depths.append(len(frames))
+        return frames
+
+    monkeypatch.setattr(pipeline_task.inspect, "stack", counting_stack)
+
+    def deep(n):
+        return deep(n - 1) if n else build_pipeline(Cluster())
+
+    deep(200)
+    assert depths and max(depths) < 50
