@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,28 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def settle_micro_batch(plan, fits: Callable[[int], bool]):
+    """The largest divisor of each process's rows per step, up to the plan's micro-batch, that
+    `fits` this process's card; then the smallest of those over every process, so that all of
+    them train one split (a process that steps down alone would take other batches, or hang).
+    `plan` is the run's (cockatoo_lib.plan.catalogue.Plan, which imports this module); so is the
+    plan returned."""
+    from cockatoo_lib.plan.batch_split import Split, probe
+
+    per_process = plan.batch_size * plan.gradient_accumulation_steps
+    checked = probe(Split(plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing, 0.0,
+                          "the plan's split"), per_process, fits)
+    micro = agree_on_smallest(checked.micro_batch)
+    if micro == plan.batch_size:
+        return plan
+    where = "this card" if micro == checked.micro_batch else "the smallest card of the training's processes"
+    note = (f"micro-batch {micro} x {per_process // micro}: {where} held {micro} rows at full width, "
+            f"not {plan.batch_size}")
+    log.warning(note)
+    return plan.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": per_process // micro,
+                                   "adjustments": plan.adjustments + (note,)})
 
 
 def launch(processes: int, argv: list[str]) -> int:

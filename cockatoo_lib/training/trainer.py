@@ -252,27 +252,7 @@ def check_split_on_card(model, plan: Plan, collator, dataset) -> Plan:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
-    return settle_micro_batch(plan, fits)
-
-
-def settle_micro_batch(plan: Plan, fits) -> Plan:
-    """The largest divisor of each process's rows per step, up to the plan's micro-batch, that
-    `fits` this process's card; then the smallest of those over every process, so that all of
-    them train one split (a process that steps down alone would take other batches, or hang)."""
-    from cockatoo_lib.plan.batch_split import Split, probe
-
-    per_process = plan.batch_size * plan.gradient_accumulation_steps
-    checked = probe(Split(plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing, 0.0,
-                          "the plan's split"), per_process, fits)
-    micro = distributed.agree_on_smallest(checked.micro_batch)
-    if micro == plan.batch_size:
-        return plan
-    where = "this card" if micro == checked.micro_batch else "the smallest card of the training's processes"
-    note = (f"micro-batch {micro} x {per_process // micro}: {where} held {micro} rows at full width, "
-            f"not {plan.batch_size}")
-    log.warning(note)
-    return plan.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": per_process // micro,
-                                   "adjustments": plan.adjustments + (note,)})
+    return distributed.settle_micro_batch(plan, fits)
 
 
 def check_same_data(tok_info: dict, tokenized_dir, data_dir) -> None:
