@@ -28,7 +28,8 @@ demo: install
 		--predict cockatoo_lib/presets/sample/new_texts.csv --predictions runs/demo-predictions.csv
 
 # Both cores, tests in random order (the seed is printed; `pytest --randomly-seed=N` repeats an
-# order), branch coverage printed and held above the floor in pyproject.toml.
+# order, the pipeline run first: tests/conftest.py), branch coverage printed and held above the
+# floor in pyproject.toml. About 5 minutes on 2 cores (docs/testing.md).
 test: lint
 	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term -m "not images" --durations=15
 

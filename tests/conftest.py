@@ -3,7 +3,10 @@ small data. Nothing here touches the network."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: torch threads 
 # gcsfs otherwise probes each bucket over gRPC, which the storage emulator does not serve, and
 # waits 60 s for it. gcsfs reads this when first imported, so it is set before any test runs.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """The one local pipeline run (test_pipeline.local_run: a minute and more) starts first, the
+    rest in pytest-randomly's order: a worker that started it last would keep the other waiting."""
+    items.sort(key=lambda item: "local_run" not in item.fixturenames)
+
 
 SAMPLE_CONFIG = Path(__file__).parents[1] / "cockatoo_lib" / "presets" / "sample.yaml"
 
@@ -91,51 +101,74 @@ def build_tiny_model(kind: str, tokenizer, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
-    return build_tokenizer(_sample_texts())
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `build` fills, built once per test run: the first worker (pytest-xdist) to ask
+    builds it, the others wait for it and share it. Tests only read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                folder.mkdir()
+                build(folder)
+                done.touch()
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    return folder
+
+
+KINDS = {"deberta": "deberta", "modernbert": "modernbert", "clip-vit": "clip"}
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """model_type -> folder of a tiny random base model with a local tokenizer."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {
-        "deberta": build_tiny_model("deberta", tiny_tokenizer, root / "deberta"),
-        "modernbert": build_tiny_model("modernbert", tiny_tokenizer, root / "modernbert"),
-        "clip-vit": build_tiny_model("clip", tiny_tokenizer, root / "clip"),
-    }
+    def build(root: Path) -> None:
+        tokenizer = build_tokenizer(_sample_texts())
+        for model_type, kind in KINDS.items():
+            build_tiny_model(kind, tokenizer, root / model_type)
+
+    root = built_once(tmp_path_factory, "tiny-models", build)
+    return {model_type: root / model_type for model_type in KINDS}
+
+
+def _prepared(tmp_path_factory, name: str, max_samples: int = 0) -> Path:
+    from cockatoo_lib.data.prepare import load_data_config, prepare
+
+    def build(root: Path) -> None:
+        prepare(load_data_config(str(SAMPLE_CONFIG)), root / "data", max_samples=max_samples)
+
+    return built_once(tmp_path_factory, name, build) / "data"
 
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory) -> Path:
     """The demo sample, prepared (all rows, seed 42)."""
-    from cockatoo_lib.data.prepare import load_data_config, prepare
-
-    out = tmp_path_factory.mktemp("sample") / "data"
-    prepare(load_data_config(str(SAMPLE_CONFIG)), out)
-    return out
+    return _prepared(tmp_path_factory, "sample")
 
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """400 rows of the sample: enough for every label, quick to train on."""
-    from cockatoo_lib.data.prepare import load_data_config, prepare
-
-    out = tmp_path_factory.mktemp("small") / "data"
-    prepare(load_data_config(str(SAMPLE_CONFIG)), out, max_samples=400)
-    return out
+    return _prepared(tmp_path_factory, "small", max_samples=400)
 
 
 @pytest.fixture(scope="session")
 def image_data(tmp_path_factory):
     """240 rows, two thirds with an image (JPEG, PNG, grayscale, odd sizes), a third text-only,
     some captions longer than CLIP's 77 tokens; the label depends on text and image colour."""
+    return built_once(tmp_path_factory, "images", _write_image_data)
+
+
+def _write_image_data(root: Path) -> None:
     import pandas as pd
 
     from cockatoo_lib.data.prepare import load_data_config, prepare
 
-    root = tmp_path_factory.mktemp("images")
     (root / "img").mkdir()
     rows = []
     for i in range(240):
@@ -149,8 +182,7 @@ def image_data(tmp_path_factory):
     pd.DataFrame(rows).to_csv(root / "posts.csv", index=False)
     config = write_config(root, [{"name": "posts", "path": "posts.csv", "image_column": "image",
                                   "text_column": "caption", "labels": {"scam": "scam"}}], labels=["scam"])
-    prepare(load_data_config(str(config)), root / "data")
-    return root  # data.yaml, posts.csv, img/, and data/ (prepared)
+    prepare(load_data_config(str(config)), root / "data")  # data.yaml, posts.csv, img/, and data/
 
 
 # ------------------------------------------------------------------ storage emulators
@@ -216,17 +248,20 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
     from cockatoo_lib.tokenize import tokenize
     from cockatoo_lib.training.trainer import MODEL_MANIFEST, train
 
-    root = tmp_path_factory.mktemp("trained")
-    plan = resolve_plan("deberta", {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,
-                                    "learning_rate": 1e-3, "dataloader_num_workers": 0,
-                                    "base_model": str(tiny_models["deberta"])})
-    tokenize(small_data, plan, root / "tok", cache_root=str(root / "cache"))
-    train(root / "tok", plan, root / "model", data_dir=small_data)
-    evaluate(root / "model", root / "tok", root / "eval")
-    shutil.copytree(root / "model", root / "blind")
-    manifest = json.loads((root / "blind" / MODEL_MANIFEST).read_text())
-    manifest["thresholds"] = {label: 1.0 for label in manifest["thresholds"]}
-    (root / "blind" / MODEL_MANIFEST).write_text(json.dumps(manifest))
-    evaluate(root / "blind", root / "tok", root / "blind-eval")
+    def build(root: Path) -> None:
+        plan = resolve_plan("deberta", {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,
+                                        "learning_rate": 1e-3, "dataloader_num_workers": 0,
+                                        "base_model": str(tiny_models["deberta"])})
+        tokenize(small_data, plan, root / "tok", cache_root=str(root / "cache"))
+        train(root / "tok", plan, root / "model", data_dir=small_data)
+        evaluate(root / "model", root / "tok", root / "eval")
+        shutil.copytree(root / "model", root / "blind")
+        manifest = json.loads((root / "blind" / MODEL_MANIFEST).read_text())
+        manifest["thresholds"] = {label: 1.0 for label in manifest["thresholds"]}
+        (root / "blind" / MODEL_MANIFEST).write_text(json.dumps(manifest))
+        evaluate(root / "blind", root / "tok", root / "blind-eval")
+
+    root = built_once(tmp_path_factory, "trained", build)
+    labels = json.loads((root / "model" / MODEL_MANIFEST).read_text())["labels"]
     return {"data": small_data, "tok": root / "tok", "model": root / "model", "blind": root / "blind",
-            "eval": root / "eval", "blind-eval": root / "blind-eval", "labels": manifest["labels"]}
+            "eval": root / "eval", "blind-eval": root / "blind-eval", "labels": labels}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -103,3 +104,9 @@ class SilentHost:
 
     def __exit__(self, *exc) -> None:
         self._listener.close()
+
+
+def without_coverage() -> dict[str, str]:
+    """This environment without coverage's hand-on to subprocesses: for a process the test kills,
+    whose measurements die with it, so that it does not pay for them."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}

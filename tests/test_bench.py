@@ -170,9 +170,12 @@ def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path):
+def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path, monkeypatch):
     from bench.data_parallel import bench_processes
     from bench.harness import write_report
+
+    # This checks the benchmark's code; the trainings it starts are test_distributed's, measured there.
+    monkeypatch.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
 
     b9 = bench_processes(rows=100, repeats=1)
     one, two = b9["median"][1], b9["median"][2]

@@ -2,6 +2,7 @@
 with SIGKILL resumed by the same command, half-written checkpoints never read, cleanup."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import run_cli, without_coverage
 from safetensors.torch import load_file
 
 from cockatoo_lib.plan.catalogue import Hardware, resolve_plan
@@ -47,14 +49,10 @@ def _command(tok, out, base, extra=(), **settings):
     return ["train", "--tokenized", str(tok), "--output", str(out), "--model-type", "deberta", *sets, *extra]
 
 
-def _run(argv):
-    return subprocess.run([sys.executable, "-m", "cockatoo_lib.cli", *argv], capture_output=True, text=True,
-                          timeout=300)
-
-
 def _kill_after_first_checkpoint(argv, root: Path) -> None:
     process = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, *argv],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=without_coverage())
     deadline = time.monotonic() + 240
     try:
         while not list(root.glob("checkpoints/*/entry-*.json")):
@@ -77,33 +75,37 @@ def tokenized(tiny_models, small_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def whole(tokenized, tmp_path_factory) -> Path:
-    """The same training, never interrupted; save_steps only adds saves, which change nothing it
-    learns, so one serves both kinds of resume."""
+    """The same training, never interrupted, run here: save_steps only adds saves, which change
+    nothing it learns, so one serves both kinds of resume."""
+    from cockatoo_lib.cli import app
+
     tok, base = tokenized
     folder = tmp_path_factory.mktemp("uninterrupted") / "whole"
-    done = _run(_command(tok, folder, base))
-    assert done.returncode == 0, done.stderr[-3000:]
+    app(_command(tok, folder, base), standalone_mode=False)
     return folder
 
 
 @pytest.mark.parametrize("save_steps", [0, 3], ids=["at-epoch-end", "mid-epoch"])
 def test_a_killed_training_resumes_and_ends_with_the_uninterrupted_weights(tokenized, whole, tmp_path,
-                                                                           save_steps):
+                                                                           save_steps, capsys, monkeypatch,
+                                                                           caplog):
+    """Killed in a process of its own; run again by the same command (here, in this process)."""
     tok, base = tokenized
     root = tmp_path / "durable"
     argv = _command(tok, tmp_path / "resumed", base, ["--checkpoint-root", str(root)], save_steps=save_steps)
     _kill_after_first_checkpoint(argv, root)
     assert not (tmp_path / "resumed").exists()  # killed before any model was written
 
-    again = _run(argv)
-    assert again.returncode == 0, again.stderr[-3000:]
+    caplog.set_level(logging.INFO, logger="cockatoo_lib")
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
     first = 3 if save_steps else read_model_manifest(whole)["optimizer_steps"] // 2
-    assert f"resumed from step {first}:" in again.stderr
+    assert f"resumed from step {first}:" in caplog.text
     resumed = read_model_manifest(tmp_path / "resumed")
     assert resumed["resumed_from_step"] == first
     uninterrupted = read_model_manifest(whole)
     total = uninterrupted["optimizer_steps"]
-    assert f"this run trained {total - first} of {total} optimizer steps" in again.stderr
+    assert f"this run trained {total - first} of {total} optimizer steps" in caplog.text
     assert resumed["optimizer_steps"] == uninterrupted["optimizer_steps"]
     assert resumed["validation_by_epoch"] == uninterrupted["validation_by_epoch"]
     assert resumed["thresholds"] == uninterrupted["thresholds"]
@@ -281,26 +283,29 @@ def test_a_resume_on_another_split_says_so(tmp_path, caplog):
     assert "trained at micro-batch 16 x 1 x 1 processes; this run trains 8 x 2 x 1 processes" in caplog.text
 
 
-def test_a_training_that_stopped_early_is_not_trained_further_when_run_again(tokenized, tmp_path):
+def test_a_training_that_stopped_early_is_not_trained_further_when_run_again(tokenized, tmp_path, capsys,
+                                                                           monkeypatch, caplog):
     """Early stopping ends the training at epoch 2 of 4; its last checkpoint is kept. Run again
     (the model lost, say), it resumes there and trains nothing: the Trainer itself would forget
-    the stop on resuming and train another epoch."""
+    the stop on resuming and train another epoch. Both runs in this process: nothing is killed."""
+    import shutil
+
     tok, base = tokenized
     root = tmp_path / "durable"
     keep = ["--checkpoint-root", str(root), "--keep-checkpoints", "9"]
     argv = _command(tok, tmp_path / "model", base, keep, num_epochs=4, early_stopping_patience=1,
                     learning_rate=1e-12)
-    first = _run(argv)
-    assert first.returncode == 0, first.stderr[-3000:]
+    caplog.set_level(logging.INFO, logger="cockatoo_lib")
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
     stopped = read_model_manifest(tmp_path / "model")
     assert stopped["epochs"] == 2  # a learning rate this small never improves on epoch 1
-    import shutil
-
     shutil.rmtree(tmp_path / "model")
-    again = _run(argv)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "ended its training: nothing more to train" in again.stderr
+    caplog.clear()
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert "ended its training: nothing more to train" in caplog.text
     resumed = read_model_manifest(tmp_path / "model")
     assert (resumed["epochs"], resumed["optimizer_steps"]) == (stopped["epochs"], stopped["optimizer_steps"])
-    assert f"this run trained 0 of {stopped['optimizer_steps']} optimizer steps" in again.stderr
+    assert f"this run trained 0 of {stopped['optimizer_steps']} optimizer steps" in caplog.text
     assert resumed["thresholds"] == stopped["thresholds"]

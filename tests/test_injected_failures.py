@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, without_coverage
 
 from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import tokenize
@@ -86,7 +86,7 @@ def test_a_step_that_fails_while_writing_leaves_nothing_and_reruns(step, failure
     before = _tree_digest(*input_dirs)
     if failure == "kill":
         proc = subprocess.Popen([sys.executable, "-c", KILL_AT_PUBLISH, str(flag), *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=without_coverage())
         deadline = time.monotonic() + 180
         while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -136,12 +136,13 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
 
     entry = dsl.Dataset(uri=out.cache_uri)
     model = dsl.Model(uri=str(tmp_path / "model"))
-    # gpus=2 on a machine without CUDA: two data-parallel CPU processes (gloo), as on two GPUs.
+    # One GPU (here: none): the step trains in its own process (test_the_train_step_on_several_gpus_...
+    # covers gpus > 1).
     train.python_func(tokenized=entry, model_type="deberta", overrides=FAST, base_model=base, seed=7,
-                      gpus=2, checkpoint_root=str(tmp_path / "durable"), nodes=1,
+                      gpus=1, checkpoint_root=str(tmp_path / "durable"), nodes=1,
                       task_config=dsl.TaskConfig(), model=model)
     assert model.metadata["model_type"] == "deberta" and model.metadata["epochs"] == 1
-    assert read_model_manifest(model.path)["processes"] == 2
+    assert read_model_manifest(model.path)["processes"] == 1
     assert 0 <= model.metadata["best_validation_metric"] <= 1
     assert model.metadata["selection_metric"] == "f1"
     # The run form's seed reaches training and is recorded with the model.
@@ -179,6 +180,30 @@ def test_components_run_through_python_func(tiny_models, tmp_path):
     assert gate["decision"].metadata["below_baseline_override"] is False
     assert gate["decision"].metadata["model_uri"] == "models:/m/1"
     assert Path(gate["decision_report"].path).read_text().startswith("# Gate: m version 1 promoted")
+
+
+def test_the_train_step_on_several_gpus_starts_one_cockatoo_train_per_gpu(trained_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    """gpus=2: the step hands `cockatoo train` to torchrun (test_distributed runs that in two
+    processes); the command it hands on trains the run's model when run as it is, and a failed
+    launch is one error naming the count."""
+    from cockatoo_lib.errors import CockatooError
+    from cockatoo_lib.training import distributed
+
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda gpus, argv: launched.append((gpus, argv)) or 3)
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    base = read_model_manifest(trained_run["model"])["base_model"]
+    with pytest.raises(CockatooError, match="training in 2 processes failed \\(exit code 3\\)"):
+        train.python_func(tokenized=dsl.Dataset(uri=str(trained_run["tok"])), model_type="deberta",
+                          overrides=FAST, base_model=base, seed=7, gpus=2, checkpoint_root="", nodes=1,
+                          task_config=dsl.TaskConfig(), model=model)
+    ((gpus, argv),) = launched
+    assert gpus == 2 and argv[:5] == ["train", "--tokenized", str(trained_run["tok"]), "--output", model.path]
+    code, _, err = run_cli(argv, capsys, monkeypatch)  # what each of the processes runs
+    assert code == 0, err[-2000:]
+    trained = read_model_manifest(model.path)
+    assert (trained["seed"], trained["base_model"], trained["epochs"]) == (7, base, 1)
 
 
 def test_bad_model_type_fails_the_first_step_listing_valid_values(tmp_path):
@@ -235,6 +260,9 @@ def local_run(tiny_models, image_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("local-run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PATH", "/usr/bin:/bin")
+        # Its steps' processes unmeasured: test_components_run_through_python_func measures the
+        # same component code in this process, at a fraction of the cost.
+        patch.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
         result = run_local({"model_type": "clip-vit", "base_model": str(tiny_models["clip-vit"]),
                             "data_config": str(image_data / "data.yaml"), "overrides": FAST,
                             "min_gain_over_baseline": 1.0, "allow_below_baseline": True,
