@@ -24,11 +24,14 @@ def run(args) -> dict:
     return bench_processes(args.parallel_rows, args.repeats)
 
 
-def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2)) -> dict:
+def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2),
+                    keep: Path | None = None) -> dict:
     """One epoch of `cockatoo train` with each count of processes (one per GPU on CUDA),
-    alternately, each a fresh command as a user runs it; samples/s over the Trainer's own
-    training time. On 2 processes the plan's 16 x 2 becomes 16 x 2 processes x 1: the same
-    effective batch, and about the same steps."""
+    alternately, each a fresh command as a user runs it, with a checkpoint root as the pipeline
+    always gives it; samples/s over the Trainer's own training time. On 2 processes the plan's
+    16 x 2 becomes 16 x 2 processes x 1: the same effective batch, and about the same steps.
+    With `keep`, the runs stay there: model-N-I, its checkpoint root ck-N-I (the last
+    checkpoint kept) and its log log-N-I.txt for N processes, repeat I."""
     import json as json_
     import subprocess
     import sys
@@ -44,8 +47,8 @@ def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2)) -
     plan = resolve_plan("minilm", settings)
     rng = np.random.default_rng(0)
     runs: dict[int, list[dict]] = {n: [] for n in counts}
-    with tempfile.TemporaryDirectory() as work:
-        work = Path(work)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = keep or Path(scratch)
         texts = posts(social_media_lengths(rows, plan.max_length))
         pd.DataFrame({"text": texts, "label": (rng.random(rows) < 0.3).astype(int)}).to_parquet(
             work / "rows.parquet")
@@ -58,11 +61,16 @@ def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2)) -
             for processes in counts:
                 out = work / f"model-{processes}-{i}"
                 start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "cockatoo_lib.cli", "train", "--tokenized",
-                                str(work / "tok"), "--output", str(out), "--model-type", "minilm",
-                                *[f"--set={k}={v}" for k, v in settings.items()],
-                                "--processes", str(processes)], check=True, capture_output=True)
+                done = subprocess.run([sys.executable, "-m", "cockatoo_lib.cli", "train", "--tokenized",
+                                       str(work / "tok"), "--output", str(out), "--model-type", "minilm",
+                                       *[f"--set={k}={v}" for k, v in settings.items()],
+                                       "--processes", str(processes), "--checkpoint-root",
+                                       str(work / f"ck-{processes}-{i}"), "--keep-checkpoints", "1"],
+                                      capture_output=True, text=True)
                 wall = time.perf_counter() - start
+                (work / f"log-{processes}-{i}.txt").write_text(done.stderr)
+                if done.returncode:
+                    raise RuntimeError(f"{processes}-process training failed: {done.stderr[-3000:]}")
                 manifest = json_.loads((out / "cockatoo.json").read_text())
                 split = manifest["batch_split"]
                 runs[processes].append({"wall_s": wall, "train_s": manifest["train_seconds"],
@@ -88,8 +96,9 @@ def section(m: dict, b9: dict) -> list[str]:
         f"One epoch of `cockatoo train` on {b9['train_rows']:,} training rows of B1's length mix "
         f"({b9['rows']:,} prepared), {b9['model']}, micro-batch {b9['micro_batch']}, max length "
         f"{b9['max_length']}, {m['cores']} CPU cores, {b9['repeats']} repeats alternating; each a fresh "
-        "command. Two processes: torchrun, gloo, one thread each (torchrun's default) against one "
-        "process with every core.",
+        "command, with a checkpoint root as the pipeline gives one (a checkpoint at the epoch's end). "
+        "Two processes: torchrun, gloo, one thread each (torchrun's default) against one process with "
+        "every core.",
         "",
         "| processes | samples/s | train seconds | command seconds | optimizer steps | "
         "effective batch (accumulation) |",

@@ -3,9 +3,9 @@ small data. Nothing here touches the network."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: torch threads 
 # gcsfs otherwise probes each bucket over gRPC, which the storage emulator does not serve, and
 # waits 60 s for it. gcsfs reads this when first imported, so it is set before any test runs.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
@@ -109,15 +110,12 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
         root = root.parent  # the run's folder, above each worker's own
     folder, done = root / name, root / f"{name}.done"
     with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not done.exists():
-                folder.mkdir()
-                build(folder)
-                done.touch()
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a build that failed left
+            folder.mkdir()
+            build(folder)
+            done.touch()
     return folder
 
 
@@ -241,7 +239,6 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
     """A tiny DeBERTa trained on small_data with its evaluation, and a copy of it ("blind")
     whose thresholds of 1.0 flag nothing (every F1 0), with its own."""
     import json
-    import shutil
 
     from cockatoo_lib.evaluation.evaluate import evaluate
     from cockatoo_lib.plan.catalogue import resolve_plan
@@ -265,3 +262,21 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
     labels = json.loads((root / "model" / MODEL_MANIFEST).read_text())["labels"]
     return {"data": small_data, "tok": root / "tok", "model": root / "model", "blind": root / "blind",
             "eval": root / "eval", "blind-eval": root / "blind-eval", "labels": labels}
+
+
+@pytest.fixture(scope="session")
+def data_parallel_run(tmp_path_factory) -> tuple[dict, Path]:
+    """B9's measurement (bench/data_parallel.py) on 100 rows, its runs kept: `cockatoo train` with
+    MiniLM in one process and in two (torchrun, gloo), each with a checkpoint root. The suite's
+    one two-process training: test_distributed checks what it trained, test_bench what B9 makes
+    of it."""
+    import json
+
+    from bench.data_parallel import bench_processes
+
+    def build(folder: Path) -> None:
+        (folder / "b9.json").write_text(json.dumps(bench_processes(rows=100, repeats=1, keep=folder)))
+
+    folder = built_once(tmp_path_factory, "data-parallel", build)
+    b9 = json.loads((folder / "b9.json").read_text())
+    return {**b9, "median": {int(n): m for n, m in b9["median"].items()}}, folder

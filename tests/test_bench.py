@@ -170,14 +170,10 @@ def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path, monkeypatch):
-    from bench.data_parallel import bench_processes
+def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(data_parallel_run, tmp_path):
     from bench.harness import write_report
 
-    # This checks the benchmark's code; the trainings it starts are test_distributed's, measured there.
-    monkeypatch.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
-
-    b9 = bench_processes(rows=100, repeats=1)
+    b9, _ = data_parallel_run
     one, two = b9["median"][1], b9["median"][2]
     assert (one["effective_batch"], one["accumulation"]) == (32, 2)
     assert (two["effective_batch"], two["accumulation"]) == (32, 1)
@@ -186,6 +182,7 @@ def test_b9_trains_in_one_and_two_processes_at_the_same_effective_batch(tmp_path
     doc = tmp_path / "benchmarks.md"
     write_report({"machine": MACHINE, "b9": b9}, doc)
     assert f"**Ratio: {b9['ratio_samples_per_s']:.2f}× samples/s** with 2 processes" in doc.read_text()
+    assert "with a checkpoint root as the pipeline gives one" in doc.read_text()
     # B4's 1-GPU-against-all rows are this measurement on CUDA; rendered from the same result.
     from bench.gpu import parallel_section
 

@@ -1,6 +1,5 @@
 """Data-parallel training: `cockatoo train --processes 2` on CPU (torchrun, gloo)."""
 
-import json
 import subprocess
 import sys
 
@@ -61,7 +60,6 @@ def test_the_plan_for_several_cards_prints_each_process_split_and_the_whole_step
 
 
 def test_training_refuses_a_plan_made_for_another_count_of_processes(tiny_models, small_data, tmp_path):
-    from cockatoo_lib.training.trainer import train
 
     plan = resolve_plan("deberta", {**FAST, "base_model": str(tiny_models["deberta"])},
                         Hardware(cuda=False, processes=2))
@@ -113,39 +111,26 @@ def test_each_process_probes_its_own_card(monkeypatch):
         distributed.own_card()
 
 
-def _train(tok, out, base, processes, *extra):
-    sets = [f"--set={k}={v}" for k, v in {**FAST, "base_model": base}.items()]
-    return subprocess.run([sys.executable, "-m", "cockatoo_lib.cli", "train", "--tokenized", str(tok),
-                           "--output", str(out), "--model-type", "deberta", *sets,
-                           "--processes", str(processes), *extra],
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_two_processes_train_one_model_at_the_same_effective_batch(tiny_models, small_data, tmp_path):
-    base = str(tiny_models["deberta"])
-    tokenize(small_data, resolve_plan("deberta", {**FAST, "base_model": base}), tmp_path / "tok",
-             cache_root=str(tmp_path / "cache"))
-    # One process, in this one: the same training the command runs, without its start-up.
-    train(tmp_path / "tok", resolve_plan("deberta", {**FAST, "base_model": base}), tmp_path / "out" / "one")
-    two = _train(tmp_path / "tok", tmp_path / "out" / "two", base, 2,
-                 "--checkpoint-root", str(tmp_path / "ck"), "--keep-checkpoints", "1")
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "training in 2 processes (gloo backend)" in two.stderr
+def test_two_processes_train_one_model_at_the_same_effective_batch(data_parallel_run):
+    """The suite's one two-process training (B9's, conftest.data_parallel_run): MiniLM's 16 x 2
+    becomes 16 x 2 processes x 1."""
+    _, work = data_parallel_run
+    assert "training in 2 processes (gloo backend)" in (work / "log-2-0.txt").read_text()
     # Checkpoints: both processes' RNG states in the one checkpoint process 0 published.
-    (published,) = (tmp_path / "ck" / "checkpoints").glob("*/data-*")
+    (published,) = (work / "ck-2-0" / "checkpoints").glob("*/data-*")
     assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt"} <= {p.name for p in published.iterdir()}
-    # Process 0 alone wrote: one model folder, nothing else beside it, and a valid model.
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one", "two"]
-    single = read_model_manifest(tmp_path / "out" / "one")
-    double = read_model_manifest(tmp_path / "out" / "two")
+    # Process 0 alone wrote: one model folder, nothing beside it, and a valid model.
+    assert [p.name for p in work.iterdir() if "model-2-0" in p.name] == ["model-2-0"]
+    single, double = read_model_manifest(work / "model-1-0"), read_model_manifest(work / "model-2-0")
     assert double["processes"] == 2 and single["processes"] == 1
-    # The same 16 rows a step, 8 from each process: as many optimizer steps as one process takes.
-    assert double["optimizer_steps"] == single["optimizer_steps"]
-    assert double["batch_split"]["effective_batch"] == single["batch_split"]["effective_batch"] == 16
-    assert double["batch_split"]["micro_batch"] == 8
-    saved = {p.name for p in (tmp_path / "out" / "two").iterdir()}
+    # The same 32 rows a step, 16 from each process: about as many optimizer steps as one process.
+    assert abs(double["optimizer_steps"] - single["optimizer_steps"]) <= 1
+    assert double["batch_split"]["effective_batch"] == single["batch_split"]["effective_batch"] == 32
+    split = double["batch_split"]
+    assert (split["micro_batch"], split["gradient_accumulation_steps"]) == (16, 1)
+    saved = {p.name for p in (work / "model-2-0").iterdir()}
     assert {"model.safetensors", "tokenizer.json", MODEL_MANIFEST} <= saved
-    assert json.loads((tmp_path / "out" / "two" / MODEL_MANIFEST).read_text())["labels"] == single["labels"]
+    assert double["labels"] == single["labels"]
 
 
 LAUNCH_ONLY = """

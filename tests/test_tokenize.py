@@ -4,7 +4,7 @@ import logging
 import pytest
 from helpers import error_line, run_cli
 
-from cockatoo_lib.plan.catalogue import resolve_plan
+from cockatoo_lib.plan.catalogue import CATALOGUE, resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
 
 
@@ -69,7 +69,7 @@ def test_cache_root_can_be_any_fsspec_filesystem(small_data, plan, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model-type", "bert"], "unknown model type 'bert'; valid: deberta, modernbert, clip-vit, minilm"),
+    (["--model-type", "bert"], f"unknown model type 'bert'; valid: {', '.join(CATALOGUE)}"),
     (["--model-type", "minilm", "--set", "max_lenght=64"], "unknown plan setting 'max_lenght'"),
 ])
 def test_bad_model_settings_fail_before_any_work(args, message, small_data, tmp_path, capsys, monkeypatch):
