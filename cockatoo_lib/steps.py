@@ -77,6 +77,10 @@ class TrainArgs(PlanArgs):
     output: str
     output_uri: str = ""
 
+    def settings(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The run's seed (the run form's `seed`) under the overrides: theirs wins if they set one."""
+        return super().settings({"seed": self.seed, **(defaults or {})})
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateArgs(StepArgs):
@@ -149,8 +153,8 @@ def train_step(args: TrainArgs) -> dict:
         raise CockatooError(f"checkpoint_root {args.checkpoint_root!r} is a local folder, but this step runs "
                             f"on a cluster (its output is {args.output_uri}); set it to a bucket URI such as "
                             "gs://BUCKET/cockatoo-checkpoints, or leave it empty")
-    settings = args.settings({"seed": args.seed})  # the run's seed, unless the overrides set one
-    plan = args.plan({"seed": args.seed}, detect=args.nodes == 1)
+    settings = args.settings()
+    plan = args.plan(detect=args.nodes == 1)
     if args.nodes > 1:
         info = _train_on_nodes(args, settings)
     elif args.gpus > 1 and not distributed.launched():

@@ -63,8 +63,8 @@ def _sample_texts() -> list[str]:
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
-def build_tiny_model(kind: str, tokenizer, folder: Path) -> Path:
-    """Save a tiny random base model of `kind` with `tokenizer` into `folder`."""
+def build_tiny_model(model_type: str, tokenizer, folder: Path) -> Path:
+    """Save a tiny random base model for `model_type` with `tokenizer` into `folder`."""
     import torch
     from transformers import (
         CLIPConfig,
@@ -79,15 +79,15 @@ def build_tiny_model(kind: str, tokenizer, folder: Path) -> Path:
     vocab = len(tokenizer)
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
                eos_token_id=tokenizer.sep_token_id)
-    if kind == "deberta":
+    if model_type == "deberta":
         model = DebertaV2Model(DebertaV2Config(vocab_size=vocab, max_position_embeddings=512,
                                                **TINY, **ids))
-    elif kind == "modernbert":
+    elif model_type == "modernbert":
         model = ModernBertModel(ModernBertConfig(
             vocab_size=vocab, max_position_embeddings=1024, global_attn_every_n_layers=2,
             local_attention=16, sep_token_id=tokenizer.sep_token_id,
             cls_token_id=tokenizer.cls_token_id, **TINY, **ids))
-    elif kind == "clip":
+    elif model_type == "clip-vit":
         model = CLIPModel(CLIPConfig(
             text_config=dict(vocab_size=vocab, max_position_embeddings=77, **TINY, **ids),
             vision_config=dict(image_size=224, patch_size=32, **TINY),
@@ -96,7 +96,7 @@ def build_tiny_model(kind: str, tokenizer, folder: Path) -> Path:
 
         CLIPImageProcessorPil().save_pretrained(folder)  # CLIP's defaults: 224 x 224
     else:
-        raise ValueError(kind)
+        raise ValueError(model_type)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -119,7 +119,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     return folder
 
 
-KINDS = {"deberta": "deberta", "modernbert": "modernbert", "clip-vit": "clip"}
+TINY_MODEL_TYPES = ("deberta", "modernbert", "clip-vit")
 
 
 @pytest.fixture(scope="session")
@@ -127,11 +127,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """model_type -> folder of a tiny random base model with a local tokenizer."""
     def build(root: Path) -> None:
         tokenizer = build_tokenizer(_sample_texts())
-        for model_type, kind in KINDS.items():
-            build_tiny_model(kind, tokenizer, root / model_type)
+        for model_type in TINY_MODEL_TYPES:
+            build_tiny_model(model_type, tokenizer, root / model_type)
 
     root = built_once(tmp_path_factory, "tiny-models", build)
-    return {model_type: root / model_type for model_type in KINDS}
+    return {model_type: root / model_type for model_type in TINY_MODEL_TYPES}
 
 
 def _prepared(tmp_path_factory, name: str, max_samples: int = 0) -> Path:
@@ -243,7 +243,7 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
     from cockatoo_lib.evaluation.evaluate import evaluate
     from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
-    from cockatoo_lib.training.trainer import MODEL_MANIFEST, train
+    from cockatoo_lib.training.trainer import MODEL_MANIFEST, read_model_manifest, train
 
     def build(root: Path) -> None:
         plan = resolve_plan("deberta", {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,
@@ -259,7 +259,7 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
         evaluate(root / "blind", root / "tok", root / "blind-eval")
 
     root = built_once(tmp_path_factory, "trained", build)
-    labels = json.loads((root / "model" / MODEL_MANIFEST).read_text())["labels"]
+    labels = read_model_manifest(root / "model")["labels"]
     return {"data": small_data, "tok": root / "tok", "model": root / "model", "blind": root / "blind",
             "eval": root / "eval", "blind-eval": root / "blind-eval", "labels": labels}
 
