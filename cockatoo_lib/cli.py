@@ -5,8 +5,11 @@ Bad input prints one line (`error: ...`) and exits with code 2; no traceback.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -20,6 +23,45 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 MODEL_TYPE = typer.Option("deberta", "--model-type", "-m", help=", ".join(CATALOGUE))
 SET = typer.Option(None, "--set", "-s", help="override a plan setting: key=value (repeatable)")
+
+
+def option_group(options: dict[str, tuple[type, typer.models.OptionInfo]], build: Callable, into: str):
+    """A decorator: the command gets `options`, and receives them as one object `into`,
+    `build(**their values)` (a group of options several commands share)."""
+    def decorate(command):
+        signature = inspect.signature(command)
+        kept = [p for p in signature.parameters.values() if p.name != into]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+                 for name, (kind, option) in options.items()]
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            group = build(**{name: kwargs.pop(name) for name in options})
+            return command(*args, **{into: group}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=kept + added)
+        wrapper.__annotations__ = {**{p.name: p.annotation for p in kept},
+                                   **{name: kind for name, (kind, _) in options.items()}}
+        del wrapper.__wrapped__  # typer reads the signature above, not the wrapped function's
+        return wrapper
+
+    return decorate
+
+
+def _serve_options() -> dict[str, tuple[type, typer.models.OptionInfo]]:
+    from cockatoo_lib.serving.settings import ServeSettings
+
+    return {name: (f.annotation, typer.Option(f.default, "--" + name.replace("_", "-"), help=f.description))
+            for name, f in ServeSettings.model_fields.items()}
+
+
+def _serve_settings(**values):
+    from cockatoo_lib.serving.settings import ServeSettings
+
+    return ServeSettings.of(**values)
+
+
+with_serve_settings = option_group(_serve_options(), _serve_settings, "settings")
 
 
 def _plan(model_type: str, overrides: list[str] | None, detect: bool = True, hardware=None):
@@ -207,6 +249,26 @@ def predict(model: str = typer.Option(..., "--model",
 
     check_range("batch_size", batch_size, "--batch-size")
     show_predictions(predict_file(model, input_, output, text_column, image_column, registry_uri, batch_size))
+
+
+@app.command()
+@with_serve_settings
+def serve(model: str = typer.Option(..., "--model",
+                                    help="models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION, "
+                                         "a model folder, gs://… or s3://…"),
+          registry_uri: str = REGISTRY_URI,
+          http_port: int = typer.Option(8080, "--http-port", help="as KServe's model servers"),
+          model_name: str = typer.Option(None, "--model-name",
+                                         help="the name in the endpoints' paths; default: the registered "
+                                              "name or the folder's"),
+          settings=None):
+    """Serve a model over KServe's V1 and v2 protocols, in batches; a models:/NAME@ALIAS model
+    follows its alias (README: serving)."""
+    from cockatoo_lib.plan.limits import check_range
+    from cockatoo_lib.serving.server import serve as run
+
+    check_range("http_port", http_port, "--http-port")
+    run(model, registry_uri, http_port=http_port, model_name=model_name, settings=settings)
 
 
 def show_predictions(info: dict) -> None:

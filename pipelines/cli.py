@@ -1,14 +1,12 @@
 """The full `cockatoo` command line: the library's step commands plus the pipeline commands
 (run locally, compile, submit, schedule). Lives here because those need kfp."""
 
-import functools
-import inspect
 import sys
 from pathlib import Path
 
 import typer
 
-from cockatoo_lib.cli import SET, app
+from cockatoo_lib.cli import REGISTRY_URI, SET, app, option_group, with_serve_settings
 from cockatoo_lib.cli import main as _library_main
 from cockatoo_lib.plan.catalogue import CATALOGUE
 from cockatoo_lib.steps import STEPS
@@ -45,21 +43,7 @@ CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
 
 def with_cluster_options(command):
     """Give `command` the cluster options; it receives them as one `cluster` (a Cluster)."""
-    signature = inspect.signature(command)
-    kept = [p for p in signature.parameters.values() if p.name != "cluster"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-             for name, (kind, option) in CLUSTER_OPTIONS.items()]
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        cluster = _cluster(**{name: kwargs.pop(name) for name in CLUSTER_OPTIONS})
-        return command(*args, cluster=cluster, **kwargs)
-
-    wrapper.__signature__ = signature.replace(parameters=kept + added)
-    wrapper.__annotations__ = {**{p.name: p.annotation for p in kept},
-                               **{name: kind for name, (kind, _) in CLUSTER_OPTIONS.items()}}
-    del wrapper.__wrapped__  # typer reads the signature above, not the wrapped function's
-    return wrapper
+    return option_group(CLUSTER_OPTIONS, _cluster, "cluster")(command)
 
 
 def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu", gpus=1,
@@ -198,6 +182,46 @@ def schedule(host: str = typer.Option(..., "--host"),
     from pipelines.runner import schedule as run_schedule
 
     typer.echo(run_schedule(host, cron, _params(model_type, set_, param), experiment, cluster, name))
+
+
+@app.command()
+@with_serve_settings
+def deploy(model_name: str = typer.Option(..., "--model-name", help="the registered model"),
+           alias: str = typer.Option("champion", "--alias", help="the alias the service follows"),
+           registry_uri: str = REGISTRY_URI,
+           name: str = typer.Option(None, "--name", help="the InferenceService; default: the model name"),
+           namespace: str = typer.Option("default", "--namespace"),
+           image_registry: str = IMAGE_REGISTRY, image_tag: str = TAG,
+           min_replicas: int = typer.Option(1, "--min-replicas"),
+           max_replicas: int = typer.Option(3, "--max-replicas"),
+           cpu: str = typer.Option("2", "--cpu", help="CPU request of each replica"),
+           memory: str = typer.Option("4Gi", "--memory", help="memory request and limit of each replica"),
+           mlflow_secret: str = typer.Option("cockatoo-mlflow", "--mlflow-secret",
+                                             help="secret with the registry's username, password, token"),
+           output: Path = typer.Option(None, "--output", "-o", help="default: NAME-inferenceservice.yaml"),
+           apply_: bool = typer.Option(False, "--apply", help="create or update it in the current "
+                                                                 "kube context's cluster"),
+           settings=None):
+    """Write the KServe InferenceService that serves a registered model's alias on the CPU image
+    (`cockatoo serve`), and with --apply create or update it."""
+    import yaml
+
+    from cockatoo_lib.serving.deploy import Deployment, apply, inference_service
+    from cockatoo_lib.storage.fileio import check_file_output, write_text_atomic
+    from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
+
+    name = name or model_name
+    manifest = inference_service(Deployment(
+        name=name, model_uri=f"models:/{model_name}@{alias}", registry_uri=registry_uri or "",
+        image=Images.of(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG).cpu,
+        namespace=namespace, min_replicas=min_replicas, max_replicas=max_replicas, cpu=cpu, memory=memory,
+        mlflow_secret=mlflow_secret, settings=settings))
+    path = check_file_output(output or Path(f"{name}-inferenceservice.yaml"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, yaml.safe_dump(manifest, sort_keys=False))
+    typer.echo(f"wrote {path}: InferenceService {namespace}/{name} serving models:/{model_name}@{alias}")
+    if apply_:
+        typer.echo(f"{apply(manifest)} InferenceService {namespace}/{name}")
 
 
 def main() -> None:

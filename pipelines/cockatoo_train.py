@@ -17,6 +17,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
+from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
 from cockatoo_lib.training.trainjob import ACCELERATOR_ENV, IMAGE_ENV
 from components import evaluate, prepare_data, promote, tokenize, train
 from components.images import DEFAULT_IMAGES, Images
@@ -62,8 +63,6 @@ class PipelineOutputs(NamedTuple):
     gate: Markdown
 
 
-MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD",
-                      "token": "MLFLOW_TRACKING_TOKEN"}
 
 RESOURCES = {  # (cpu, memory) requests per step
     "prepare": ("2", "8G"), "tokenize": ("4", "8G"), "train-pod-gpus": ("100m", "256M"),

@@ -265,6 +265,29 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_clip(tiny_models, image_data, tmp_path_factory) -> dict[str, Path]:
+    """A tiny CLIP trained one epoch on image_data (texts with images), its tokenized data and
+    the train manifest beside it."""
+    import json
+
+    from cockatoo_lib.plan.catalogue import resolve_plan
+    from cockatoo_lib.tokenize import tokenize
+    from cockatoo_lib.training.trainer import train
+
+    def build(root: Path) -> None:
+        plan = resolve_plan("clip-vit", {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1,
+                                         "learning_rate": 1e-3, "dataloader_num_workers": 0,
+                                         "base_model": str(tiny_models["clip-vit"])})
+        tokenize(image_data / "data", plan, root / "tok", cache_root=str(root / "cache"))
+        manifest = train(root / "tok", plan, root / "model", data_dir=image_data / "data")
+        (root / "train.json").write_text(json.dumps(manifest))
+
+    root = built_once(tmp_path_factory, "trained-clip", build)
+    return {"model": root / "model", "tok": root / "tok",
+            "manifest": json.loads((root / "train.json").read_text())}
+
+
+@pytest.fixture(scope="session")
 def data_parallel_run(tmp_path_factory) -> tuple[dict, Path]:
     """B9's measurement (bench/data_parallel.py) on 100 rows, its runs kept: `cockatoo train` with
     MiniLM in one process and in two (torchrun, gloo), each with a checkpoint root. The suite's

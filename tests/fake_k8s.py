@@ -2,7 +2,9 @@
 torch-distributed ClusterTrainingRuntime, TrainJobs (created, read), their node pods and the
 pods' logs. A created job "runs" at once: `on_create(body)` plays the nodes (it may write
 what they would) and returns the job's end, ("Complete", "") or ("Failed", message), or
-("Running", "") for a job that never ends, and its log."""
+("Running", "") for a job that never ends, and its log. KServe's InferenceServices are
+stored as they are created and replaced (`custom`), with a resourceVersion that counts the
+writes."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
+KSERVE = "/apis/serving.kserve.io/v1beta1"
 CREATED = "2026-11-30T08:00:00Z"
 
 RUNTIME = {
@@ -39,6 +42,7 @@ class FakeKubernetes:
         self.created: list[dict] = []  # the bodies, as the SDK sent them
         self.deleted: list[str] = []
         self.logs: dict[str, str] = {}
+        self.custom: dict[tuple[str, str], dict] = {}  # (plural, name) -> the stored object
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
 
     @property
@@ -114,10 +118,34 @@ class FakeKubernetes:
                     return self._reply(200, fake._pods(name.group(1) if name else ""))
                 if m := re.fullmatch(rf"/api/v1/namespaces/{ns}/pods/([\w-]+)-node-0-0-abcde/log", path):
                     return self._reply(200, fake.logs.get(m.group(1), ""), "text/plain")
+                if m := re.fullmatch(rf"{KSERVE}/namespaces/{ns}/(\w+)/([\w-]+)", path):
+                    found = fake.custom.get((m.group(1), m.group(2)))
+                    return self._reply(200, found) if found else self._missing()
                 return self._missing()  # namespaced runtimes, among others
+
+            def _store(self, plural: str, body: dict, create: bool):
+                key = (plural, body["metadata"]["name"])
+                current = fake.custom.get(key)
+                if create and current:
+                    return self._reply(409, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                             "reason": "AlreadyExists", "code": 409})
+                if not create and (not current or body["metadata"].get("resourceVersion")
+                                   != current["metadata"]["resourceVersion"]):
+                    return self._reply(409 if current else 404, {"kind": "Status", "code": 409})
+                version = int(current["metadata"]["resourceVersion"]) + 1 if current else 1
+                fake.custom[key] = {**body, "metadata": {**body["metadata"], "resourceVersion": str(version)}}
+                return self._reply(200 if current else 201, fake.custom[key])
+
+            def do_PUT(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if m := re.fullmatch(rf"{KSERVE}/namespaces/{fake.namespace}/(\w+)/([\w-]+)", self.path):
+                    return self._store(m.group(1), body, create=False)
+                return self._missing()
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if m := re.fullmatch(rf"{KSERVE}/namespaces/{fake.namespace}/(\w+)", self.path):
+                    return self._store(m.group(1), body, create=True)
                 if self.path.startswith(f"{TRAINER}/namespaces/{fake.namespace}/trainjobs"):
                     fake.created.append(body)
                     outcome, message, log = fake.on_create(body)

@@ -21,9 +21,6 @@ from cockatoo_lib.data.prepare import load_data_config, prepare
 from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
 
-FAST = {"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3, "dataloader_num_workers": 0}
-
 
 def _split_images(out) -> pd.DataFrame:
     return pd.concat(pq.read_table(out / f"{s}.parquet").to_pandas()
@@ -363,24 +360,22 @@ def test_classifier_averages_image_and_text_embeddings_per_row(tiny_models):
 # ------------------------------------------------------------------ train and evaluate
 
 
-def test_clip_with_images_trains_saves_loads_and_evaluates(image_data, tiny_models, tmp_path):
+def test_clip_with_images_trains_saves_loads_and_evaluates(trained_clip, image_data, tmp_path):
     from transformers import AutoImageProcessor
 
     from cockatoo_lib.evaluation.evaluate import evaluate
     from cockatoo_lib.evaluation.metrics import macro_f1, sigmoid
     from cockatoo_lib.training.models import load_trained_model, predict_logits
-    from cockatoo_lib.training.trainer import PaddingCollator, train
+    from cockatoo_lib.training.trainer import PaddingCollator
 
-    plan = resolve_plan("clip-vit", {**FAST, "base_model": str(tiny_models["clip-vit"])})
-    tokenize(image_data / "data", plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
-    manifest = train(tmp_path / "tok", plan, tmp_path / "model", data_dir=image_data / "data")
+    manifest, model_dir, tok = trained_clip["manifest"], trained_clip["model"], trained_clip["tok"]
     assert manifest["train_images"] > 0
-    saved = AutoImageProcessor.from_pretrained(str(tmp_path / "model"), backend="pil")
+    saved = AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")
     assert saved.crop_size == {"height": 224, "width": 224}
 
-    datasets, info = load_tokenized(tmp_path / "tok")
+    datasets, info = load_tokenized(tok)
     val = datasets["validation"]
-    model = load_trained_model(tmp_path / "model", "clip")
+    model = load_trained_model(model_dir, "clip")
     collate = PaddingCollator(0, pixels=info["images"])
     logits = predict_logits(model, [collate([val[i] for i in range(s, min(s + 8, len(val)))])
                                     for s in range(0, len(val), 8)])
@@ -388,6 +383,6 @@ def test_clip_with_images_trains_saves_loads_and_evaluates(image_data, tiny_mode
     assert macro_f1(sigmoid(logits.numpy()), np.asarray(val["labels"]), np.asarray(val["label_mask"]),
                     thresholds) == pytest.approx(manifest["validation_macro_f1_tuned"])
 
-    results = evaluate(tmp_path / "model", tmp_path / "tok", tmp_path / "eval", data_dir=image_data / "data")
+    results = evaluate(model_dir, tok, tmp_path / "eval", data_dir=image_data / "data")
     assert results["model_type"] == "clip-vit" and results["rows"] == len(datasets["test"])
     assert (tmp_path / "eval" / "report.html").exists()

@@ -175,7 +175,7 @@ def _http_session(fetch: Fetch):
     return cache[fetch]
 
 
-def _fetch_http(url: str, fetch: Fetch) -> bytes:
+def fetch_http(url: str, fetch: Fetch) -> bytes:
     import requests
 
     hint = (f"after {fetch.attempts} attempts with a {fetch.timeout_seconds:g} s timeout; a slow or busy "
@@ -198,7 +198,7 @@ def _fetch_http(url: str, fetch: Fetch) -> bytes:
 
 def _fetch(uri: str, fetch: Fetch) -> bytes:
     if uri.startswith(("http://", "https://")):
-        return _fetch_http(uri, fetch)
+        return fetch_http(uri, fetch)
     try:  # gcsfs and s3fs retry transient errors themselves
         fs, path = remote.url_to_fs(uri, timeout=fetch.timeout_seconds)
         return fs.cat_file(path)

@@ -20,6 +20,10 @@ from cockatoo_lib.errors import CockatooError, first_line
 log = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS = "champion", "previous"
+# A cluster's MLflow credentials: the keys of the secret (cockatoo-mlflow) and the variables the
+# MLflow client reads them from; the gate step and the model server get them alike.
+MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD",
+                      "token": "MLFLOW_TRACKING_TOKEN"}
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))/?$")
 
 

@@ -1,0 +1,114 @@
+"""`cockatoo deploy`: the KServe InferenceService that serves the champion on a cluster.
+
+A custom predictor: the CPU image running `cockatoo serve` on the registry alias, so the
+service follows the gate's promotions without a redeploy. Built with kserve's own models
+(V1beta1InferenceService) and the kubernetes client's; `apply` creates it, or replaces the
+one of that name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from cockatoo_lib.errors import CockatooError, first_line
+from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
+from cockatoo_lib.serving.settings import DEFAULT_HTTP_PORT, ServeSettings
+
+CONTAINER = "kserve-container"  # the name KServe gives a custom predictor's container
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    model_uri: str  # models:/NAME@champion
+    registry_uri: str
+    image: str
+    namespace: str = "default"
+    min_replicas: int = 1
+    max_replicas: int = 3
+    cpu: str = "2"
+    memory: str = "4Gi"
+    # MLflow credentials: the secret's keys username, password, token as MLFLOW_TRACKING_*.
+    mlflow_secret: str = "cockatoo-mlflow"
+    settings: ServeSettings = field(default_factory=ServeSettings)
+
+    def serve_args(self) -> list[str]:
+        args = ["--model", self.model_uri, "--registry-uri", self.registry_uri,
+                "--http-port", str(DEFAULT_HTTP_PORT), "--model-name", self.name]
+        for key, value in self.settings.model_dump(exclude_defaults=True).items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        return args
+
+
+def inference_service(d: Deployment) -> dict:
+    """The manifest, as the Kubernetes API takes it."""
+    if not d.model_uri.startswith("models:/"):
+        raise CockatooError(f"deploy serves a registered model (models:/NAME@ALIAS), not {d.model_uri}")
+    if not d.registry_uri or d.registry_uri.startswith("sqlite:"):
+        raise CockatooError(f"deploy needs a registry the cluster can reach (http://...), not "
+                            f"{d.registry_uri or 'none'}: pass --registry-uri")
+    if not 1 <= d.min_replicas <= d.max_replicas:
+        raise CockatooError(f"replicas: min {d.min_replicas} and max {d.max_replicas}; need 1 <= min <= max")
+    from kserve import constants
+    from kserve.models import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+    from kubernetes import client as k8s
+
+    def secret_env(env_name: str, key: str):
+        return k8s.V1EnvVar(name=env_name, value_from=k8s.V1EnvVarSource(
+            secret_key_ref=k8s.V1SecretKeySelector(name=d.mlflow_secret, key=key, optional=True)))
+
+    def probe(path: str):
+        return k8s.V1Probe(http_get=k8s.V1HTTPGetAction(path=path, port=DEFAULT_HTTP_PORT),
+                           period_seconds=10, failure_threshold=3)
+
+    container = k8s.V1Container(
+        name=CONTAINER, image=d.image, command=["cockatoo", "serve"], args=d.serve_args(),
+        ports=[k8s.V1ContainerPort(container_port=DEFAULT_HTTP_PORT, protocol="TCP")],
+        env=[secret_env(env, key) for key, env in MLFLOW_SECRET_KEYS.items()],
+        resources=k8s.V1ResourceRequirements(requests={"cpu": d.cpu, "memory": d.memory},
+                                             limits={"memory": d.memory}),
+        readiness_probe=probe("/v2/health/ready"), liveness_probe=probe("/v2/health/live"))
+    service = V1beta1InferenceService(
+        api_version=constants.KSERVE_V1BETA1, kind=constants.KSERVE_KIND_INFERENCESERVICE,
+        metadata=k8s.V1ObjectMeta(name=d.name, namespace=d.namespace,
+                                  labels={"app.kubernetes.io/part-of": "cockatoo"}),
+        spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(
+            min_replicas=d.min_replicas, max_replicas=d.max_replicas, containers=[container])))
+    return k8s.ApiClient().sanitize_for_serialization(service)
+
+
+def apply(manifest: dict) -> str:
+    """Create the InferenceService, or replace the one of that name; 'created' or 'updated'."""
+    from kserve import constants
+    from kubernetes import client as k8s
+    from kubernetes import config
+
+    try:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+    except Exception as exc:  # noqa: BLE001 - a missing or broken kube config
+        raise CockatooError(f"no Kubernetes cluster to apply to: {first_line(exc)}") from None
+    api = k8s.CustomObjectsApi()
+    group, version = constants.KSERVE_GROUP, constants.KSERVE_V1BETA1_VERSION
+    plural, ns, name = constants.KSERVE_PLURAL_INFERENCESERVICE, manifest["metadata"]["namespace"], \
+        manifest["metadata"]["name"]
+    where = f"InferenceService {ns}/{name}"
+    try:
+        try:
+            api.create_namespaced_custom_object(group, version, ns, plural, manifest)
+            return "created"
+        except k8s.ApiException as exc:
+            if exc.status != 409:
+                raise
+        current = api.get_namespaced_custom_object(group, version, ns, plural, name)
+        body = {**manifest, "metadata": {**manifest["metadata"],
+                                         "resourceVersion": current["metadata"]["resourceVersion"]}}
+        api.replace_namespaced_custom_object(group, version, ns, plural, name, body)
+        return "updated"
+    except k8s.ApiException as exc:
+        raise CockatooError(f"cannot apply {where}: HTTP {exc.status} {first_line(exc, 'reason')}") from None
+    except Exception as exc:  # noqa: BLE001 - connection errors arrive as many types
+        raise CockatooError(f"cannot apply {where}: {first_line(exc)}") from None

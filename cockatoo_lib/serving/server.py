@@ -1,0 +1,479 @@
+"""`cockatoo serve`: a trained model behind KServe's V1 and Open Inference (v2) protocols.
+
+A `kserve.Model` on kserve's `ModelServer`. Each instance is a text, or for CLIP a text and an
+image (an http(s) URL, or base64 bytes). Each answer gives every label's probability, the
+labels flagged at the model's stored thresholds, and the version that answered. Requests are
+gathered into batches (batching.Batcher); a model given as `models:/NAME@ALIAS` is followed:
+when the alias moves, the new version loads in the background and takes over between two
+batches, so no batch mixes versions and no request fails during the switch.
+
+Bad input is a 400 whose message names the field (`instances[2].text: ...`); the limits are
+`ServeSettings`. Readiness and liveness are kserve's (`/v2/health/ready`, `/v2/health/live`,
+`/v1/models/NAME`); `/metrics` adds cockatoo_* counters and histograms to kserve's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from cockatoo_lib.errors import CockatooError, first_line
+from cockatoo_lib.serving.settings import DEFAULT_HTTP_PORT, ServeSettings
+
+log = logging.getLogger(__name__)
+
+# Prometheus metrics, beside kserve's own request_*_seconds histograms on /metrics.
+REQUESTS = Counter("cockatoo_requests", "predict and infer requests, by outcome",
+                   ["model_name", "outcome"])
+LATENCY = Histogram("cockatoo_request_seconds", "time from a request's decoded body to its answer",
+                    ["model_name"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+BATCH_SIZE = Histogram("cockatoo_batch_instances", "instances per scored batch", ["model_name"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+ERRORS = Counter("cockatoo_errors", "bad requests, failed batches and versions that failed to load",
+                 ["model_name", "kind"])
+VERSION = Gauge("cockatoo_model_version", "the registry version being served (0: a model folder)",
+                ["model_name"])
+
+
+class BadInput(CockatooError):
+    """A request the server refuses with 400; the message starts with the field."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    text: str
+    image: bytes | str | None = None  # bytes, or an http(s) URL until it is fetched
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model version; a batch holds one of these from start to end."""
+
+    classifier: object  # release.predict.Classifier
+    version: str  # the registry version, or the model folder or URI
+    uri: str
+
+
+class ModelSource:
+    """Where the model comes from: a folder or bucket URI (fixed), or models:/NAME@ALIAS
+    (followed) or models:/NAME/VERSION (fixed) in a registry."""
+
+    def __init__(self, model: str, registry_uri: str | None):
+        from cockatoo_lib.release.model_registry import open_registry, parse_model_uri
+
+        self.model, self.registry_uri = model, registry_uri
+        self.name = self.alias = self.version = None
+        self.registry = None
+        if model.startswith("models:/"):
+            self.name, self.alias, self.version = parse_model_uri(model)
+            self.registry = open_registry(registry_uri)
+
+    @property
+    def follows(self) -> bool:
+        return self.alias is not None
+
+    @property
+    def endpoint_name(self) -> str:
+        return self.name or Path(self.model.rstrip("/")).name or "cockatoo"
+
+    def alias_version(self) -> str | None:
+        found = self.registry.by_alias(self.name, self.alias)
+        return None if found is None else found.version
+
+    def load(self, version: str | None = None) -> Served:
+        from cockatoo_lib.release.predict import Classifier
+
+        if self.registry is None:
+            return Served(Classifier.load(self.model), self.model, self.model)
+        version = version or self.version or self.alias_version()
+        if version is None:  # the download names the missing alias and what to do
+            return Served(Classifier.load(self.model, self.registry_uri), "", self.model)
+        uri = f"models:/{self.name}/{version}"
+        return Served(Classifier.load(uri, self.registry_uri), version, uri)
+
+
+class AliasFollower:
+    """Polls the registry; when the alias points at another version, loads it in this thread
+    and hands it to `switch`. A version that fails to load is logged and skipped (the old one
+    keeps serving) until the alias moves to another; an unreachable registry is logged too."""
+
+    def __init__(self, source: ModelSource, current: str, switch, interval_s: float, model_name: str):
+        self.source, self.current, self.switch = source, current, switch
+        self.interval_s, self.model_name = interval_s, model_name
+        self.failed: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cockatoo-alias-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            version = self.source.alias_version()
+        except CockatooError as exc:
+            log.warning("%s; still serving version %s", exc, self.current)
+            return
+        if version in (None, self.current, self.failed):
+            return
+        self.failed = None
+        log.info("%s@%s moved to version %s (serving %s): loading it", self.source.name,
+                 self.source.alias, version, self.current)
+        try:
+            served = self.source.load(version)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a load, the old version serves on
+            self.failed = version
+            ERRORS.labels(self.model_name, "model_load").inc()
+            log.error("cannot load %s version %s: %s; still serving version %s", self.source.name,
+                      version, first_line(exc), self.current)
+            return
+        self.switch(served)
+        self.current = version
+
+
+def _field_error(where: str, why: str) -> BadInput:
+    return BadInput(f"{where}: {why}")
+
+
+def parse_v1(body, settings: ServeSettings, reads_images: bool) -> list[Instance]:
+    """KServe V1: {"instances": [TEXT, or {"text": TEXT, "image": URL or {"b64": DATA}}, ...]}."""
+    if not isinstance(body, dict):
+        raise _field_error("request body", 'expected a JSON object with "instances"')
+    instances = body.get("instances")
+    if instances is None:
+        raise _field_error("instances", 'missing: send {"instances": ["a text", ...]}')
+    if not isinstance(instances, list):
+        raise _field_error("instances", f"expected a list, got {type(instances).__name__}")
+    _check_count("instances", len(instances), settings)
+    out = []
+    for i, item in enumerate(instances):
+        where = f"instances[{i}]"
+        if isinstance(item, dict):
+            unknown = set(item) - {"text", "image"}
+            if unknown:
+                raise _field_error(f"{where}.{sorted(unknown)[0]}", 'unknown field; an instance has '
+                                                                    '"text" and, for CLIP, "image"')
+            text, image = item.get("text"), _image_ref(item.get("image"), f"{where}.image")
+            where += ".text"
+        else:
+            text, image = item, None
+        out.append(Instance(_check_text(text, where, settings), image))
+    return _check_images(out, "instances[{}].image", reads_images)
+
+
+def parse_v2(request, settings: ServeSettings, reads_images: bool) -> list[Instance]:
+    """Open Inference Protocol: a BYTES input "text" of shape [n], and for CLIP an optional BYTES
+    input "image" of shape [n] (URLs or base64; an empty string for no image)."""
+    inputs = {x.name: x for x in request.inputs}
+    unknown = set(inputs) - {"text", "image"}
+    if unknown:
+        raise _field_error(f"inputs[{sorted(unknown)[0]}]", 'unknown input; send "text" and, for CLIP, '
+                                                            '"image"')
+    if "text" not in inputs:
+        raise _field_error("inputs", 'no input named "text" (BYTES, shape [n])')
+    texts = _v2_strings(inputs["text"], "inputs[text]")
+    _check_count("inputs[text]", len(texts), settings)
+    images = [None] * len(texts)
+    if "image" in inputs:
+        images = _v2_strings(inputs["image"], "inputs[image]")
+        if len(images) != len(texts):
+            raise _field_error("inputs[image]", f"{len(images)} images for {len(texts)} texts")
+        images = [_image_ref(x or None, f"inputs[image][{i}]") for i, x in enumerate(images)]
+    out = [Instance(_check_text(t, f"inputs[text][{i}]", settings), image)
+           for i, (t, image) in enumerate(zip(texts, images))]
+    return _check_images(out, "inputs[image][{}]", reads_images)
+
+
+def _v2_strings(tensor, where: str) -> list:
+    if tensor.datatype != "BYTES":
+        raise _field_error(where, f"datatype {tensor.datatype}; expected BYTES")
+    data = tensor.data
+    if isinstance(data, np.ndarray):
+        data = data.tolist()
+    if not isinstance(data, list):
+        raise _field_error(where, "expected a list of strings")
+    flat = [x for row in data for x in (row if isinstance(row, list) else [row])]
+    if len(tensor.shape) != 1 or tensor.shape[0] != len(flat):
+        raise _field_error(where, f"shape {list(tensor.shape)} for {len(flat)} values; "
+                                  f"expected [{len(flat)}]")
+    return [x.decode("utf-8", "replace") if isinstance(x, bytes) else x for x in flat]
+
+
+def _check_count(where: str, n: int, settings: ServeSettings) -> None:
+    if n == 0:
+        raise _field_error(where, "empty; send at least one")
+    if n > settings.max_instances:
+        raise _field_error(where, f"{n} instances, over the limit of {settings.max_instances} "
+                                  "(max_instances); split the request")
+
+
+def _check_text(text, where: str, settings: ServeSettings) -> str:
+    if not isinstance(text, str):
+        raise _field_error(where, f"expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise _field_error(where, "empty text")
+    if len(text) > settings.max_text_chars:
+        raise _field_error(where, f"{len(text)} characters, over the limit of {settings.max_text_chars} "
+                                  "(max_text_chars)")
+    return text
+
+
+def _image_ref(value, where: str) -> bytes | str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        value = value["b64"]
+        if not isinstance(value, str):
+            raise _field_error(where, "b64 must be a string")
+    elif not isinstance(value, str):
+        raise _field_error(where, 'expected an http(s) URL or {"b64": DATA}')
+    if value.startswith(("http://", "https://")):
+        return value
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _field_error(where, "neither an http(s) URL nor valid base64") from None
+
+
+def _check_images(instances: list[Instance], where: str, reads_images: bool) -> list[Instance]:
+    if not reads_images:
+        for i, x in enumerate(instances):
+            if x.image is not None:
+                raise _field_error(where.format(i), "this model reads text only")
+    return instances
+
+
+def read_images(instances: list[Instance], where: str, settings: ServeSettings) -> list[Instance]:
+    """Fetch the URLs and decode-check every image (blocking: run it in a thread)."""
+    from cockatoo_lib.data.clip_images import Fetch, check_image, fetch_http
+
+    fetch = Fetch(timeout_seconds=settings.image_fetch_timeout_s, attempts=1)
+    out = []
+    for i, x in enumerate(instances):
+        data = x.image
+        if isinstance(data, str):
+            try:
+                data = fetch_http(data, fetch)
+            except Exception as exc:  # noqa: BLE001 - a URL that does not answer, a 404: the request's fault
+                raise _field_error(where.format(i), f"cannot fetch {x.image}: {first_line(exc)}") from None
+        if data is not None and (why := check_image(data)):
+            raise _field_error(where.format(i), f"cannot read the image: {why}")
+        out.append(Instance(x.text, data))
+    return out
+
+
+@dataclass
+class _Parsed:
+    instances: list[Instance]
+    v2_request: object | None  # the InferRequest of a v2 call: its id goes into the answer
+
+
+def make_model(name: str, source: ModelSource, settings: ServeSettings):
+    """The kserve Model: built here because kserve is imported only by the server."""
+    import kserve
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+    from cockatoo_lib.serving.batching import Batcher
+
+    class CockatooModel(kserve.Model):
+        def __init__(self):
+            super().__init__(name)
+            self.served: Served | None = None
+            self.follower: AliasFollower | None = None
+            self.batcher = Batcher(self._score, max_batch_size=settings.max_batch_size,
+                                   max_wait_s=settings.max_batch_wait_ms / 1000,
+                                   on_batch=BATCH_SIZE.labels(name).observe)
+
+        def load(self) -> bool:
+            self.switch(source.load())
+            if source.follows:
+                self.follower = AliasFollower(source, self.served.version, self.switch,
+                                              settings.poll_interval_s, name)
+                self.follower.start()
+            self.ready = True
+            return True
+
+        def switch(self, served: Served) -> None:
+            self.served = served  # one assignment: a batch scores with the version it started with
+            VERSION.labels(name).set(int(served.version) if served.version.isdigit() else 0)
+            log.info("serving %s as %s (version %s)", served.uri, name, served.version)
+
+        def stop(self) -> None:
+            if self.follower is not None:
+                self.follower.stop()
+            self.batcher.close()
+            super().stop()
+
+        @property
+        def reads_images(self) -> bool:
+            return self.served.classifier.image_processor is not None
+
+        def _score(self, instances: list[Instance]):
+            served = self.served
+            images = [x.image for x in instances] if self.reads_images else None
+            probs = served.classifier.predict_proba([x.text for x in instances], images,
+                                                    batch_size=settings.max_batch_size)
+            return probs, served
+
+        def validate(self, payload):
+            return payload  # preprocess has checked it
+
+        async def __call__(self, body, headers=None, verb=None):
+            start = time.perf_counter()
+            try:
+                result = await (super().__call__(body, headers) if verb is None
+                                else super().__call__(body, headers, verb))
+            except BadInput as exc:
+                REQUESTS.labels(name, "bad_input").inc()
+                ERRORS.labels(name, "bad_input").inc()
+                raise InvalidInput(str(exc)) from None
+            except Exception:
+                REQUESTS.labels(name, "error").inc()
+                ERRORS.labels(name, "internal").inc()
+                raise
+            REQUESTS.labels(name, "ok").inc()
+            LATENCY.labels(name).observe(time.perf_counter() - start)
+            return result
+
+        async def preprocess(self, payload, headers=None) -> _Parsed:
+            if isinstance(payload, InferRequest):
+                instances = parse_v2(payload, settings, self.reads_images)
+                where, request = "inputs[image][{}]", payload
+            else:
+                instances = parse_v1(payload, settings, self.reads_images)
+                where, request = "instances[{}].image", None
+            if any(x.image is not None for x in instances):
+                instances = await asyncio.to_thread(read_images, instances, where, settings)
+            return _Parsed(instances, request)
+
+        async def predict(self, parsed: _Parsed, headers=None, response_headers=None):
+            probs, served = await self.batcher.submit(parsed.instances)
+            return np.asarray(probs), served, parsed
+
+        async def postprocess(self, result, headers=None, response_headers=None):
+            probs, served, parsed = result
+            classifier = served.classifier
+            flagged = [[x for x, hit in zip(classifier.labels, row >= classifier.thresholds) if hit]
+                       for row in probs]
+            if parsed.v2_request is None:
+                return {"model_name": name, "model_version": served.version,
+                        "predictions": [{"probabilities": dict(zip(classifier.labels, map(float, row))),
+                                         "labels": labels} for row, labels in zip(probs, flagged)]}
+            labels = ",".join(classifier.labels)
+            return InferResponse(
+                response_id=parsed.v2_request.id or "", model_name=name, model_version=served.version,
+                infer_outputs=[
+                    InferOutput("probabilities", list(probs.shape), "FP32", probs.ravel().tolist(),
+                                parameters={"labels": labels}),
+                    InferOutput("labels", [len(flagged)], "BYTES", [",".join(x) for x in flagged])])
+
+    return CockatooModel()
+
+
+class _BodyCheck:
+    """ASGI middleware for the predict and infer routes: a body over the size limit, or one that
+    is not JSON, is a 400 that says so, before kserve reads it."""
+
+    def __init__(self, app, max_body_bytes: int, model_name: str):
+        self.app, self.max_body_bytes, self.model_name = app, max_body_bytes, model_name
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or not path.endswith((":predict", "/infer")):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return await self._refuse(send, f"request body: over the limit of {self.max_body_bytes} "
+                                                "bytes (max_body_bytes)")
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        import orjson
+
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return await self._refuse(send, f"request body: not valid JSON ({exc})")
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send, message: str) -> None:
+        import orjson
+
+        REQUESTS.labels(self.model_name, "bad_input").inc()
+        ERRORS.labels(self.model_name, "bad_input").inc()
+        data = orjson.dumps({"error": message})
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+
+def _import_kserve_server():
+    """kserve.model_server parses sys.argv when imported; it must not see cockatoo's options."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        from kserve import model_server
+    finally:
+        sys.argv = argv
+    return model_server
+
+
+def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAULT_HTTP_PORT,
+          model_name: str | None = None, settings: ServeSettings = ServeSettings()) -> None:
+    """Load the model (a bad one is a CockatooError before the port opens), then serve until
+    SIGTERM or SIGINT."""
+    model_server = _import_kserve_server()
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import ORJSONResponse
+
+    source = ModelSource(model, registry_uri)
+    name = model_name or source.endpoint_name
+    served_model = make_model(name, source, settings)
+    served_model.load()
+
+    async def refuse_invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        # loc is ("body", "InferenceRequest", "inputs", 0, ...): the field's path inside the body
+        where = ".".join(str(x) for x in first.get("loc", ())
+                         if x != "body" and not str(x)[:1].isupper()) or "request body"
+        REQUESTS.labels(name, "bad_input").inc()
+        ERRORS.labels(name, "bad_input").inc()
+        return ORJSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400)
+
+    app = model_server.app
+    app.add_middleware(_BodyCheck, max_body_bytes=settings.max_body_bytes, model_name=name)
+    app.add_exception_handler(RequestValidationError, refuse_invalid)
+    model_server.ModelServer(http_port=http_port, enable_grpc=False, workers=1).start([served_model])

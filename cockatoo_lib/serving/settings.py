@@ -1,0 +1,42 @@
+"""The model server's settings: its port, limits and batching. Light to import: the command
+line builds its options from them."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cockatoo_lib.errors import CockatooError
+
+DEFAULT_HTTP_PORT = 8080  # KServe's
+
+
+class ServeSettings(BaseModel):
+    """The server's limits and batching; `cockatoo serve --help` and the README list them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(default=32, ge=1, le=1024,
+                                description="instances scored together, at most")
+    max_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000,
+                                     description="how long a batch waits for more requests once the "
+                                                 "queue is empty")
+    max_instances: int = Field(default=64, ge=1, le=4096, description="instances in one request, at most")
+    max_text_chars: int = Field(default=20_000, ge=1, le=1_000_000,
+                                description="characters of one text, at most (the model reads its "
+                                            "first max_length tokens)")
+    max_body_bytes: int = Field(default=8 * 2**20, ge=1024, le=2**30,
+                                description="bytes of one request body, at most (base64 images included)")
+    image_fetch_timeout_s: float = Field(default=5.0, gt=0, le=120,
+                                         description="how long an image URL may take to answer")
+    poll_interval_s: float = Field(default=30.0, gt=0, le=86_400,
+                                   description="how often the registry is asked where the alias points")
+
+    @classmethod
+    def of(cls, **values) -> ServeSettings:
+        """The settings, or one line naming the option that is out of range."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = "--" + str(error["loc"][0]).replace("_", "-")
+            raise CockatooError(f"{name} {values.get(error['loc'][0])!r}: {error['msg'].lower()}") from None

@@ -1,0 +1,438 @@
+"""`cockatoo serve` as a real server process on loopback (its V1 and v2 protocols, bad input,
+health and metrics, following the registry's alias), the batcher it is built on, and
+`cockatoo deploy`'s InferenceService against the Kubernetes API stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from fake_k8s import FakeKubernetes
+from helpers import error_line, free_port, make_image, run_cli, serve
+
+from cockatoo_lib.release.model_registry import CHAMPION, MLflowRegistry, Registration
+from cockatoo_lib.release.predict import Classifier
+from cockatoo_lib.serving.batching import Batcher
+
+NAME = "moderation"
+
+
+def _post(url: str, body, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _shifted_copy(model: Path, folder: Path, shift: float) -> Path:
+    """The same model with every label's logit moved by `shift`: other probabilities."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, folder)
+    weights = load_file(folder / "model.safetensors")
+    (bias,) = [k for k in weights if k.startswith("classifier") and k.endswith("bias")]
+    weights[bias] = weights[bias] + shift
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _start(args: list[str], port: int):
+    return serve([sys.executable, "-m", "pipelines.cli", "serve", *map(str, args), "--http-port", str(port)],
+                 port, ready_path="/v2/health/ready")
+
+
+@pytest.fixture(scope="module")
+def registry_server(trained_run, tmp_path_factory):
+    """A server following models:/moderation@champion in a SQLite registry that holds three
+    versions: 1 the trained model, 2 the same with other probabilities, 3 weights that do not
+    load. The champion starts at 1."""
+    root = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    registry = MLflowRegistry(uri)
+    broken = shutil.copytree(trained_run["model"], root / "broken")
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    folders = [trained_run["model"], _shifted_copy(trained_run["model"], root / "shifted", 1.5), broken]
+    for folder in folders:
+        registry.register(NAME, Registration(str(folder), {}, {}, {}))
+    registry.set_alias(NAME, CHAMPION, "1")
+    port = free_port()
+    process = _start(["--model", f"models:/{NAME}@{CHAMPION}", "--registry-uri", uri,
+                      "--poll-interval-s", "0.2", "--max-batch-size", "8", "--max-batch-wait-ms", "5",
+                      "--max-instances", "10", "--max-text-chars", "500", "--max-body-bytes", "4096"], port)
+    expected = {str(v): Classifier(folder) for v, folder in enumerate(folders[:2], start=1)}
+    yield {"url": f"http://127.0.0.1:{port}", "registry": registry, "expected": expected,
+           "process": process}
+    process.terminate()
+    process.wait(30)
+
+
+TEXTS = ["you are wonderful", "I will hurt you", "buy cheap pills now", "a calm note about the weather"]
+
+
+def _v1_answers(body: dict) -> tuple[list[dict], list[list]]:
+    return [p["probabilities"] for p in body["predictions"]], [p["labels"] for p in body["predictions"]]
+
+
+def _check_answer(server, texts: list[str], version: str, probabilities: list[dict], flagged: list[list]):
+    """The answer is what the model of `version` gives offline."""
+    classifier = server["expected"][version]
+    want = classifier.predict_proba(texts)
+    got = np.array([[p[label] for label in classifier.labels] for p in probabilities])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert flagged == [[x for x, hit in zip(classifier.labels, row >= classifier.thresholds) if hit]
+                       for row in want]
+
+
+@pytest.mark.slow
+def test_v1_predict_answers_each_labels_probability_the_flags_and_the_version(registry_server):
+    url = f"{registry_server['url']}/v1/models/{NAME}:predict"
+    status, body = _post(url, {"instances": TEXTS[:2] + [{"text": t} for t in TEXTS[2:]]})
+    assert status == 200, body
+    assert body["model_name"] == NAME and body["model_version"] in registry_server["expected"]
+    _check_answer(registry_server, TEXTS, body["model_version"], *_v1_answers(body))
+
+
+@pytest.mark.slow
+def test_v2_infer_answers_the_same_as_tensors(registry_server):
+    url = f"{registry_server['url']}/v2/models/{NAME}/infer"
+    status, body = _post(url, {"id": "r1", "inputs": [{"name": "text", "shape": [len(TEXTS)],
+                                                        "datatype": "BYTES", "data": TEXTS}]})
+    assert status == 200, body
+    assert body["id"] == "r1" and body["model_version"] in registry_server["expected"]
+    outputs = {x["name"]: x for x in body["outputs"]}
+    labels = outputs["probabilities"]["parameters"]["labels"].split(",")
+    probs = np.array(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
+    assert outputs["probabilities"]["shape"] == [len(TEXTS), len(labels)]
+    _check_answer(registry_server, TEXTS, body["model_version"], [dict(zip(labels, row)) for row in probs],
+                  [x.split(",") if x else [] for x in outputs["labels"]["data"]])
+
+
+BAD_REQUESTS = [  # (body, the field the 400 names)
+    (b'{"instances": ["unterminated', "request body: not valid JSON"),
+    ({"texts": ["hello"]}, "instances: missing"),
+    ({"instances": []}, "instances: empty"),
+    ({"instances": "hello"}, "instances: expected a list"),
+    ({"instances": ["fine", 42]}, "instances[1]: expected a string"),
+    ({"instances": ["fine", {"text": ["a list"]}]}, "instances[1].text: expected a string"),
+    ({"instances": ["fine", "   "]}, "instances[1]: empty text"),
+    ({"instances": ["x" * 501]}, "instances[0]: 501 characters, over the limit of 500 (max_text_chars)"),
+    ({"instances": ["hi"] * 11}, "instances: 11 instances, over the limit of 10 (max_instances)"),
+    ({"instances": ["hi " * 2000]}, "request body: over the limit of 4096 bytes (max_body_bytes)"),
+    ({"instances": [{"text": "hi", "image": {"b64": "aGk="}}]},
+     "instances[0].image: this model reads text only"),
+    ({"instances": [{"text": "hi", "colour": "red"}]}, "instances[0].colour: unknown field"),
+]
+
+
+@pytest.mark.slow
+def test_bad_input_is_a_400_naming_the_field_and_the_server_serves_on(registry_server):
+    url = f"{registry_server['url']}/v1/models/{NAME}:predict"
+    for body, message in BAD_REQUESTS:
+        status, answer = _post(url, body)
+        assert (status, answer.get("error", "")[:len(message)]) == (400, message), (body, answer)
+    v2 = f"{registry_server['url']}/v2/models/{NAME}/infer"
+    for inputs, message in [([{"name": "txt", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                             "inputs[txt]"),
+                            ([{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}],
+                             "inputs[text]: shape [2] for 1 values"),
+                            ([{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}],
+                             "inputs[text]: datatype FP32"),
+                            ("not a list", "inputs:")]:
+        status, answer = _post(v2, {"inputs": inputs})
+        assert status == 400 and answer["error"].startswith(message), answer
+    status, answer = _post(url, {"instances": ["still here"]})
+    assert status == 200 and len(answer["predictions"]) == 1
+
+
+@pytest.mark.slow
+def test_health_and_metrics(registry_server):
+    url = registry_server["url"]
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v1/models/{NAME}", f"/v2/models/{NAME}/ready"):
+        assert _get(url + path)[0] == 200, path
+    _post(f"{url}/v1/models/{NAME}:predict", {"instances": ["hello"]})
+    _post(f"{url}/v1/models/{NAME}:predict", {"instances": []})
+    status, metrics = _get(url + "/metrics")
+    assert status == 200
+    for line in (f'cockatoo_requests_total{{model_name="{NAME}",outcome="ok"}}',
+                 f'cockatoo_requests_total{{model_name="{NAME}",outcome="bad_input"}}',
+                 f'cockatoo_errors_total{{kind="bad_input",model_name="{NAME}"}}',
+                 f'cockatoo_request_seconds_count{{model_name="{NAME}"}}',
+                 f'cockatoo_batch_instances_count{{model_name="{NAME}"}}',
+                 f'cockatoo_model_version{{model_name="{NAME}"}}'):
+        assert line in metrics.replace(' 1.0', '').replace(' 2.0', ''), line
+
+
+@pytest.mark.slow
+def test_the_server_follows_the_alias_without_a_failed_request_or_a_mixed_answer(registry_server):
+    """Clients send while the alias moves 1 -> 2 -> 3 (does not load) -> 1 (a rollback): every
+    request succeeds, every answer is what its version gives, and both versions answer."""
+    url, registry = f"{registry_server['url']}/v1/models/{NAME}:predict", registry_server["registry"]
+    answers, failures, stop = [], [], threading.Event()
+
+    def client(i: int):
+        while not stop.is_set():
+            texts = [TEXTS[(i + k) % len(TEXTS)] for k in range(1 + i % 3)]
+            status, body = _post(url, {"instances": texts})
+            (answers if status == 200 else failures).append((texts, body))
+
+    def versions_seen_after(n: int) -> set[str]:
+        return {body["model_version"] for _, body in answers[n:]}
+
+    def wait_for(version: str):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            mark = len(answers)
+            time.sleep(0.5)
+            if versions_seen_after(mark) == {version}:
+                return
+        pytest.fail(f"the server did not move to version {version}; saw {versions_seen_after(0)}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for("1")
+        registry.set_alias(NAME, CHAMPION, "2")
+        wait_for("2")
+        registry.set_alias(NAME, CHAMPION, "3")
+        time.sleep(2)  # ten polls: it tries version 3, fails, and keeps 2
+        mark = len(answers)
+        time.sleep(1)
+        assert versions_seen_after(mark) == {"2"}
+        registry.set_alias(NAME, CHAMPION, "1")
+        wait_for("1")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not failures, failures[:3]
+    assert len(answers) > 50
+    for texts, body in answers:
+        _check_answer(registry_server, texts, body["model_version"], *_v1_answers(body))
+    status, metrics = _get(registry_server["url"] + "/metrics")
+    assert f'cockatoo_errors_total{{kind="model_load",model_name="{NAME}"}} 1.0' in metrics
+    count = float(metrics.split(f'cockatoo_batch_instances_count{{model_name="{NAME}"}} ')[1].split()[0])
+    total = float(metrics.split(f'cockatoo_batch_instances_sum{{model_name="{NAME}"}} ')[1].split()[0])
+    assert total / count > 1.5, "six clients' requests were not gathered into batches"
+
+
+@pytest.mark.slow
+def test_a_clip_model_reads_text_with_an_image_url_or_base64(trained_clip, tmp_path):
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    picture = make_image(tmp_path / "a.jpg", seed=1)
+    (tmp_path / "broken.jpg").write_bytes(picture[: len(picture) // 3])
+    handler = lambda *a, **k: SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    images = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{images.server_address[1]}"
+    model = trained_clip["model"]
+    port = free_port()
+    process = _start(["--model", model], port)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models/{model.name}:predict"
+        b64 = base64.b64encode(picture).decode()
+        status, body = _post(url, {"instances": [{"text": "look", "image": {"b64": b64}},
+                                                 {"text": "look", "image": f"{host}/a.jpg"},
+                                                 {"text": "look"}]})
+        assert status == 200, body
+        classifier = Classifier(model)
+        want = classifier.predict_proba(["look"] * 3, [picture, picture, None])
+        got = np.array([[p["probabilities"][x] for x in classifier.labels] for p in body["predictions"]])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert body["model_version"] == str(model)
+        for image, message in [(f"{host}/broken.jpg", "instances[0].image: cannot read the image"),
+                               (f"{host}/missing.jpg", "instances[0].image: cannot fetch"),
+                               ({"b64": "%%%"},
+                                "instances[0].image: neither an http(s) URL nor valid base64")]:
+            status, answer = _post(url, {"instances": [{"text": "look", "image": image}]})
+            assert status == 400 and answer["error"].startswith(message), answer
+        v2 = f"http://127.0.0.1:{port}/v2/models/{model.name}/infer"
+        status, body = _post(v2, {"inputs": [
+            {"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]},
+            {"name": "image", "shape": [2], "datatype": "BYTES", "data": [b64, ""]}]})
+        assert status == 200, body
+        assert _post(url, {"instances": ["still here"]})[0] == 200
+    finally:
+        process.terminate()
+        process.wait(30)
+        images.shutdown()
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_load_is_one_line_before_the_port_opens(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(["serve", "--model", str(tmp_path), "--http-port", str(free_port())],
+                           capsys, monkeypatch)
+    assert code == 2 and "is not a cockatoo model folder" in error_line(err)
+    code, _, err = run_cli(["serve", "--model", "models:/nothing@champion", "--registry-uri",
+                            f"sqlite:///{tmp_path / 'r.db'}"], capsys, monkeypatch)
+    assert code == 2 and "no model named 'nothing' is registered" in error_line(err)
+
+
+# ------------------------------------------------------------------ batching
+
+
+def test_the_batcher_gathers_concurrent_requests_and_never_splits_or_mixes_them():
+    batches = []
+    version = {"now": 1}
+
+    def score(instances):
+        batches.append(list(instances))
+        time.sleep(0.01)
+        scored_by = version["now"]
+        version["now"] += 1  # the next batch is scored by another version
+        return [x * 10 for x in instances], scored_by
+
+    async def main():
+        batcher = Batcher(score, max_batch_size=8, max_wait_s=0.005)
+        requests = [[i] for i in range(30)] + [[100 + i, 200 + i, 300 + i] for i in range(5)]
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        big = await batcher.submit(list(range(20)))  # over the batch size: a batch of its own
+        batcher.close()
+        return requests, answers, big
+
+    requests, answers, big = asyncio.run(main())
+    for request, (results, _) in zip(requests, answers):
+        assert results == [x * 10 for x in request]
+        batch = next(b for b in batches if request[0] in b)
+        assert all(x in batch for x in request)  # one request, one batch, one version
+    assert max(len(b) for b in batches[:-1]) <= 8
+    assert len(batches) < len(requests) / 2, batches  # gathered, not one by one
+    assert big[0] == [x * 10 for x in range(20)] and batches[-1] == list(range(20))
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
+    calls = []
+
+    def score(instances):
+        calls.append(instances)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return instances, "v"
+
+    async def main():
+        batcher = Batcher(score, max_batch_size=4, max_wait_s=0)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await batcher.submit(["a"])
+        answer = await batcher.submit(["b"])
+        batcher.close()
+        return answer
+
+    assert asyncio.run(main()) == (["b"], "v")
+
+
+# ------------------------------------------------------------------ deploy
+
+
+DEPLOY = ["deploy", "--model-name", NAME, "--registry-uri", "http://mlflow.mlflow:5000",
+          "--namespace", "moderation", "--image-registry", "registry.example.com/ml", "--image-tag", "1.2.3",
+          "--min-replicas", "2", "--max-replicas", "5", "--max-batch-size", "16"]
+
+
+def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "isvc.yaml"
+    code, stdout, err = run_cli([*DEPLOY, "--output", out], capsys, monkeypatch)
+    assert code == 0, err
+    manifest = yaml.safe_load(out.read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert manifest["metadata"] == {"name": NAME, "namespace": "moderation",
+                                    "labels": {"app.kubernetes.io/part-of": "cockatoo"}}
+    predictor = manifest["spec"]["predictor"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (2, 5)
+    (container,) = predictor["containers"]
+    assert container["image"] == "registry.example.com/ml/cockatoo-cpu:1.2.3"
+    assert container["command"] == ["cockatoo", "serve"]
+    assert container["args"] == ["--model", f"models:/{NAME}@champion", "--registry-uri",
+                                 "http://mlflow.mlflow:5000", "--http-port", "8080", "--model-name", NAME,
+                                 "--max-batch-size", "16"]
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]} == {
+        "MLFLOW_TRACKING_USERNAME": {"name": "cockatoo-mlflow", "key": "username", "optional": True},
+        "MLFLOW_TRACKING_PASSWORD": {"name": "cockatoo-mlflow", "key": "password", "optional": True},
+        "MLFLOW_TRACKING_TOKEN": {"name": "cockatoo-mlflow", "key": "token", "optional": True}}
+    assert container["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    # Every field is one kserve's and the kubernetes client's models know, at its place.
+    assert _unknown_fields(manifest, "V1beta1InferenceService") == []
+    # The served command takes every argument the manifest gives it.
+    from click.testing import CliRunner
+    from typer.main import get_command
+
+    from pipelines.cli import app
+    help_text = CliRunner().invoke(get_command(app), ["serve", "--help"], terminal_width=200).output
+    assert all(arg in help_text for arg in container["args"] if arg.startswith("--"))
+
+
+def _unknown_fields(value, kind: str, where: str = "") -> list[str]:
+    """The paths in `value` that the OpenAPI model `kind` (kserve's or the kubernetes client's,
+    by class name, or list[...] / dict(str, ...)) has no field for."""
+    import re
+
+    import kserve.models
+    import kubernetes.client.models
+
+    if m := re.fullmatch(r"list\[(.*)\]", kind):
+        return [x for i, item in enumerate(value) for x in _unknown_fields(item, m.group(1), f"{where}[{i}]")]
+    if m := re.fullmatch(r"dict\(str, (.*)\)", kind):
+        return [x for k, item in value.items() for x in _unknown_fields(item, m.group(1), f"{where}.{k}")]
+    model = getattr(kserve.models, kind, None) or getattr(kubernetes.client.models, kind, None)
+    if model is None:  # str, int, bool, object
+        return []
+    by_json = {json_name: attr for attr, json_name in model.attribute_map.items()}
+    return [x for key, item in value.items()
+            for x in ([f"{where}.{key}"] if key not in by_json
+                      else _unknown_fields(item, model.openapi_types[by_json[key]], f"{where}.{key}"))]
+
+
+def test_deploy_apply_creates_then_updates_the_service(tmp_path, capsys, monkeypatch):
+    with FakeKubernetes(lambda body: ("Complete", "", ""), namespace="moderation") as k8s:
+        monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))
+        code, out, err = run_cli([*DEPLOY, "--output", tmp_path / "a.yaml", "--apply"], capsys, monkeypatch)
+        assert code == 0 and "created InferenceService moderation/moderation" in out, err
+        code, out, err = run_cli([*DEPLOY[:-1], "64", "--output", tmp_path / "b.yaml", "--apply"],
+                                 capsys, monkeypatch)
+        assert code == 0 and "updated InferenceService moderation/moderation" in out, err
+        stored = k8s.custom[("inferenceservices", NAME)]
+        assert stored["spec"]["predictor"]["containers"][0]["args"][-1] == "64"
+        assert stored["metadata"]["resourceVersion"] == "2"
+
+
+def test_deploy_refuses_what_a_cluster_cannot_serve(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(["deploy", "--model-name", NAME, "--registry-uri", "sqlite:///runs/registry/mlflow.db",
+                            "--output", tmp_path / "x.yaml"], capsys, monkeypatch)
+    assert code == 2 and "a registry the cluster can reach" in error_line(err)
+    code, _, err = run_cli([*DEPLOY, "--min-replicas", "6", "--output", tmp_path / "x.yaml"],
+                           capsys, monkeypatch)
+    assert code == 2 and "replicas: min 6 and max 5" in error_line(err)
+    assert not (tmp_path / "x.yaml").exists()
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.setattr("kubernetes.config.load_incluster_config", _no_cluster)
+    code, _, err = run_cli([*DEPLOY, "--output", tmp_path / "y.yaml", "--apply"], capsys, monkeypatch)
+    assert code == 2 and "no Kubernetes cluster to apply to" in error_line(err)
+
+
+def _no_cluster():
+    from kubernetes.config import ConfigException
+
+    raise ConfigException("not in a pod")
