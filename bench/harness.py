@@ -160,12 +160,13 @@ def _benchmarks() -> tuple:
         predict_speed,
         prepare_at_scale,
         quality,
+        serving,
         tokenization,
         training_throughput,
     )
 
     return (optimizer_memory, tokenization, prepare_at_scale, image_prep, training_throughput, quality,
-            predict_speed, data_parallel)
+            predict_speed, data_parallel, serving)
 
 
 def main() -> None:

@@ -215,3 +215,56 @@ def test_b10_is_written_in_its_place_and_kept_by_a_later_partial_run(tmp_path):
     again = doc.read_text()
     assert again.count("## B10") == 1 and "**1.50 GB**" in again and "**1.99 GB**" not in again
     assert "B1 figures, kept." in again and again.index("## B7") < again.index("## B10")
+
+
+def test_b11_counts_each_request_once_and_its_failures_apart():
+    """B11's load driver against a loopback stand-in that refuses every fifth request: every
+    request is sent once, over the clients' kept-alive connections, and a failure is not a
+    latency; the report renders from what it measures."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bench import serving
+
+    seen, connections = [], set()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the servers B11 measures
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body["instances"][0])
+            connections.add(self.client_address)
+            status = 500 if len(seen) % 5 == 0 else 200
+            data = json.dumps({"model_version": "1", "predictions": []}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        texts = [f"text {i}" for i in range(7)]
+        result = serving.drive(server.server_address[1], "/p", serving.v1_body, texts, clients=4,
+                               requests=100)
+    finally:
+        server.shutdown()
+    assert len(seen) == 100 and sorted(seen) == sorted(texts[i % 7] for i in range(100))
+    assert (result["ok"], result["failed"]) == (80, 20) and result["failures"][0][0] == 500
+    assert len(connections) == 4
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["requests_per_s"] > 0
+    side = {n: {**result, "requests_per_s": 10.0 * n} for n in serving.CLIENTS}
+    b11 = {"repeats": 1, "per_client": 8, "model": "m", "max_length": 128,
+           "sides": {"cockatoo": side,
+                     "pipeline": {n: {**r, "requests_per_s": 5.0} for n, r in side.items()}},
+           "throughput_ratio_32": 64.0, "p50_ratio_1": 1.0,
+           "load": {"requests": 300, "clients": 16, "ok": 300, "failed": 0, "answers_by_version": {"1": 150},
+                    "wrong_version_answers": 0, "alias_moves": [(100, "2"), (200, "1")],
+                    "requests_per_s": 40.0, "p99_ms": 90.0}}
+    text = "\n".join(serving.section(MACHINE, b11))
+    assert "| 32 | 320.0 |" in text and "64.00×" in text

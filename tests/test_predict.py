@@ -9,7 +9,7 @@ from helpers import error_line, run_cli
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.evaluation.metrics import sigmoid
-from cockatoo_lib.release.predict import Classifier
+from cockatoo_lib.release.predict import Classifier, length_batches
 from cockatoo_lib.tokenize import load_tokenized
 from cockatoo_lib.training.models import load_trained_model, predict_logits
 from cockatoo_lib.training.trainer import PaddingCollator
@@ -29,6 +29,9 @@ def test_classifier_scores_as_the_trained_model_in_input_order(trained_run):
     # Batches of 8 over rows sorted by length: the results must come back in input order.
     probs = classifier.predict_proba(test["text"], batch_size=8)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
+    # Batches bounded by padded tokens too (the server's): the same scores.
+    np.testing.assert_allclose(classifier.predict_proba(test["text"], batch_size=64, max_batch_tokens=100),
+                               expected, atol=1e-5)
     rows = classifier.predict(test["text"][:20])
     thresholds = classifier.manifest["thresholds"]
     for row, p in zip(rows, probs[:20]):
@@ -155,3 +158,13 @@ def test_classifier_on_cuda_agrees_with_cpu(trained_run):
     cpu = Classifier.load(trained_run["model"], device="cpu").predict_proba(texts)
     cuda = Classifier.load(trained_run["model"], device="cuda").predict_proba(texts)
     np.testing.assert_allclose(cuda, cpu, atol=2e-2)  # bf16 autocast on CUDA
+
+
+@pytest.mark.parametrize(("lengths", "batch_size", "max_tokens", "batches"), [
+    ([1, 2, 3, 4, 5], 2, None, [(0, 2), (2, 4), (4, 5)]),
+    ([10, 10, 10, 40, 200], 64, 60, [(0, 3), (3, 4), (4, 5)]),  # 4 x 40 > 60; 200 alone
+    ([5] * 10, 4, 1000, [(0, 4), (4, 8), (8, 10)]),
+    ([], 8, 100, []),
+])
+def test_batches_end_at_the_row_count_or_the_padded_token_count(lengths, batch_size, max_tokens, batches):
+    assert length_batches(lengths, batch_size, max_tokens) == batches

@@ -329,7 +329,8 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
             served = self.served
             images = [x.image for x in instances] if self.reads_images else None
             probs = served.classifier.predict_proba([x.text for x in instances], images,
-                                                    batch_size=settings.max_batch_size)
+                                                    batch_size=settings.max_batch_size,
+                                                    max_batch_tokens=settings.max_batch_tokens)
             return probs, served
 
         def validate(self, payload):
@@ -476,4 +477,7 @@ def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAU
     app = model_server.app
     app.add_middleware(_BodyCheck, max_body_bytes=settings.max_body_bytes, model_name=name)
     app.add_exception_handler(RequestValidationError, refuse_invalid)
-    model_server.ModelServer(http_port=http_port, enable_grpc=False, workers=1).start([served_model])
+    # Two timing lines per request would triple the log; /metrics has the latencies.
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    model_server.ModelServer(http_port=http_port, enable_grpc=False, workers=1,
+                             enable_latency_logging=False).start([served_model])
