@@ -25,13 +25,15 @@ def run(args) -> dict:
 
 
 def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2),
-                    keep: Path | None = None) -> dict:
+                    keep: Path | None = None, model_type: str = "minilm",
+                    base_model: str | None = None) -> dict:
     """One epoch of `cockatoo train` with each count of processes (one per GPU on CUDA),
     alternately, each a fresh command as a user runs it, with a checkpoint root as the pipeline
     always gives it; samples/s over the Trainer's own training time. On 2 processes the plan's
     16 x 2 becomes 16 x 2 processes x 1: the same effective batch, and about the same steps.
     With `keep`, the runs stay there: model-N-I, its checkpoint root ck-N-I (the last
-    checkpoint kept) and its log log-N-I.txt for N processes, repeat I."""
+    checkpoint kept) and its log log-N-I.txt for N processes, repeat I. `model_type` and
+    `base_model` replace MiniLM (the tests train a tiny model)."""
     import json as json_
     import subprocess
     import sys
@@ -43,8 +45,8 @@ def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2),
     from cockatoo_lib.tokenize import tokenize
 
     settings = {"num_epochs": 1, "dataloader_num_workers": 0, "early_stopping_patience": 0, "batch_size": 16,
-                "gradient_accumulation_steps": 2}
-    plan = resolve_plan("minilm", settings)
+                "gradient_accumulation_steps": 2, **({"base_model": base_model} if base_model else {})}
+    plan = resolve_plan(model_type, settings)
     rng = np.random.default_rng(0)
     runs: dict[int, list[dict]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory() as scratch:
@@ -62,7 +64,7 @@ def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2),
                 out = work / f"model-{processes}-{i}"
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, "-m", "cockatoo_lib.cli", "train", "--tokenized",
-                                       str(work / "tok"), "--output", str(out), "--model-type", "minilm",
+                                       str(work / "tok"), "--output", str(out), "--model-type", model_type,
                                        *[f"--set={k}={v}" for k, v in settings.items()],
                                        "--processes", str(processes), "--checkpoint-root",
                                        str(work / f"ck-{processes}-{i}"), "--keep-checkpoints", "1"],
@@ -81,7 +83,7 @@ def bench_processes(rows: int, repeats: int, counts: tuple[int, int] = (1, 2),
     for m in med.values():
         m["samples_per_s"] = train_rows / m["train_s"]
     return {"rows": rows, "train_rows": train_rows, "repeats": repeats,
-            "model": "all-MiniLM-L6-v2 (22M parameters), 1 label",
+            "model": base_model or "all-MiniLM-L6-v2 (22M parameters), 1 label",
             "micro_batch": plan.batch_size, "max_length": plan.max_length, "median": med,
             "counts": list(counts),
             "ratio_samples_per_s": med[counts[1]]["samples_per_s"] / med[counts[0]]["samples_per_s"]}

@@ -138,7 +138,8 @@ def write_report(results: dict, path: Path) -> None:
         f"{m['transformers']}, bitsandbytes {m['bitsandbytes']}; {m['date']}. Sections it did not measure "
         "(`--only`) keep the figures of the run that did, on the same kind of machine.",
     ]
-    for key in ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "b10"):
+    # In number order: those run here, B4 and B10 (measured elsewhere), and any recorded.
+    for key in sorted({*sections, "b4", "b10", *recorded}, key=lambda k: int(k[1:])):
         if key in results:
             section = sections[key](m, results[key])
         elif key == "b4":

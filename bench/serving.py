@@ -266,8 +266,9 @@ def load_run(work: Path, model: Path, requests: int, texts: list[str], clients: 
 
 def section(m: dict, b11: dict) -> list[str]:
     rows = []
-    for n in CLIENTS:
-        ours, theirs = b11["sides"]["cockatoo"][n], b11["sides"]["pipeline"][n]
+    for n in CLIENTS:  # keyed by str(n) once read back from results.json
+        ours, theirs = (b11["sides"][side].get(n) or b11["sides"][side][str(n)]
+                        for side in ("cockatoo", "pipeline"))
         rows.append(f"| {n} | {ours['requests_per_s']:.1f} | {ours['p50_ms']:.1f} | {ours['p99_ms']:.1f} | "
                     f"{theirs['requests_per_s']:.1f} | {theirs['p50_ms']:.1f} | {theirs['p99_ms']:.1f} | "
                     f"{ours['requests_per_s'] / theirs['requests_per_s']:.2f}× |")

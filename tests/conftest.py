@@ -288,17 +288,19 @@ def trained_clip(tiny_models, image_data, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def data_parallel_run(tmp_path_factory) -> tuple[dict, Path]:
+def data_parallel_run(tiny_models, tmp_path_factory) -> tuple[dict, Path]:
     """B9's measurement (bench/data_parallel.py) on 100 rows, its runs kept: `cockatoo train` with
-    MiniLM in one process and in two (torchrun, gloo), each with a checkpoint root. The suite's
-    one two-process training: test_distributed checks what it trained, test_bench what B9 makes
-    of it."""
+    the tiny DeBERTa in one process and in two (torchrun, gloo), each with a checkpoint root. The
+    suite's one two-process training: test_distributed checks what it trained, test_bench what B9
+    makes of it."""
     import json
 
     from bench.data_parallel import bench_processes
 
     def build(folder: Path) -> None:
-        (folder / "b9.json").write_text(json.dumps(bench_processes(rows=100, repeats=1, keep=folder)))
+        b9 = bench_processes(rows=100, repeats=1, keep=folder, model_type="deberta",
+                             base_model=str(tiny_models["deberta"]))
+        (folder / "b9.json").write_text(json.dumps(b9))
 
     folder = built_once(tmp_path_factory, "data-parallel", build)
     b9 = json.loads((folder / "b9.json").read_text())

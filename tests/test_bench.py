@@ -217,7 +217,7 @@ def test_b10_is_written_in_its_place_and_kept_by_a_later_partial_run(tmp_path):
     assert "B1 figures, kept." in again and again.index("## B7") < again.index("## B10")
 
 
-def test_b11_counts_each_request_once_and_its_failures_apart():
+def test_b11_counts_each_request_once_and_its_failures_apart(tmp_path):
     """B11's load driver against a loopback stand-in that refuses every fifth request: every
     request is sent once, over the clients' kept-alive connections, and a failure is not a
     latency; the report renders from what it measures."""
@@ -266,5 +266,9 @@ def test_b11_counts_each_request_once_and_its_failures_apart():
            "load": {"requests": 300, "clients": 16, "ok": 300, "failed": 0, "answers_by_version": {"1": 150},
                     "wrong_version_answers": 0, "alias_moves": [(100, "2"), (200, "1")],
                     "requests_per_s": 40.0, "p99_ms": 90.0}}
-    text = "\n".join(serving.section(MACHINE, b11))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## B10: images\n\nB10 figures, kept.\n")
+    write_report({"machine": MACHINE, "b11": json.loads(json.dumps(b11))}, doc)  # as results.json has it
+    text = doc.read_text()
+    assert text.index("B10 figures, kept.") < text.index("## B11: serving")
     assert "| 32 | 320.0 |" in text and "64.00×" in text

@@ -112,7 +112,7 @@ def test_each_process_probes_its_own_card(monkeypatch):
 
 
 def test_two_processes_train_one_model_at_the_same_effective_batch(data_parallel_run):
-    """The suite's one two-process training (B9's, conftest.data_parallel_run): MiniLM's 16 x 2
+    """The suite's one two-process training (B9's, conftest.data_parallel_run): the plan's 16 x 2
     becomes 16 x 2 processes x 1."""
     _, work = data_parallel_run
     assert "training in 2 processes (gloo backend)" in (work / "log-2-0.txt").read_text()

@@ -185,9 +185,11 @@ def test_health_and_metrics(registry_server):
 
 
 @pytest.mark.slow
-def test_the_server_follows_the_alias_without_a_failed_request_or_a_mixed_answer(registry_server):
-    """Clients send while the alias moves 1 -> 2 -> 3 (does not load) -> 1 (a rollback): every
-    request succeeds, every answer is what its version gives, and both versions answer."""
+def test_the_server_follows_the_alias_without_a_failed_request_or_a_mixed_answer(registry_server, capsys,
+                                                                                   monkeypatch):
+    """Clients send while the alias moves 1 -> 2 -> 3 (does not load) -> 1 (a rollback with
+    `cockatoo promote`): every request succeeds, every answer is what its version gives, and
+    both versions answer."""
     url, registry = f"{registry_server['url']}/v1/models/{NAME}:predict", registry_server["registry"]
     answers, failures, stop = [], [], threading.Event()
 
@@ -221,7 +223,9 @@ def test_the_server_follows_the_alias_without_a_failed_request_or_a_mixed_answer
         mark = len(answers)
         time.sleep(1)
         assert versions_seen_after(mark) == {"2"}
-        registry.set_alias(NAME, CHAMPION, "1")
+        code, _, err = run_cli(["promote", "--model-name", NAME, "--version", "1", "--registry-uri",
+                                registry.uri], capsys, monkeypatch)
+        assert code == 0, err
         wait_for("1")
     finally:
         stop.set()
@@ -289,6 +293,17 @@ def test_a_model_that_cannot_load_is_one_line_before_the_port_opens(tmp_path, ca
     code, _, err = run_cli(["serve", "--model", "models:/nothing@champion", "--registry-uri",
                             f"sqlite:///{tmp_path / 'r.db'}"], capsys, monkeypatch)
     assert code == 2 and "no model named 'nothing' is registered" in error_line(err)
+
+
+def test_the_readme_lists_every_server_setting_with_its_default():
+    from cockatoo_lib.serving.settings import ServeSettings
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = dict(line.split(" | ")[:2] for line in readme.splitlines() if line.startswith("| `")
+                and line.split("`")[1] in ServeSettings.model_fields)
+    shown = {name: str(f.default) if isinstance(f.default, int) else f"{f.default:g}"
+             for name, f in ServeSettings.model_fields.items()}
+    assert rows == {f"| `{name}`": value for name, value in shown.items()}
 
 
 # ------------------------------------------------------------------ batching

@@ -22,7 +22,7 @@ from cockatoo_lib.training.trainer import read_model_manifest
 from cockatoo_lib.training.trainjob import remove_stale_models
 from components import train
 from tests.fake_k8s import FakeKubernetes
-from tests.helpers import free_port
+from tests.helpers import free_port, without_coverage
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow
@@ -41,8 +41,11 @@ def play_nodes(body: dict, tmp_path) -> tuple[str, str, str]:
     for rank in range(nodes):
         scratch = tmp_path / f"node-{rank}"
         scratch.mkdir()
-        env = {**os.environ, "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(rank),
-               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "TMPDIR": str(scratch),
+        # Without coverage: the two-process run of tests/test_distributed measures the same
+        # training code; here the processes only play the job.
+        env = {**without_coverage(), "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": "1",
+               "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
+               "TMPDIR": str(scratch),
                **{e["name"]: e["value"] for e in trainer.get("env") or []}}
         command = [sys.executable if trainer["command"][0] == "python" else trainer["command"][0],
                    *trainer["command"][1:]]
