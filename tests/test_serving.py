@@ -143,6 +143,9 @@ BAD_REQUESTS = [  # (body, the field the 400 names)
     ({"instances": [{"text": "hi", "image": {"b64": "aGk="}}]},
      "instances[0].image: this model reads text only"),
     ({"instances": [{"text": "hi", "colour": "red"}]}, "instances[0].colour: unknown field"),
+    (["hi"], "request body: expected a JSON object"),
+    ({"instances": [{"text": "hi", "image": 42}]}, "instances[0].image: expected an http(s) URL"),
+    ({"instances": [{"text": "hi", "image": {"b64": 42}}]}, "instances[0].image: b64 must be a string"),
 ]
 
 
@@ -159,7 +162,12 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_serves_on(registry_s
                              "inputs[text]: shape [2] for 1 values"),
                             ([{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}],
                              "inputs[text]: datatype FP32"),
-                            ("not a list", "inputs:")]:
+                            ("not a list", "inputs:"),
+                            ([{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                             'inputs: no input named "text"'),
+                            ([{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]},
+                              {"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
+                             "inputs[image]: 1 images for 2 texts")]:
         status, answer = _post(v2, {"inputs": inputs})
         assert status == 400 and answer["error"].startswith(message), answer
     status, answer = _post(url, {"instances": ["still here"]})
@@ -283,6 +291,44 @@ def test_a_clip_model_reads_text_with_an_image_url_or_base64(trained_clip, tmp_p
         process.terminate()
         process.wait(30)
         images.shutdown()
+
+
+def test_the_follower_keeps_the_served_version_when_the_registry_or_a_load_fails(caplog):
+    from cockatoo_lib.errors import CockatooError
+    from cockatoo_lib.serving.server import AliasFollower
+
+    class Source:
+        name, alias, answer = NAME, CHAMPION, "2"
+
+        def alias_version(self):
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+        def load(self, version):
+            if version == "2":
+                raise OSError("weights truncated")
+            return f"served {version}"
+
+    switched = []
+    follower = AliasFollower(Source(), "1", switched.append, 60, NAME)
+    follower.poll()
+    follower.poll()  # the same failed version is not tried again
+    assert (switched, follower.current) == ([], "1")
+    assert [r.message for r in caplog.records if r.levelname == "ERROR"] == [
+        f"cannot load {NAME} version 2: weights truncated; still serving version 1"]
+    follower.source.answer = CockatooError("model registry http://mlflow: cannot read: connection refused")
+    follower.poll()
+    assert "connection refused; still serving version 1" in caplog.records[-1].message
+    follower.source.answer = "3"
+    follower.poll()
+    assert (switched, follower.current) == (["served 3"], "3")
+
+
+def test_out_of_range_settings_are_one_line(capsys, monkeypatch):
+    code, _, err = run_cli(["serve", "--model", "m", "--max-batch-size", "0"], capsys, monkeypatch)
+    assert code == 2
+    assert error_line(err) == "error: --max-batch-size 0: input should be greater than or equal to 1"
 
 
 @pytest.mark.slow
@@ -441,6 +487,12 @@ def test_deploy_refuses_what_a_cluster_cannot_serve(tmp_path, capsys, monkeypatc
                            capsys, monkeypatch)
     assert code == 2 and "replicas: min 6 and max 5" in error_line(err)
     assert not (tmp_path / "x.yaml").exists()
+    with FakeKubernetes(lambda body: ("Complete", "", "")) as k8s:  # then gone: nobody answers
+        kubeconfig = k8s.kubeconfig(tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    code, _, err = run_cli([*DEPLOY, "--output", tmp_path / "z.yaml", "--apply"], capsys, monkeypatch)
+    assert code == 2
+    assert error_line(err).startswith("error: cannot apply InferenceService moderation/moderation:")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
     monkeypatch.setattr("kubernetes.config.load_incluster_config", _no_cluster)
     code, _, err = run_cli([*DEPLOY, "--output", tmp_path / "y.yaml", "--apply"], capsys, monkeypatch)

@@ -43,8 +43,6 @@ class Deployment:
 
 def inference_service(d: Deployment) -> dict:
     """The manifest, as the Kubernetes API takes it."""
-    if not d.model_uri.startswith("models:/"):
-        raise CockatooError(f"deploy serves a registered model (models:/NAME@ALIAS), not {d.model_uri}")
     if not d.registry_uri or d.registry_uri.startswith("sqlite:"):
         raise CockatooError(f"deploy needs a registry the cluster can reach (http://...), not "
                             f"{d.registry_uri or 'none'}: pass --registry-uri")
