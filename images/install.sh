@@ -21,5 +21,8 @@ rm -rf "$site/torch/test" "$site"/torch/bin/test_* "$site"/torch/bin/*Test
 keep=$(python -c 'import torch; print("cuda" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu")')
 find "$site/bitsandbytes" -maxdepth 1 -name 'libbitsandbytes_*.so' ! -name "libbitsandbytes_cpu.so" \
   ! -name "libbitsandbytes_$keep.so" -delete
+# torch's C++ headers (62 MB) serve builds against torch (extensions, torch.compile's C++ code):
+# the CPU image has no compiler to run them, and stays under 2 GB without them.
+if [ "$keep" = cpu ]; then rm -rf "$site/torch/include"; fi
 
 python -m cockatoo_lib.versions

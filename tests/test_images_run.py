@@ -107,6 +107,41 @@ def test_minilm_is_the_same_bundled_weights_in_both_images(as_any_uid):
     assert seen["cpu"]["minilm_sha256"] == seen["cuda"]["minilm_sha256"]
 
 
+def test_the_cpu_image_serves_a_model_as_the_inference_service_runs_it(tmp_path):
+    """`cockatoo serve`, the InferenceService's command, in the CPU image as a random uid, on a
+    model folder (MiniLM with an untrained head) mounted read-only: ready, then a V1 answer."""
+    import urllib.request
+
+    from bench.predict_speed import demo_model_folder
+    from bench.serving import free_port
+
+    folder = demo_model_folder(tmp_path / "model", ["scam", "toxicity"])
+    folder.chmod(0o755)
+    port = free_port()
+    name = f"cockatoo-serve-{port}"
+    started = _docker("run", "-d", "--rm", "--name", name, "--user", str(random.randint(10_000, 2_000_000)),
+                      "-p", f"127.0.0.1:{port}:8080", "-v", f"{folder}:/model:ro", IMAGES["cpu"],
+                      "cockatoo", "serve", "--model", "/model", "--model-name", "m")
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, _docker("logs", name).stderr[-3000:]
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/m:predict",
+                                         data=json.dumps({"instances": ["hello"]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["model_version"] == "/model"
+        assert set(answer["predictions"][0]["probabilities"]) == {"scam", "toxicity"}
+    finally:
+        _docker("rm", "-f", name)
+
+
 def test_the_cpu_image_is_at_most_2_gb():
     size = int(_docker("image", "inspect", "-f", "{{.Size}}", IMAGES["cpu"]).stdout)
     assert size <= 2_000_000_000, f"{IMAGES['cpu']}: {size / 1e9:.2f} GB"

@@ -61,14 +61,9 @@ def _gate(registry, name, run, model, out, baseline=None, like=None, **rules):
 
 def _nudged_copy(model: Path, folder: Path) -> Path:
     """Other weights (the head's bias moved by 1e-6), the same decisions: a gain of exactly 0."""
-    from safetensors.torch import load_file, save_file
+    from bench.serving import shifted_copy
 
-    shutil.copytree(model, folder)
-    weights = load_file(folder / "model.safetensors")
-    (bias,) = [k for k in weights if k.startswith("classifier") and k.endswith("bias")]
-    weights[bias] = weights[bias] + 1e-6
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
+    return shifted_copy(model, folder, 1e-6)
 
 
 def test_the_gate_promotes_only_a_model_that_beats_the_baseline_and_the_champion(

@@ -21,6 +21,7 @@ import yaml
 from fake_k8s import FakeKubernetes
 from helpers import error_line, free_port, make_image, run_cli, serve
 
+from bench.serving import shifted_copy
 from cockatoo_lib.release.model_registry import CHAMPION, MLflowRegistry, Registration
 from cockatoo_lib.release.predict import Classifier
 from cockatoo_lib.serving.batching import Batcher
@@ -46,18 +47,6 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _shifted_copy(model: Path, folder: Path, shift: float) -> Path:
-    """The same model with every label's logit moved by `shift`: other probabilities."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(model, folder)
-    weights = load_file(folder / "model.safetensors")
-    (bias,) = [k for k in weights if k.startswith("classifier") and k.endswith("bias")]
-    weights[bias] = weights[bias] + shift
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
 def _start(args: list[str], port: int):
     return serve([sys.executable, "-m", "pipelines.cli", "serve", *map(str, args), "--http-port", str(port)],
                  port, ready_path="/v2/health/ready")
@@ -73,7 +62,7 @@ def registry_server(trained_run, tmp_path_factory):
     registry = MLflowRegistry(uri)
     broken = shutil.copytree(trained_run["model"], root / "broken")
     (broken / "model.safetensors").write_bytes(b"not weights")
-    folders = [trained_run["model"], _shifted_copy(trained_run["model"], root / "shifted", 1.5), broken]
+    folders = [trained_run["model"], shifted_copy(trained_run["model"], root / "shifted", 1.5), broken]
     for folder in folders:
         registry.register(NAME, Registration(str(folder), {}, {}, {}))
     registry.set_alias(NAME, CHAMPION, "1")
