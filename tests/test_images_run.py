@@ -116,7 +116,8 @@ def test_the_cpu_image_serves_a_model_as_the_inference_service_runs_it(tmp_path)
     from bench.serving import free_port
 
     folder = demo_model_folder(tmp_path / "model", ["scam", "toxicity"])
-    folder.chmod(0o755)
+    for path in [folder, *folder.iterdir()]:  # as a registry download leaves them: readable
+        path.chmod(0o755 if path.is_dir() else 0o644)
     port = free_port()
     name = f"cockatoo-serve-{port}"
     started = _docker("run", "-d", "--rm", "--name", name, "--user", str(random.randint(10_000, 2_000_000)),

@@ -321,13 +321,18 @@ def test_out_of_range_settings_are_one_line(capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_model_that_cannot_load_is_one_line_before_the_port_opens(tmp_path, capsys, monkeypatch):
+def test_a_model_that_cannot_load_is_one_line_before_the_port_opens(trained_run, tmp_path, capsys,
+                                                                    monkeypatch):
     code, _, err = run_cli(["serve", "--model", str(tmp_path), "--http-port", str(free_port())],
                            capsys, monkeypatch)
     assert code == 2 and "is not a cockatoo model folder" in error_line(err)
     code, _, err = run_cli(["serve", "--model", "models:/nothing@champion", "--registry-uri",
                             f"sqlite:///{tmp_path / 'r.db'}"], capsys, monkeypatch)
     assert code == 2 and "no model named 'nothing' is registered" in error_line(err)
+    broken = shutil.copytree(trained_run["model"], tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    code, _, err = run_cli(["serve", "--model", str(broken)], capsys, monkeypatch)
+    assert code == 2 and error_line(err).startswith(f"error: cannot load the model {broken}: ")
 
 
 def test_the_readme_lists_every_server_setting_with_its_default():

@@ -462,7 +462,12 @@ def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAU
     source = ModelSource(model, registry_uri)
     name = model_name or source.endpoint_name
     served_model = make_model(name, source, settings)
-    served_model.load()
+    try:
+        served_model.load()
+    except CockatooError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - weights, tokenizer or config that do not load
+        raise CockatooError(f"cannot load the model {model}: {first_line(exc)}") from None
 
     async def refuse_invalid(request, exc: RequestValidationError):
         errors = exc.errors()
