@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import BIN, free_port, make_image, serve, write_config
+from helpers import BIN, free_port, make_image, serve, without_coverage, write_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -189,8 +189,9 @@ def _write_image_data(root: Path) -> None:
 @pytest.fixture(scope="session")
 def _gcs_server():
     port = free_port()
+    # The emulators and the MLflow server run none of the project's code: no coverage there.
     process = serve([str(BIN / "gcp-storage-emulator"), "start", "--host=127.0.0.1",
-                     f"--port={port}", "--in-memory"], port)
+                     f"--port={port}", "--in-memory"], port, env=without_coverage())
     endpoint = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as env:
         import fsspec
@@ -214,7 +215,8 @@ def gcs(_gcs_server, monkeypatch):
 @pytest.fixture(scope="session")
 def _s3_server():
     port = free_port()
-    process = serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port)
+    process = serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port,
+                    env=without_coverage())
     yield f"http://127.0.0.1:{port}"
     process.kill()
 

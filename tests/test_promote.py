@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import error_line, free_port, run_cli, serve
+from helpers import error_line, free_port, run_cli, serve, without_coverage
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, GateRules, bootstrap_gain, compare, promote
@@ -36,7 +36,7 @@ def mlflow_server(tmp_path_factory):
     process = serve([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                      f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port,
-                    ready_path="/health")
+                    ready_path="/health", env=without_coverage())
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(30)

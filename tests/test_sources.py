@@ -1,13 +1,12 @@
 """Sources in buckets (against local emulators), compressed files, Hub data sets, and files that
 are not what their suffix says. No network: every server here listens on loopback."""
 
-import os
 import zipfile
 
 import fsspec
 import pandas as pd
 import pytest
-from helpers import BIN, error_line, free_port, run_cli, serve, write_config
+from helpers import BIN, error_line, free_port, run_cli, serve, without_coverage, write_config
 
 from cockatoo_lib.data.prepare import load_data_config, prepare
 
@@ -139,7 +138,7 @@ def test_object_without_permission_is_one_line(s3, tmp_path, capsys, monkeypatch
 
     port = free_port()
     process = serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port,
-                     env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"})
+                     env={**without_coverage(), "INITIAL_NO_AUTH_ACTION_COUNT": "2"})
     try:
         endpoint = f"http://127.0.0.1:{port}"
         client = boto3.client("s3", endpoint_url=endpoint)
