@@ -326,8 +326,8 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
             return self.served.classifier.image_processor is not None
 
         def _score(self, instances: list[Instance]):
-            served = self.served
-            images = [x.image for x in instances] if self.reads_images else None
+            served = self.served  # read once: the whole batch is this version's
+            images = [x.image for x in instances] if served.classifier.image_processor is not None else None
             probs = served.classifier.predict_proba([x.text for x in instances], images,
                                                     batch_size=settings.max_batch_size,
                                                     max_batch_tokens=settings.max_batch_tokens)
