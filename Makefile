@@ -53,7 +53,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/hadolint images/Dockerfile
 
-# Benchmarks (B1-B3, B5-B7 on this machine): writes docs/benchmarks.md. `make bench ONLY=b7`
+# Benchmarks (B1-B3, B5-B9, B11 on this machine): writes docs/benchmarks.md. `make bench ONLY=b7`
 # runs some of them and keeps the other sections' recorded figures.
 bench: install
 	$(PY) -m bench.harness $(if $(ONLY),--only $(ONLY))
