@@ -1,5 +1,6 @@
 """The full `cockatoo` command line: the library's step commands plus the pipeline commands
-(run locally, compile, submit, schedule). Lives here because those need kfp."""
+(run locally, compile, submit, schedule) and deploy. Lives here because those need kfp or the
+images' names."""
 
 import sys
 from pathlib import Path

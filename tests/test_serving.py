@@ -480,6 +480,9 @@ def test_deploy_refuses_what_a_cluster_cannot_serve(tmp_path, capsys, monkeypatc
     code, _, err = run_cli([*DEPLOY, "--min-replicas", "6", "--output", tmp_path / "x.yaml"],
                            capsys, monkeypatch)
     assert code == 2 and "replicas: min 6 and max 5" in error_line(err)
+    code, _, err = run_cli([*DEPLOY, "--name", "Moderation_v2", "--output", tmp_path / "x.yaml"],
+                           capsys, monkeypatch)
+    assert code == 2 and "InferenceService name 'Moderation_v2'" in error_line(err)
     assert not (tmp_path / "x.yaml").exists()
     with FakeKubernetes(lambda body: ("Complete", "", "")) as k8s:  # then gone: nobody answers
         kubeconfig = k8s.kubeconfig(tmp_path)

@@ -9,6 +9,7 @@ one of that name.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from cockatoo_lib.errors import CockatooError, first_line
@@ -46,6 +47,9 @@ def inference_service(d: Deployment) -> dict:
     if not d.registry_uri or d.registry_uri.startswith("sqlite:"):
         raise CockatooError(f"deploy needs a registry the cluster can reach (http://...), not "
                             f"{d.registry_uri or 'none'}: pass --registry-uri")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", d.name):
+        raise CockatooError(f"InferenceService name {d.name!r}: Kubernetes takes lowercase letters, digits "
+                            "and '-', at most 63; pass --name")
     if not 1 <= d.min_replicas <= d.max_replicas:
         raise CockatooError(f"replicas: min {d.min_replicas} and max {d.max_replicas}; need 1 <= min <= max")
     from kserve import constants
