@@ -29,9 +29,9 @@ from cockatoo_lib.serving.batching import Batcher
 NAME = "moderation"
 
 
-def _post(url: str, body, timeout: float = 60) -> tuple[int, dict]:
+def _post(url: str, body, timeout: float = 60, content_type: str = "application/json") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -160,6 +160,9 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_serves_on(registry_s
         status, answer = _post(v2, {"inputs": inputs})
         assert status == 400 and answer["error"].startswith(message), answer
     status, answer = _post(url, {"instances": ["still here"]})
+    assert status == 200 and len(answer["predictions"]) == 1
+    # What `curl -d` sends: JSON labelled as a form.
+    status, answer = _post(url, {"instances": ["a form"]}, content_type="application/x-www-form-urlencoded")
     assert status == 200 and len(answer["predictions"]) == 1
 
 

@@ -354,6 +354,10 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
             return result
 
         async def preprocess(self, payload, headers=None) -> _Parsed:
+            if isinstance(payload, bytes):  # kserve leaves a body not labelled JSON (curl -d) undecoded
+                import orjson
+
+                payload = orjson.loads(payload)  # _BodyCheck has made sure it parses
             if isinstance(payload, InferRequest):
                 instances = parse_v2(payload, settings, self.reads_images)
                 where, request = "inputs[image][{}]", payload
