@@ -231,8 +231,7 @@ def load_run(work: Path, model: Path, requests: int, texts: list[str], clients: 
     server = start_server(serve_command("models:/bench@champion", port, "--registry-uri", uri,
                                         "--poll-interval-s", "0.5"), port, "/v2/health/ready",
                           work / "load.log")
-    answers = []
-    moves = []
+    answers, moves, done = [], [], threading.Event()
 
     def mover() -> None:  # the alias moves at a third and at two thirds of the run
         for at, version in ((requests // 3, "2"), (2 * requests // 3, "1")):
@@ -241,7 +240,6 @@ def load_run(work: Path, model: Path, requests: int, texts: list[str], clients: 
             registry.set_alias("bench", CHAMPION, version)
             moves.append((len(answers), version))
 
-    done = threading.Event()
     thread = threading.Thread(target=mover)
     thread.start()
     try:

@@ -113,7 +113,7 @@ def test_the_cpu_image_serves_a_model_as_the_inference_service_runs_it(tmp_path)
     import urllib.request
 
     from bench.predict_speed import demo_model_folder
-    from bench.serving import free_port
+    from tests.helpers import free_port
 
     folder = demo_model_folder(tmp_path / "model", ["scam", "toxicity"])
     for path in [folder, *folder.iterdir()]:  # as a registry download leaves them: readable

@@ -49,6 +49,15 @@ class BadInput(CockatooError):
     """A request the server refuses with 400; the message starts with the field."""
 
 
+# Where an instance's image is, in each protocol's terms: the field a 400 names.
+V1_IMAGE, V2_IMAGE = "instances[{}].image", "inputs[image][{}]"
+
+
+def count_bad_input(model_name: str) -> None:
+    REQUESTS.labels(model_name, "bad_input").inc()
+    ERRORS.labels(model_name, "bad_input").inc()
+
+
 @dataclass(frozen=True)
 class Instance:
     text: str
@@ -169,12 +178,12 @@ def parse_v1(body, settings: ServeSettings, reads_images: bool) -> list[Instance
             if unknown:
                 raise _field_error(f"{where}.{sorted(unknown)[0]}", 'unknown field; an instance has '
                                                                     '"text" and, for CLIP, "image"')
-            text, image = item.get("text"), _image_ref(item.get("image"), f"{where}.image")
+            text, image = item.get("text"), _image_ref(item.get("image"), V1_IMAGE.format(i))
             where += ".text"
         else:
             text, image = item, None
         out.append(Instance(_check_text(text, where, settings), image))
-    return _check_images(out, "instances[{}].image", reads_images)
+    return _check_images(out, V1_IMAGE, reads_images)
 
 
 def parse_v2(request, settings: ServeSettings, reads_images: bool) -> list[Instance]:
@@ -194,10 +203,10 @@ def parse_v2(request, settings: ServeSettings, reads_images: bool) -> list[Insta
         images = _v2_strings(inputs["image"], "inputs[image]")
         if len(images) != len(texts):
             raise _field_error("inputs[image]", f"{len(images)} images for {len(texts)} texts")
-        images = [_image_ref(x or None, f"inputs[image][{i}]") for i, x in enumerate(images)]
+        images = [_image_ref(x or None, V2_IMAGE.format(i)) for i, x in enumerate(images)]
     out = [Instance(_check_text(t, f"inputs[text][{i}]", settings), image)
            for i, (t, image) in enumerate(zip(texts, images))]
-    return _check_images(out, "inputs[image][{}]", reads_images)
+    return _check_images(out, V2_IMAGE, reads_images)
 
 
 def _v2_strings(tensor, where: str) -> list:
@@ -342,8 +351,7 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
                 result = await (super().__call__(body, headers) if verb is None
                                 else super().__call__(body, headers, verb))
             except BadInput as exc:
-                REQUESTS.labels(name, "bad_input").inc()
-                ERRORS.labels(name, "bad_input").inc()
+                count_bad_input(name)
                 raise InvalidInput(str(exc)) from None
             except Exception:
                 REQUESTS.labels(name, "error").inc()
@@ -360,10 +368,10 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
                 payload = orjson.loads(payload)  # _BodyCheck has made sure it parses
             if isinstance(payload, InferRequest):
                 instances = parse_v2(payload, settings, self.reads_images)
-                where, request = "inputs[image][{}]", payload
+                where, request = V2_IMAGE, payload
             else:
                 instances = parse_v1(payload, settings, self.reads_images)
-                where, request = "instances[{}].image", None
+                where, request = V1_IMAGE, None
             if any(x.image is not None for x in instances):
                 instances = await asyncio.to_thread(read_images, instances, where, settings)
             return _Parsed(instances, request)
@@ -436,8 +444,7 @@ class _BodyCheck:
     async def _refuse(self, send, message: str) -> None:
         import orjson
 
-        REQUESTS.labels(self.model_name, "bad_input").inc()
-        ERRORS.labels(self.model_name, "bad_input").inc()
+        count_bad_input(self.model_name)
         data = orjson.dumps({"error": message})
         await send({"type": "http.response.start", "status": 400,
                     "headers": [(b"content-type", b"application/json"),
@@ -479,8 +486,7 @@ def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAU
         # loc is ("body", "InferenceRequest", "inputs", 0, ...): the field's path inside the body
         where = ".".join(str(x) for x in first.get("loc", ())
                          if x != "body" and not str(x)[:1].isupper()) or "request body"
-        REQUESTS.labels(name, "bad_input").inc()
-        ERRORS.labels(name, "bad_input").inc()
+        count_bad_input(name)
         return ORJSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400)
 
     app = model_server.app
