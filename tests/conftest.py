@@ -15,8 +15,9 @@ from helpers import BIN, free_port, make_image, serve, without_coverage, write_c
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: torch threads would fight
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One torch thread: `make test` runs one worker per core, where more threads would fight, and a
+# process forked from a test (helpers.forked) hangs in OpenMP if its parent had a thread pool.
+os.environ["OMP_NUM_THREADS"] = "1"
 # gcsfs otherwise probes each bucket over gRPC, which the storage emulator does not serve, and
 # waits 60 s for it. gcsfs reads this when first imported, so it is set before any test runs.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"

@@ -3,13 +3,13 @@ verified before it counts, and no run deletes what another may be writing. Each 
 against the local filesystem, gcp-storage-emulator and moto's S3, all on this machine."""
 
 import json
-import subprocess
-import sys
+import os
+import signal
 import threading
 import uuid
 
 import pytest
-from helpers import error_line, run_cli, without_coverage
+from helpers import cli_main, error_line, forked, run_cli
 
 import cockatoo_lib.storage.publish as publish_module
 from cockatoo_lib.plan.catalogue import resolve_plan
@@ -52,20 +52,14 @@ def _loads(folder, rows):
     assert {s: len(d) for s, d in datasets.items()} == rows
 
 
-TOKENIZE = [sys.executable, "-m", "pipelines.cli", "tokenize"]
-
-
 def test_two_runs_at_once_both_succeed_and_leave_one_entry(cache, small_data, plan, tmp_path):
     fs, root = cache
-    args = ["-d", str(small_data), "-m", "deberta", "--set", f"base_model={plan.base_model}",
+    args = ["tokenize", "-d", small_data, "-m", "deberta", "--set", f"base_model={plan.base_model}",
             "--cache-root", root]
-    # Unmeasured: the same tokenize runs measured in this process by the tests below.
-    runs = [subprocess.Popen([*TOKENIZE, *args, "-o", str(tmp_path / name)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=without_coverage())
-            for name in ("a", "b")]
+    runs = [forked(cli_main, [*args, "-o", tmp_path / name]) for name in ("a", "b")]
     for run in runs:
-        _, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err[-2000:]
+        run.join(timeout=300)
+        assert run.exitcode == 0  # its log is in the captured stderr
     rows = json.loads((tmp_path / "a" / "tokenized.json").read_text())["rows"]
     _loads(tmp_path / "a", rows)
     _loads(tmp_path / "b", rows)
@@ -135,24 +129,17 @@ def test_a_poisoned_entry_is_rebuilt_and_republished(poison, cache, small_data, 
         _loads(tmp_path / name, first["rows"])
 
 
-KILLED_PUBLISHER = """
-import os, signal, sys
-import cockatoo_lib.storage.publish as publish
-from cockatoo_lib.plan.catalogue import resolve_plan
-from cockatoo_lib.tokenize import tokenize
-publish._before_marker = lambda location: os.kill(os.getpid(), signal.SIGKILL)
-data, base, out, root = sys.argv[1:]
-tokenize(data, resolve_plan("deberta", {"base_model": base}), out, cache_root=root)
-"""
+def _publish_and_die(data, plan, out, root):
+    publish_module._before_marker = lambda location: os.kill(os.getpid(), signal.SIGKILL)
+    tokenize(data, plan, out, cache_root=root)
 
 
 def test_a_publisher_killed_before_its_marker_leaves_nothing_a_reader_takes(cache, small_data, plan,
                                                                             tmp_path):
     fs, root = cache
-    killed = subprocess.run([sys.executable, "-c", KILLED_PUBLISHER, str(small_data), plan.base_model,
-                             str(tmp_path / "a"), root], capture_output=True, timeout=300,
-                            env=without_coverage())
-    assert killed.returncode == -9
+    killed = forked(_publish_and_die, small_data, plan, tmp_path / "a", root)
+    killed.join(timeout=300)
+    assert killed.exitcode == -9
     assert not (tmp_path / "a").exists()
     info = tokenize(small_data, plan, tmp_path / "b", cache_root=root)
     assert not info["cache_hit"]

@@ -4,15 +4,12 @@ with SIGKILL resumed by the same command, half-written checkpoints never read, c
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import run_cli, without_coverage
+from helpers import cli_main, forked, run_cli
 from safetensors.torch import load_file
 
 from cockatoo_lib.plan.catalogue import Hardware, resolve_plan
@@ -27,21 +24,18 @@ pytestmark = pytest.mark.slow
 SETTINGS = {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
             "dataloader_num_workers": 0, "early_stopping_patience": 0}
 
-# The same `cockatoo train`, but the first published checkpoint holds the process still until
-# the test kills it: a preemption at a known point.
-PAUSE_AFTER_FIRST_CHECKPOINT = """
-import sys, time
-from cockatoo_lib.training import checkpoints
-from cockatoo_lib import cli
-original = checkpoints.DurableCheckpoints.on_save
-def on_save(self, args, state, control, **kwargs):
-    control = original(self, args, state, control, **kwargs)
-    print("published step", state.global_step, file=sys.stderr, flush=True)
-    time.sleep(600)
-checkpoints.DurableCheckpoints.on_save = on_save
-sys.argv = ["cockatoo", *sys.argv[1:]]
-cli.main()
-"""
+
+def _pause_after_first_checkpoint(argv: list[str]) -> None:
+    """The same `cockatoo train`, but the first published checkpoint holds the process still
+    until the test kills it: a preemption at a known point."""
+    original = DurableCheckpoints.on_save
+
+    def on_save(self, args, state, control, **kwargs):
+        control = original(self, args, state, control, **kwargs)
+        time.sleep(600)
+
+    DurableCheckpoints.on_save = on_save
+    cli_main(argv)
 
 
 def _command(tok, out, base, extra=(), **settings):
@@ -50,18 +44,16 @@ def _command(tok, out, base, extra=(), **settings):
 
 
 def _kill_after_first_checkpoint(argv, root: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, *argv],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=without_coverage())
+    process = forked(_pause_after_first_checkpoint, argv)
     deadline = time.monotonic() + 240
     try:
         while not list(root.glob("checkpoints/*/entry-*.json")):
-            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert process.is_alive(), f"training exited with {process.exitcode}"  # its log: stderr
             assert time.monotonic() < deadline, "no checkpoint was published in time"
             time.sleep(0.2)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.kill()
+        process.join()
 
 
 @pytest.fixture(scope="module")

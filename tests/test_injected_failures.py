@@ -7,13 +7,11 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, without_coverage
+from helpers import cli_main, forked, run_cli
 
 from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import tokenize
@@ -24,23 +22,19 @@ pytestmark = pytest.mark.slow
 
 FAST = ["num_epochs=1", "batch_size=16", "gradient_accumulation_steps=1", "dataloader_num_workers=0"]
 
-# Runs the command line with os.replace stopped where a step publishes its output folder: the
-# folder is fully written beside the output, not yet moved; the process waits there to be killed.
-KILL_AT_PUBLISH = """
-import os, sys, time
-from pathlib import Path
-flag = sys.argv[1]
-real_replace = os.replace
-def replace(src, dst, *args, **kwargs):
-    if ".tmp-" in Path(src).name and Path(src).is_dir():
-        Path(flag).write_text(str(src))
-        time.sleep(600)
-    return real_replace(src, dst, *args, **kwargs)
-os.replace = replace
-from pipelines.cli import main
-sys.argv = ["cockatoo", *sys.argv[2:]]
-main()
-"""
+def _stop_at_publish(flag: Path, args: list[str]) -> None:
+    """The command line, with os.replace stopped where a step publishes its output folder: the
+    folder is fully written beside the output, not yet moved; the process waits to be killed."""
+    real_replace = os.replace
+
+    def replace(src, dst, *rest, **kwargs):
+        if ".tmp-" in Path(src).name and Path(src).is_dir():
+            flag.write_text(str(src))
+            time.sleep(600)
+        return real_replace(src, dst, *rest, **kwargs)
+
+    os.replace = replace
+    cli_main(args)
 
 
 def _tree_digest(*roots: Path) -> str:
@@ -85,14 +79,13 @@ def test_a_step_that_fails_while_writing_leaves_nothing_and_reruns(step, failure
     args = [str(a) for a in [*commands[step], "-o", output]]
     before = _tree_digest(*input_dirs)
     if failure == "kill":
-        proc = subprocess.Popen([sys.executable, "-c", KILL_AT_PUBLISH, str(flag), *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=without_coverage())
+        proc = forked(_stop_at_publish, flag, args)
         deadline = time.monotonic() + 180
-        while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not flag.exists() and proc.is_alive() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert flag.exists(), proc.communicate()[1].decode()[-2000:]  # it reached its output
+        assert flag.exists(), f"the step exited with {proc.exitcode} before its output"  # log: stderr
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        proc.join(timeout=60)
         assert not output.exists()
         # A killed process cannot clean up: its temporary folder waits for the next run.
         assert _leftovers(output) == [Path(flag.read_text()).name]
