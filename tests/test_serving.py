@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from fake_k8s import FakeKubernetes
@@ -317,6 +318,42 @@ def test_the_follower_keeps_the_served_version_when_the_registry_or_a_load_fails
     assert (switched, follower.current) == (["served 3"], "3")
 
 
+@pytest.mark.slow
+def test_a_version_is_served_in_int8_only_where_its_gate_accepted_it(trained_run, tmp_path, monkeypatch):
+    from cockatoo_lib.release import gate
+    from cockatoo_lib.serving.server import ModelSource
+
+    registry = MLflowRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    offline = Classifier(trained_run["model"])
+    forms = {"fp32": offline.predict_proba(TEXTS), "int8": offline.int8().predict_proba(TEXTS)}
+    assert not np.allclose(forms["fp32"], forms["int8"], atol=1e-6)  # the two forms are told apart
+
+    def judge(out: str) -> dict:
+        return gate.promote(registry, NAME, trained_run["model"], trained_run["data"], trained_run["eval"],
+                            tmp_path / out)["int8"]
+
+    def served_form(int8_setting: bool) -> str:
+        served = ModelSource(f"models:/{NAME}/1", registry.uri, int8=int8_setting).load()
+        np.testing.assert_allclose(served.classifier.predict_proba(TEXTS), forms[served.precision], atol=1e-6)
+        return served.precision
+
+    # The probabilities move a little; what that costs in F1 on 42 test rows is a flag or two.
+    first = judge("first")
+    assert 0 < first["max_probability_change"] < 0.01
+    assert first["rows"] == pd.read_parquet(trained_run["data"] / "test.parquet").shape[0]
+    # Allowed a little less than it costs, the gate refuses it: the server serves 32-bit.
+    monkeypatch.setattr(gate, "MAX_INT8_F1_DROP", first["drop"] - 0.001)
+    assert not judge("refused")["accepted"]
+    assert registry.version(NAME, "1").tags[gate.INT8_TAG] == "refused"
+    assert served_form(True) == "fp32"
+    # Allowed what it costs, the gate accepts it; the server then serves int8 unless told not to.
+    monkeypatch.setattr(gate, "MAX_INT8_F1_DROP", first["drop"])
+    accepted = judge("accepted")
+    assert accepted["accepted"] and registry.version(NAME, "1").tags[gate.INT8_TAG] == "accepted"
+    assert "## Serving in int8\n\nAccepted: " in (tmp_path / "accepted" / gate.DECISION_MD).read_text()
+    assert (served_form(True), served_form(False)) == ("int8", "fp32")
+
+
 def test_out_of_range_settings_are_one_line(capsys, monkeypatch):
     code, _, err = run_cli(["serve", "--model", "m", "--max-batch-size", "0"], capsys, monkeypatch)
     assert code == 2
@@ -344,7 +381,8 @@ def test_the_readme_lists_every_server_setting_with_its_default():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = dict(line.split(" | ")[:2] for line in readme.splitlines() if line.startswith("| `")
                 and line.split("`")[1] in ServeSettings.model_fields)
-    shown = {name: str(f.default) if isinstance(f.default, int) else f"{f.default:g}"
+    shown = {name: ("on" if f.default else "off") if isinstance(f.default, bool)
+             else str(f.default) if isinstance(f.default, int) else f"{f.default:g}"
              for name, f in ServeSettings.model_fields.items()}
     assert rows == {f"| `{name}`": value for name, value in shown.items()}
 
@@ -406,7 +444,7 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
 
 DEPLOY = ["deploy", "--model-name", NAME, "--registry-uri", "http://mlflow.mlflow:5000",
           "--namespace", "moderation", "--image-registry", "registry.example.com/ml", "--image-tag", "1.2.3",
-          "--min-replicas", "2", "--max-replicas", "5", "--max-batch-size", "16"]
+          "--min-replicas", "2", "--max-replicas", "5", "--no-int8", "--max-batch-size", "16"]
 
 
 def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, capsys, monkeypatch):
@@ -424,7 +462,7 @@ def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, c
     assert container["command"] == ["cockatoo", "serve"]
     assert container["args"] == ["--model", f"models:/{NAME}@champion", "--registry-uri",
                                  "http://mlflow.mlflow:5000", "--http-port", "8080", "--model-name", NAME,
-                                 "--max-batch-size", "16"]
+                                 "--max-batch-size", "16", "--no-int8"]
     assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]} == {
         "MLFLOW_TRACKING_USERNAME": {"name": "cockatoo-mlflow", "key": "username", "optional": True},
         "MLFLOW_TRACKING_PASSWORD": {"name": "cockatoo-mlflow", "key": "password", "optional": True},
@@ -433,13 +471,15 @@ def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, c
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
     # Every field is one kserve's and the kubernetes client's models know, at its place.
     assert _unknown_fields(manifest, "V1beta1InferenceService") == []
-    # The served command takes every argument the manifest gives it.
-    from click.testing import CliRunner
+    # The served command reads the manifest's arguments as meant.
     from typer.main import get_command
 
     from pipelines.cli import app
-    help_text = CliRunner().invoke(get_command(app), ["serve", "--help"], terminal_width=200).output
-    assert all(arg in help_text for arg in container["args"] if arg.startswith("--"))
+    command = get_command(app)
+    serve_command = command.get_command(command.make_context("cockatoo", ["serve", "--help"],
+                                                             resilient_parsing=True), "serve")
+    given = serve_command.make_context("serve", list(container["args"])).params
+    assert (given["model"], given["max_batch_size"], given["int8"]) == (f"models:/{NAME}@champion", 16, False)
 
 
 def _unknown_fields(value, kind: str, where: str = "") -> list[str]:
@@ -472,7 +512,8 @@ def test_deploy_apply_creates_then_updates_the_service(tmp_path, capsys, monkeyp
                                  capsys, monkeypatch)
         assert code == 0 and "updated InferenceService moderation/moderation" in out, err
         stored = k8s.custom[("inferenceservices", NAME)]
-        assert stored["spec"]["predictor"]["containers"][0]["args"][-1] == "64"
+        args = stored["spec"]["predictor"]["containers"][0]["args"]
+        assert args[args.index("--max-batch-size") + 1] == "64"
         assert stored["metadata"]["resourceVersion"] == "2"
 
 

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 DECISION_JSON, DECISION_MD = "decision.json", "decision.md"
 WEIGHTS_TAG = "weights_sha256"
 BOOTSTRAP_SAMPLES = 1000
+# On each version the gate judges: "accepted" when its int8 form may serve it (cockatoo serve
+# reads this), else "refused"; and what int8 costs, at most, in test macro-F1.
+INT8_TAG = "serving_int8"
+MAX_INT8_F1_DROP = 0.005
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,8 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
                                       "again")
     registry.tag_version(model_name, version,
                          {"gate": "promoted" if decision["promoted"] else "rejected",
-                          "gate_reasons": "; ".join(decision["reasons"])[:5000]})
+                          "gate_reasons": "; ".join(decision["reasons"])[:5000],
+                          INT8_TAG: "accepted" if decision["int8"]["accepted"] else "refused"})
     with atomic_output_dir(output) as tmp:
         write_json(tmp / DECISION_JSON, decision)
         (tmp / DECISION_MD).write_text(render_decision(decision))
@@ -204,6 +209,7 @@ def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str,
                 "champion": champion_version.version if champion_version else None,
                 "rules": asdict(rules), "sets": {}, "reasons": [], "blocked_by": []}
     challenger = Classifier(model_dir)
+    decision["int8"] = int8_check(model_dir, _rows(data_dir, "test"))
     baseline = against_baseline(challenger, data_dir, evaluation_dir, data_manifest, rules)
     decision["baseline"] = baseline
     if not baseline["passed"]:
@@ -269,6 +275,22 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
     passed = all(v["passed"] for v in verdicts.values())
     return {"sets": verdicts, "passed": passed, "overridden": not passed and rules.allow_below_baseline,
             "reasons": reasons}
+
+
+def int8_check(model_dir: Path, rows: dict) -> dict:
+    """The model beside its int8 form (what `cockatoo serve` runs on a CPU where this accepts
+    it), both on the CPU, on the test rows at the model's thresholds: int8 is accepted when it
+    costs at most MAX_INT8_F1_DROP of macro-F1."""
+    from cockatoo_lib.release.predict import Classifier
+
+    full = Classifier(model_dir, device="cpu")
+    probs = {"fp32": _scores(full, rows), "int8": _scores(full.int8(), rows)}
+    f1 = {k: report(v, rows["y"], rows["m"], full.labels, list(full.thresholds))["macro_f1"]
+          for k, v in probs.items()}
+    drop = f1["fp32"] - f1["int8"]
+    return {"rows": len(rows["y"]), "macro_f1": round(f1["fp32"], 6), "int8_macro_f1": round(f1["int8"], 6),
+            "drop": round(drop, 6), "max_drop": MAX_INT8_F1_DROP, "accepted": drop <= MAX_INT8_F1_DROP,
+            "max_probability_change": round(float(np.abs(probs["fp32"] - probs["int8"]).max()), 6)}
 
 
 def _holdout_beside_baseline(challenger, data_dir: Path, labels: list[str], seed: int) -> tuple[float, float]:
@@ -343,4 +365,11 @@ def render_decision(decision: dict) -> str:
                   "", "| label | challenger F1 | champion F1 | support |", "|---|---|---|---|"]
         lines += [f"| {x} | {v['challenger_f1']:.4f} | {v['champion_f1']:.4f} | {v['support']} |"
                   for x, v in s["per_label"].items()]
+    int8 = decision["int8"]
+    lines += ["", "## Serving in int8", "",
+              f"{'Accepted' if int8['accepted'] else 'Refused'}: on the test split ({int8['rows']} rows) "
+              f"the int8 form scores macro-F1 {int8['int8_macro_f1']:.4f} against {int8['macro_f1']:.4f} "
+              f"(down {int8['drop']:.4f}; at most {int8['max_drop']:g} is accepted); probabilities move by "
+              f"{int8['max_probability_change']:.4f} at most. `cockatoo serve` on a CPU serves the int8 "
+              f"form of a version tagged {INT8_TAG}=accepted."]
     return "\n".join(lines) + "\n"

@@ -33,6 +33,10 @@ class ServeSettings(BaseModel):
                                 description="bytes of one request body, at most (base64 images included)")
     image_fetch_timeout_s: float = Field(default=5.0, gt=0, le=120,
                                          description="how long an image URL may take to answer")
+    int8: bool = Field(default=True,
+                       description="on a CPU, serve the int8 form of a registry version whose gate "
+                                   "accepted it (test macro-F1 down by at most 0.005; B11); "
+                                   "--no-int8: always 32-bit")
     poll_interval_s: float = Field(default=30.0, gt=0, le=86_400,
                                    description="how often the registry is asked where the alias points")
 
