@@ -27,11 +27,13 @@ demo: install
 	$(BIN)/cockatoo run --model-type minilm --data-config sample --output-root runs \
 		--predict cockatoo_lib/presets/sample/new_texts.csv --predictions runs/demo-predictions.csv
 
-# Both cores, tests in random order (the seed is printed; `pytest --randomly-seed=N` repeats an
-# order, the pipeline run first: tests/conftest.py), branch coverage printed and held above the
-# floor in pyproject.toml. About 5 minutes on 2 cores (docs/testing.md).
+# Three workers on 2 cores (one fills the time another waits on a server or a timeout), each
+# test module on one worker (--dist loadscope: its module fixtures are built once), in random
+# order (the seed is printed; `pytest --randomly-seed=N` repeats an order, the pipeline run
+# first: tests/conftest.py), branch coverage printed and held above the floor in pyproject.toml.
+# Under 5 minutes on 2 cores (docs/testing.md).
 test: lint
-	$(PY) -m pytest -q -n 2 --dist worksteal --cov --cov-report=term -m "not images" --durations=15
+	$(PY) -m pytest -q -n 3 --dist loadscope --cov --cov-report=term -m "not images" --durations=15
 
 # The inner loop: everything but the tests marked slow (training, pipelines, servers) and images,
 # on both cores, without coverage.

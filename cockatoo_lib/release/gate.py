@@ -55,7 +55,8 @@ class GateRules:
     allow_below_baseline: bool = False
 
 
-def _rows(data_dir: Path, split: str) -> dict | None:
+def split_rows(data_dir: Path, split: str) -> dict | None:
+    """A prepared split's texts, images, labels and label mask; None when it has no such split."""
     path = data_dir / f"{split}.parquet"
     if not path.is_file():
         return None
@@ -209,7 +210,7 @@ def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str,
                 "champion": champion_version.version if champion_version else None,
                 "rules": asdict(rules), "sets": {}, "reasons": [], "blocked_by": []}
     challenger = Classifier(model_dir)
-    decision["int8"] = int8_check(model_dir, _rows(data_dir, "test"))
+    decision["int8"] = int8_check(model_dir, split_rows(data_dir, "test"))
     baseline = against_baseline(challenger, data_dir, evaluation_dir, data_manifest, rules)
     decision["baseline"] = baseline
     if not baseline["passed"]:
@@ -296,7 +297,7 @@ def int8_check(model_dir: Path, rows: dict) -> dict:
 def _holdout_beside_baseline(challenger, data_dir: Path, labels: list[str], seed: int) -> tuple[float, float]:
     from cockatoo_lib.evaluation.baseline import baseline_probabilities
 
-    rows = {split: _rows(data_dir, split) for split in ("train", "validation", HOLDOUT)}
+    rows = {split: split_rows(data_dir, split) for split in ("train", "validation", HOLDOUT)}
     holdout = rows[HOLDOUT]
     y, m = holdout["y"], holdout["m"]
     model = report(_scores(challenger, holdout), y, m, labels, list(challenger.thresholds))
@@ -324,9 +325,9 @@ def _judge(registry, challenger, champion_version, data_dir: Path, data_manifest
                            "(set allow_label_change to promote anyway)")
         if not [x for x in champion.labels if x in challenger.labels]:
             raise CockatooError("champion and challenger share no label; nothing to compare")
-        sets = {"test": compare(challenger, champion, _rows(data_dir, "test"), rules, "test")}
+        sets = {"test": compare(challenger, champion, split_rows(data_dir, "test"), rules, "test")}
         if HOLDOUT in data_manifest:
-            sets[HOLDOUT] = compare(challenger, champion, _rows(data_dir, HOLDOUT), rules, HOLDOUT)
+            sets[HOLDOUT] = compare(challenger, champion, split_rows(data_dir, HOLDOUT), rules, HOLDOUT)
     for scored in sets.values():
         reasons += scored["reasons"]
         if scored["reasons"]:
