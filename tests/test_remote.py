@@ -48,8 +48,10 @@ def test_an_s3_source_that_never_answers(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
         s3fs.S3FileSystem.clear_instance_cache()  # instances remember their endpoint
         try:
-            # s3fs: 5 attempts, each waiting 0.3 s to connect and 0.3 s between bytes.
-            line = _prepare_fails("s3://posts/d.csv", tmp_path, capsys, monkeypatch, bound_seconds=10)
+            # s3fs: 5 attempts, each waiting 0.3 s to connect and 0.3 s between bytes, and backing
+            # off between them: ~7 s here, where botocore's defaults would wait minutes. The bound
+            # leaves room for a busy machine.
+            line = _prepare_fails("s3://posts/d.csv", tmp_path, capsys, monkeypatch, bound_seconds=20)
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
     assert "source src: cannot open s3://posts/d.csv: no answer within 0.3 s per request" in line
