@@ -15,6 +15,8 @@ Both models score the raw prepared rows (each with its own tokenizer), so a cham
 model type compares fairly. A paired bootstrap 95% interval of the macro-F1 gain is recorded.
 A model already registered (the same weights) is not registered again: a cloned run whose
 train step KFP took from its cache is judged as the version it already is.
+Whatever the verdict, the version is tagged with whether its int8 form may serve it on a CPU
+(`int8_check`: at most MAX_INT8_F1_DROP of test macro-F1 lost); `cockatoo serve` reads the tag.
 """
 
 from __future__ import annotations
