@@ -354,6 +354,17 @@ def test_a_version_is_served_in_int8_only_where_its_gate_accepted_it(trained_run
     assert (served_form(True), served_form(False)) == ("int8", "fp32")
 
 
+@pytest.mark.slow
+def test_the_int8_verdict_follows_the_drop_the_decision_shows(trained_run, monkeypatch):
+    from cockatoo_lib.release import gate
+
+    # A drop a hair above the bound, as the decision rounds it, is the bound: accepted.
+    f1 = iter([0.5, 0.5 - gate.MAX_INT8_F1_DROP - 4e-7])
+    monkeypatch.setattr(gate, "report", lambda *args, **kwargs: {"macro_f1": next(f1)})
+    result = gate.int8_check(trained_run["model"], gate.split_rows(trained_run["data"], "test"))
+    assert result["drop"] == gate.MAX_INT8_F1_DROP and result["accepted"]
+
+
 def test_out_of_range_settings_are_one_line(capsys, monkeypatch):
     code, _, err = run_cli(["serve", "--model", "m", "--max-batch-size", "0"], capsys, monkeypatch)
     assert code == 2
