@@ -15,7 +15,7 @@ from helpers import BIN, free_port, make_image, serve, without_coverage, write_c
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One torch thread: `make test` runs one worker per core, where more threads would fight, and a
+# One torch thread: `make test` runs three workers on two cores, where more would fight, and a
 # process forked from a test (helpers.forked) hangs in OpenMP if its parent had a thread pool.
 os.environ["OMP_NUM_THREADS"] = "1"
 # gcsfs otherwise probes each bucket over gRPC, which the storage emulator does not serve, and
