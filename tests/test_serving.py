@@ -361,7 +361,7 @@ def test_the_int8_verdict_follows_the_drop_the_decision_shows(trained_run, monke
     # A drop a hair above the bound, as the decision rounds it, is the bound: accepted.
     f1 = iter([0.5, 0.5 - gate.MAX_INT8_F1_DROP - 4e-7])
     monkeypatch.setattr(gate, "report", lambda *args, **kwargs: {"macro_f1": next(f1)})
-    result = gate.int8_check(trained_run["model"], gate.split_rows(trained_run["data"], "test"))
+    result = gate.int8_check(Classifier(trained_run["model"]), gate.split_rows(trained_run["data"], "test"))
     assert result["drop"] == gate.MAX_INT8_F1_DROP and result["accepted"]
 
 

@@ -212,7 +212,7 @@ def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str,
                 "champion": champion_version.version if champion_version else None,
                 "rules": asdict(rules), "sets": {}, "reasons": [], "blocked_by": []}
     challenger = Classifier(model_dir)
-    decision["int8"] = int8_check(model_dir, split_rows(data_dir, "test"))
+    decision["int8"] = int8_check(challenger, split_rows(data_dir, "test"))
     baseline = against_baseline(challenger, data_dir, evaluation_dir, data_manifest, rules)
     decision["baseline"] = baseline
     if not baseline["passed"]:
@@ -280,13 +280,13 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
             "reasons": reasons}
 
 
-def int8_check(model_dir: Path, rows: dict) -> dict:
+def int8_check(classifier, rows: dict) -> dict:
     """The model beside its int8 form (what `cockatoo serve` runs on a CPU where this accepts
     it), both on the CPU, on the test rows at the model's thresholds: int8 is accepted when it
     costs at most MAX_INT8_F1_DROP of macro-F1."""
     from cockatoo_lib.release.predict import Classifier
 
-    full = Classifier(model_dir, device="cpu")
+    full = classifier if classifier.device.type == "cpu" else Classifier(classifier.model_dir, device="cpu")
     probs = {"fp32": _scores(full, rows), "int8": _scores(full.int8(), rows)}
     f1 = {k: report(v, rows["y"], rows["m"], full.labels, list(full.thresholds))["macro_f1"]
           for k, v in probs.items()}
