@@ -49,13 +49,10 @@ def option_group(options: dict[str, tuple[type, typer.models.OptionInfo]], build
 
 
 def _serve_options() -> dict[str, tuple[type, typer.models.OptionInfo]]:
-    from cockatoo_lib.serving.settings import ServeSettings
+    from cockatoo_lib.serving.settings import ServeSettings, option
 
-    def flag(name: str, kind: type) -> str:
-        flag = "--" + name.replace("_", "-")
-        return f"{flag}/--no-{flag[2:]}" if kind is bool else flag
-
-    return {name: (f.annotation, typer.Option(f.default, flag(name, f.annotation), help=f.description))
+    return {name: (f.annotation, typer.Option(f.default, option(name, switch=f.annotation is bool),
+                                              help=f.description))
             for name, f in ServeSettings.model_fields.items()}
 
 

@@ -35,15 +35,8 @@ class Deployment:
     settings: ServeSettings = field(default_factory=ServeSettings)
 
     def serve_args(self) -> list[str]:
-        args = ["--model", self.model_uri, "--registry-uri", self.registry_uri,
-                "--http-port", str(DEFAULT_HTTP_PORT), "--model-name", self.name]
-        for key, value in self.settings.model_dump(exclude_defaults=True).items():
-            flag = f"--{key.replace('_', '-')}"
-            if isinstance(value, bool):  # a switch: --int8 / --no-int8
-                args.append(flag if value else f"--no-{flag[2:]}")
-            else:
-                args += [flag, str(value)]
-        return args
+        return ["--model", self.model_uri, "--registry-uri", self.registry_uri,
+                "--http-port", str(DEFAULT_HTTP_PORT), "--model-name", self.name, *self.settings.args()]
 
 
 def inference_service(d: Deployment) -> dict:

@@ -10,6 +10,12 @@ from cockatoo_lib.errors import CockatooError
 DEFAULT_HTTP_PORT = 8080  # KServe's
 
 
+def option(name: str, switch: bool = False) -> str:
+    """A setting's command-line option: --max-batch-size; for a switch, --int8/--no-int8."""
+    flag = "--" + name.replace("_", "-")
+    return f"{flag}/--no-{flag[2:]}" if switch else flag
+
+
 class ServeSettings(BaseModel):
     """The server's limits and batching; `cockatoo serve --help` and the README list them."""
 
@@ -39,6 +45,16 @@ class ServeSettings(BaseModel):
                                    "--no-int8: always 32-bit")
     poll_interval_s: float = Field(default=30.0, gt=0, le=86_400,
                                    description="how often the registry is asked where the alias points")
+
+    def args(self) -> list[str]:
+        """The options that give these settings to `cockatoo serve`, defaults left out."""
+        out = []
+        for name, value in self.model_dump(exclude_defaults=True).items():
+            if isinstance(value, bool):
+                out.append(option(name, switch=True).split("/")[0 if value else 1])
+            else:
+                out += [option(name), str(value)]
+        return out
 
     @classmethod
     def of(cls, **values) -> ServeSettings:
