@@ -160,14 +160,16 @@ def free_port() -> int:
 
 
 SIDES = {"cockatoo": "(a) `cockatoo serve`",
-         "cockatoo-int8": "(a') `cockatoo serve`, int8",
+         "cockatoo-bf16": "(a') `cockatoo serve`, bf16",
+         "cockatoo-int8": "(a'') `cockatoo serve`, int8",
          "pipeline": "(b) pipeline + FastAPI"}
 
 
 def bench_serving(per_client: int, repeats: int, load_requests: int) -> dict:
     from cockatoo_lib.plan.catalogue import resolve_plan
-    from cockatoo_lib.release.gate import INT8_TAG
+    from cockatoo_lib.release.gate import serving_tag
     from cockatoo_lib.release.model_registry import MLflowRegistry, Registration
+    from cockatoo_lib.release.predict import native_forms
 
     max_length = resolve_plan("minilm").inference_max_length
     texts = posts(social_media_lengths(2000, max_length, seed=3), seed=3)
@@ -175,22 +177,23 @@ def bench_serving(per_client: int, repeats: int, load_requests: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         folder = demo_model_folder(work / "model", LABELS)
-        # (a'): the same weights registered as a version whose gate accepted its int8 form.
-        registry_uri = f"sqlite:///{work / 'int8.db'}"
-        accepted = Registration(str(folder), {INT8_TAG: "accepted"}, {}, {})
-        MLflowRegistry(registry_uri).register("bench", accepted)
+        # (a') and (a''): the same weights registered as versions whose gate accepted one reduced
+        # form each, which the server then serves; bf16 only where this CPU runs it natively.
+        registry_uri = f"sqlite:///{work / 'forms.db'}"
         ports = {side: free_port() for side in SIDES}
-        commands = {
-            "cockatoo": serve_command(str(folder), ports["cockatoo"], "--model-name", "m"),
-            "cockatoo-int8": serve_command("models:/bench/1", ports["cockatoo-int8"], "--model-name", "m",
-                                           "--registry-uri", registry_uri),
-            "pipeline": baseline_command(folder, ports["pipeline"]),
-        }
+        commands = {"cockatoo": serve_command(str(folder), ports["cockatoo"], "--model-name", "m"),
+                    "pipeline": baseline_command(folder, ports["pipeline"])}
+        for form in native_forms():
+            accepted = Registration(str(folder), {serving_tag(form): "accepted"}, {}, {})
+            version = MLflowRegistry(registry_uri).register("bench", accepted).version
+            side = f"cockatoo-{form}"
+            commands[side] = serve_command(f"models:/bench/{version}", ports[side], "--model-name", "m",
+                                           "--registry-uri", registry_uri)
         servers = [start_server(command, ports[side], "/health" if side == "pipeline" else "/v2/health/ready",
                                 work / f"{side}.log") for side, command in commands.items()]
         try:
             targets = {side: (ports[side], "/predict" if side == "pipeline" else "/v1/models/m:predict")
-                       for side in SIDES}
+                       for side in SIDES if side in commands}
             for port, path in targets.values():  # warm them up: first calls allocate
                 drive(port, path, v1_body, texts, 4, 40)
             runs = {(side, n): [] for side in targets for n in CLIENTS}
@@ -299,8 +302,9 @@ def section(m: dict, b11: dict) -> list[str]:
         "(B1's length mix), each client one request after another on a keep-alive connection, the clients "
         "in the benchmark's process on loopback; for each client count the servers take turns, "
         f"{b11['repeats']} repeats, medians. (a) `cockatoo serve` (V1 protocol, default batching) on the "
-        "model folder: the weights as trained; (a') the same weights as a registry version whose gate "
-        "accepted its int8 form, which the server then serves (what int8 costs in F1: B7); (b) "
+        "model folder: the weights as trained; (a') and (a'') the same weights as a registry version "
+        "whose gate accepted its bf16 or int8 form, which the server then serves (what each costs in "
+        "F1: B7; bf16 runs where the CPU has bf16 instructions); (b) "
         "transformers' `pipeline(\"text-classification\")` behind a FastAPI endpoint, one call per request.",
         "",
         "| clients | server | req/s | p50 ms | p99 ms | req/s ÷ (b)'s |",

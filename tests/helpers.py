@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -141,3 +142,22 @@ def without_coverage() -> dict[str, str]:
     """This environment without coverage's hand-on to subprocesses: for a process the test kills,
     whose measurements die with it, so that it does not pay for them."""
     return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+
+
+def check_reduced_forms(model_dir, texts: list[str], images=None) -> None:
+    """Each reduced form scores close to the model as trained, and not exactly as it."""
+    import torch
+
+    from cockatoo_lib.errors import CockatooError
+    from cockatoo_lib.release.predict import Classifier
+
+    classifier = Classifier(model_dir)
+    full = classifier.predict_proba(texts, images)
+    assert classifier.in_form("fp32") is classifier
+    for form, bound in (("bf16", 0.02), ("int8", 0.05)):
+        reduced = classifier.in_form(form)
+        change = np.abs(reduced.predict_proba(texts, images) - full).max()
+        assert reduced.form == form and 0 < change < bound, (form, change)
+    assert classifier.form == "fp32" and classifier.model.dtype == torch.float32  # copies, not changed
+    with pytest.raises(CockatooError, match="unknown model form 'fp16'; one of: fp32, bf16, int8"):
+        classifier.in_form("fp16")

@@ -93,10 +93,11 @@ def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, mon
         assert run["baseline"]["train_rows"] == result["rows"]["train"]
     text = "\n".join(quality.render(result))
     assert "| minilm, num_epochs=1, loss=bce |" in text and "Default recipe against the baseline" in text
-    # What serving the default model in int8 costs, on the same test split.
-    assert result["runs"]["default"]["int8"]["rows"] == result["rows"]["test"]
-    assert "int8" not in result["runs"]["bce"]
-    assert "Serving the default model in int8 (the gate's check" in text
+    # What serving the default model in a reduced form costs, on the same test split.
+    assert result["runs"]["default"]["serving"]["rows"] == result["rows"]["test"]
+    assert list(result["runs"]["default"]["serving"]["forms"]) == ["bf16", "int8"]
+    assert "serving" not in result["runs"]["bce"]
+    assert "Serving the default model in a reduced form (the gate's check" in text and "; int8 " in text
 
 
 TINY_CONFIGS = {
@@ -276,4 +277,4 @@ def test_b11_counts_each_request_once_and_its_failures_apart(tmp_path):
     text = doc.read_text()
     assert text.index("B10 figures, kept.") < text.index("## B11: serving")
     assert "| 32 | (a) `cockatoo serve` | 320.0 |" in text and "clients **64.00× the requests/s**" in text
-    assert "| 32 | (a') `cockatoo serve`, int8 | 480.0 |" in text and "**96.00× the requests/s**" in text
+    assert "| 32 | (a'') `cockatoo serve`, int8 | 480.0 |" in text and "**96.00× the requests/s**" in text

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import error_line, make_image, run_cli, write_config
+from helpers import check_reduced_forms, error_line, make_image, run_cli, write_config
 from PIL import Image
 
 from cockatoo_lib.data.clip_images import PIXEL_COLUMN, collate_pixels, load_image_processor
@@ -386,3 +386,9 @@ def test_clip_with_images_trains_saves_loads_and_evaluates(trained_clip, image_d
     results = evaluate(model_dir, tok, tmp_path / "eval", data_dir=image_data / "data")
     assert results["model_type"] == "clip-vit" and results["rows"] == len(datasets["test"])
     assert (tmp_path / "eval" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_clip_scores_texts_with_images_in_each_reduced_form(trained_clip, tmp_path):
+    pictures = [make_image(tmp_path / f"{i}.jpg", seed=i) for i in range(4)]
+    check_reduced_forms(trained_clip["model"], ["look", "a cat", "buy now", "hello"], [*pictures[:3], None])

@@ -5,14 +5,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import error_line, run_cli
+from helpers import check_reduced_forms, error_line, run_cli
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.evaluation.metrics import sigmoid
 from cockatoo_lib.release.predict import Classifier, length_batches
 from cockatoo_lib.tokenize import load_tokenized
 from cockatoo_lib.training.models import load_trained_model, predict_logits
-from cockatoo_lib.training.trainer import PaddingCollator
+from cockatoo_lib.training.trainer import MODEL_MANIFEST, PaddingCollator
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow
@@ -149,6 +149,25 @@ def test_an_output_that_appears_while_predicting_is_left_alone(trained_run, tmp_
 def test_a_text_model_refuses_images(trained_run):
     with pytest.raises(Exception, match="reads text only"):
         Classifier.load(trained_run["model"]).predict_proba(["x"], images=[None])
+
+
+def test_a_text_model_scores_in_each_reduced_form(trained_run):
+    check_reduced_forms(trained_run["model"], load_tokenized(trained_run["tok"])[0]["test"]["text"])
+
+
+def test_modernbert_scores_in_each_reduced_form(tiny_models, tmp_path):
+    """ModernBERT unpads its batches on the CPU; its head untrained: only the forms are checked."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    folder = shutil.copytree(tiny_models["modernbert"], tmp_path / "model")
+    AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=2).save_pretrained(folder)
+    (folder / MODEL_MANIFEST).write_text(json.dumps({
+        "model_type": "modernbert", "architecture": "sequence-classification", "labels": ["a", "b"],
+        "thresholds": {"a": 0.5, "b": 0.5}, "max_length": 64}))
+    check_reduced_forms(folder, ["hello there", "buy cheap pills now now now", "x", "a text with more words"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -319,50 +319,71 @@ def test_the_follower_keeps_the_served_version_when_the_registry_or_a_load_fails
 
 
 @pytest.mark.slow
-def test_a_version_is_served_in_int8_only_where_its_gate_accepted_it(trained_run, tmp_path, monkeypatch):
-    from cockatoo_lib.release import gate
+def test_a_version_is_served_in_a_reduced_form_only_where_its_gate_accepted_it(trained_run, tmp_path,
+                                                                               monkeypatch):
+    from cockatoo_lib.release import gate, predict
     from cockatoo_lib.serving.server import ModelSource
 
     registry = MLflowRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}")
     offline = Classifier(trained_run["model"])
-    forms = {"fp32": offline.predict_proba(TEXTS), "int8": offline.int8().predict_proba(TEXTS)}
-    assert not np.allclose(forms["fp32"], forms["int8"], atol=1e-6)  # the two forms are told apart
+    forms = {form: offline.in_form(form).predict_proba(TEXTS) for form in predict.FORMS}
+    for form in ("bf16", "int8"):  # the forms are told apart by their answers
+        assert not np.allclose(forms["fp32"], forms[form], atol=1e-6)
 
     def judge(out: str) -> dict:
         return gate.promote(registry, NAME, trained_run["model"], trained_run["data"], trained_run["eval"],
-                            tmp_path / out)["int8"]
+                            tmp_path / out)["serving"]
 
-    def served_form(int8_setting: bool) -> str:
-        served = ModelSource(f"models:/{NAME}/1", registry.uri, int8=int8_setting).load()
-        np.testing.assert_allclose(served.classifier.predict_proba(TEXTS), forms[served.precision], atol=1e-6)
-        return served.precision
+    def served_form(native: list[str], reduced_forms: bool = True) -> str:
+        monkeypatch.setattr(predict, "native_forms", lambda: native)
+        served = ModelSource(f"models:/{NAME}/1", registry.uri, reduced_forms=reduced_forms).load()
+        form = served.classifier.form
+        np.testing.assert_allclose(served.classifier.predict_proba(TEXTS), forms[form], atol=1e-6)
+        return form
 
-    # The probabilities move a little; what that costs in F1 on 42 test rows is a flag or two.
+    def tags() -> tuple[str, str]:
+        found = registry.version(NAME, "1").tags
+        return found[gate.serving_tag("bf16")], found[gate.serving_tag("int8")]
+
+    # The probabilities move a little; in F1 on 42 test rows, a flag or none.
     first = judge("first")
-    assert 0 < first["max_probability_change"] < 0.01
+    bf16, int8 = first["forms"]["bf16"], first["forms"]["int8"]
+    assert 0 < bf16["max_probability_change"] < 0.01 and 0 < int8["max_probability_change"] < 0.01
     assert first["rows"] == pd.read_parquet(trained_run["data"] / "test.parquet").shape[0]
-    # Allowed a little less than it costs, the gate refuses it: the server serves 32-bit.
-    monkeypatch.setattr(gate, "MAX_INT8_F1_DROP", first["drop"] - 0.001)
-    assert not judge("refused")["accepted"]
-    assert registry.version(NAME, "1").tags[gate.INT8_TAG] == "refused"
-    assert served_form(True) == "fp32"
-    # Allowed what it costs, the gate accepts it; the server then serves int8 unless told not to.
-    monkeypatch.setattr(gate, "MAX_INT8_F1_DROP", first["drop"])
-    accepted = judge("accepted")
-    assert accepted["accepted"] and registry.version(NAME, "1").tags[gate.INT8_TAG] == "accepted"
-    assert "## Serving in int8\n\nAccepted: " in (tmp_path / "accepted" / gate.DECISION_MD).read_text()
-    assert (served_form(True), served_form(False)) == ("int8", "fp32")
+    # Allowed a little less than they cost, the gate refuses both: the server serves as trained.
+    monkeypatch.setattr(gate, "MAX_SERVING_F1_DROP", min(bf16["drop"], int8["drop"]) - 0.001)
+    assert not any(v["accepted"] for v in judge("refused")["forms"].values())
+    assert tags() == ("refused", "refused")
+    assert served_form(["bf16", "int8"]) == served_form(["int8"]) == "fp32"
+    # Allowed what they cost: bf16 where the CPU runs it natively, else int8; never with
+    # --no-reduced-forms.
+    monkeypatch.setattr(gate, "MAX_SERVING_F1_DROP", max(bf16["drop"], int8["drop"]))
+    judge("both")
+    assert tags() == ("accepted", "accepted")
+    assert (served_form(["bf16", "int8"]), served_form(["int8"])) == ("bf16", "int8")
+    assert served_form(["bf16", "int8"], reduced_forms=False) == "fp32"
+    # A version whose gate accepted bf16 only: bf16 where native, else as trained (not int8).
+    registry.tag_version(NAME, "1", {gate.serving_tag("int8"): "refused"})
+    assert (served_form(["bf16", "int8"]), served_form(["int8"])) == ("bf16", "fp32")
+    decision = (tmp_path / "both" / gate.DECISION_MD).read_text()
+    assert "## Serving in a reduced form on a CPU" in decision
+    assert f"| int8 | {int8['macro_f1']:.4f} | {int8['drop']:.4f} |" in decision
+    assert "| accepted (serving_int8) |" in decision
 
 
 @pytest.mark.slow
-def test_the_int8_verdict_follows_the_drop_the_decision_shows(trained_run, monkeypatch):
+def test_the_reduced_form_verdict_follows_the_drop_the_decision_shows(trained_run, monkeypatch):
     from cockatoo_lib.release import gate
 
-    # A drop a hair above the bound, as the decision rounds it, is the bound: accepted.
-    f1 = iter([0.5, 0.5 - gate.MAX_INT8_F1_DROP - 4e-7])
+    # A drop a hair above the bound, as the decision rounds it, is the bound: accepted; one
+    # that rounds above it is refused. (fp32, bf16, int8 scored in that order.)
+    bound = gate.MAX_SERVING_F1_DROP
+    f1 = iter([0.5, 0.5 - bound - 4e-7, 0.5 - bound - 4e-6])
     monkeypatch.setattr(gate, "report", lambda *args, **kwargs: {"macro_f1": next(f1)})
-    result = gate.int8_check(Classifier(trained_run["model"]), gate.split_rows(trained_run["data"], "test"))
-    assert result["drop"] == gate.MAX_INT8_F1_DROP and result["accepted"]
+    rows = gate.split_rows(trained_run["data"], "test")
+    result = gate.serving_check(Classifier(trained_run["model"]), rows)
+    assert result["forms"]["bf16"]["drop"] == bound and result["forms"]["bf16"]["accepted"]
+    assert result["forms"]["int8"]["drop"] > bound and not result["forms"]["int8"]["accepted"]
 
 
 def test_out_of_range_settings_are_one_line(capsys, monkeypatch):
@@ -455,7 +476,7 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
 
 DEPLOY = ["deploy", "--model-name", NAME, "--registry-uri", "http://mlflow.mlflow:5000",
           "--namespace", "moderation", "--image-registry", "registry.example.com/ml", "--image-tag", "1.2.3",
-          "--min-replicas", "2", "--max-replicas", "5", "--no-int8", "--max-batch-size", "16"]
+          "--min-replicas", "2", "--max-replicas", "5", "--no-reduced-forms", "--max-batch-size", "16"]
 
 
 def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, capsys, monkeypatch):
@@ -473,7 +494,7 @@ def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, c
     assert container["command"] == ["cockatoo", "serve"]
     assert container["args"] == ["--model", f"models:/{NAME}@champion", "--registry-uri",
                                  "http://mlflow.mlflow:5000", "--http-port", "8080", "--model-name", NAME,
-                                 "--max-batch-size", "16", "--no-int8"]
+                                 "--max-batch-size", "16", "--no-reduced-forms"]
     assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]} == {
         "MLFLOW_TRACKING_USERNAME": {"name": "cockatoo-mlflow", "key": "username", "optional": True},
         "MLFLOW_TRACKING_PASSWORD": {"name": "cockatoo-mlflow", "key": "password", "optional": True},
@@ -490,7 +511,8 @@ def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, c
     serve_command = command.get_command(command.make_context("cockatoo", ["serve", "--help"],
                                                              resilient_parsing=True), "serve")
     given = serve_command.make_context("serve", list(container["args"])).params
-    assert (given["model"], given["max_batch_size"], given["int8"]) == (f"models:/{NAME}@champion", 16, False)
+    assert given["model"] == f"models:/{NAME}@champion"
+    assert (given["max_batch_size"], given["reduced_forms"]) == (16, False)
 
 
 def _unknown_fields(value, kind: str, where: str = "") -> list[str]:

@@ -15,8 +15,9 @@ Both models score the raw prepared rows (each with its own tokenizer), so a cham
 model type compares fairly. A paired bootstrap 95% interval of the macro-F1 gain is recorded.
 A model already registered (the same weights) is not registered again: a cloned run whose
 train step KFP took from its cache is judged as the version it already is.
-Whatever the verdict, the version is tagged with whether its int8 form may serve it on a CPU
-(`int8_check`: at most MAX_INT8_F1_DROP of test macro-F1 lost); `cockatoo serve` reads the tag.
+Whatever the verdict, the version is tagged with which reduced forms (bf16, int8) may serve it
+on a CPU (`serving_check`: at most MAX_SERVING_F1_DROP of test macro-F1 lost); `cockatoo serve`
+reads the tags.
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ log = logging.getLogger(__name__)
 DECISION_JSON, DECISION_MD = "decision.json", "decision.md"
 WEIGHTS_TAG = "weights_sha256"
 BOOTSTRAP_SAMPLES = 1000
-# On each version the gate judges: "accepted" when its int8 form may serve it (cockatoo serve
-# reads this), else "refused"; and what int8 costs, at most, in test macro-F1.
-INT8_TAG = "serving_int8"
-MAX_INT8_F1_DROP = 0.005
+# What a reduced form (bf16, int8) may cost, at most, in test macro-F1 for `cockatoo serve` to
+# serve a version in it; each version is tagged serving_<form>=accepted|refused.
+MAX_SERVING_F1_DROP = 0.005
+
+
+def serving_tag(form: str) -> str:
+    return f"serving_{form}"
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,8 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
     registry.tag_version(model_name, version,
                          {"gate": "promoted" if decision["promoted"] else "rejected",
                           "gate_reasons": "; ".join(decision["reasons"])[:5000],
-                          INT8_TAG: "accepted" if decision["int8"]["accepted"] else "refused"})
+                          **{serving_tag(form): "accepted" if checked["accepted"] else "refused"
+                             for form, checked in decision["serving"]["forms"].items()}})
     with atomic_output_dir(output) as tmp:
         write_json(tmp / DECISION_JSON, decision)
         (tmp / DECISION_MD).write_text(render_decision(decision))
@@ -212,7 +217,7 @@ def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str,
                 "champion": champion_version.version if champion_version else None,
                 "rules": asdict(rules), "sets": {}, "reasons": [], "blocked_by": []}
     challenger = Classifier(model_dir)
-    decision["int8"] = int8_check(challenger, split_rows(data_dir, "test"))
+    decision["serving"] = serving_check(challenger, split_rows(data_dir, "test"))
     baseline = against_baseline(challenger, data_dir, evaluation_dir, data_manifest, rules)
     decision["baseline"] = baseline
     if not baseline["passed"]:
@@ -280,20 +285,23 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
             "reasons": reasons}
 
 
-def int8_check(classifier, rows: dict) -> dict:
-    """The model beside its int8 form (what `cockatoo serve` runs on a CPU where this accepts
-    it), both on the CPU, on the test rows at the model's thresholds: int8 is accepted when it
-    costs at most MAX_INT8_F1_DROP of macro-F1."""
-    from cockatoo_lib.release.predict import Classifier
+def serving_check(classifier, rows: dict) -> dict:
+    """The model beside each reduced form `cockatoo serve` may run on a CPU (bf16, int8), all on
+    the CPU, on the test rows at the model's thresholds: a form is accepted when it costs at most
+    MAX_SERVING_F1_DROP of macro-F1."""
+    from cockatoo_lib.release.predict import FORMS, Classifier
 
     full = classifier if classifier.device.type == "cpu" else Classifier(classifier.model_dir, device="cpu")
-    probs = {"fp32": _scores(full, rows), "int8": _scores(full.int8(), rows)}
-    f1 = {k: report(v, rows["y"], rows["m"], full.labels, list(full.thresholds))["macro_f1"]
-          for k, v in probs.items()}
-    drop = round(f1["fp32"] - f1["int8"], 6)  # the verdict follows the figure the decision shows
-    return {"rows": len(rows["y"]), "macro_f1": round(f1["fp32"], 6), "int8_macro_f1": round(f1["int8"], 6),
-            "drop": drop, "max_drop": MAX_INT8_F1_DROP, "accepted": drop <= MAX_INT8_F1_DROP,
-            "max_probability_change": round(float(np.abs(probs["fp32"] - probs["int8"]).max()), 6)}
+    probs = {form: _scores(full.in_form(form), rows) for form in FORMS}
+    f1 = {form: report(p, rows["y"], rows["m"], full.labels, list(full.thresholds))["macro_f1"]
+          for form, p in probs.items()}
+    forms = {}
+    for form in FORMS[1:]:
+        drop = round(f1["fp32"] - f1[form], 6)  # the verdict follows the figure the decision shows
+        forms[form] = {"macro_f1": round(f1[form], 6), "drop": drop, "accepted": drop <= MAX_SERVING_F1_DROP,
+                       "max_probability_change": round(float(np.abs(probs["fp32"] - probs[form]).max()), 6)}
+    return {"rows": len(rows["y"]), "macro_f1": round(f1["fp32"], 6), "max_drop": MAX_SERVING_F1_DROP,
+            "forms": forms}
 
 
 def _holdout_beside_baseline(challenger, data_dir: Path, labels: list[str], seed: int) -> tuple[float, float]:
@@ -368,11 +376,13 @@ def render_decision(decision: dict) -> str:
                   "", "| label | challenger F1 | champion F1 | support |", "|---|---|---|---|"]
         lines += [f"| {x} | {v['challenger_f1']:.4f} | {v['champion_f1']:.4f} | {v['support']} |"
                   for x, v in s["per_label"].items()]
-    int8 = decision["int8"]
-    lines += ["", "## Serving in int8", "",
-              f"{'Accepted' if int8['accepted'] else 'Refused'}: on the test split ({int8['rows']} rows) "
-              f"the int8 form scores macro-F1 {int8['int8_macro_f1']:.4f} against {int8['macro_f1']:.4f} "
-              f"(down {int8['drop']:.4f}; at most {int8['max_drop']:g} is accepted); probabilities move by "
-              f"{int8['max_probability_change']:.4f} at most. `cockatoo serve` on a CPU serves the int8 "
-              f"form of a version tagged {INT8_TAG}=accepted."]
+    serving = decision["serving"]
+    lines += ["", "## Serving in a reduced form on a CPU", "",
+              f"On the test split ({serving['rows']} rows), against macro-F1 {serving['macro_f1']:.4f} as "
+              f"trained; a form is accepted when it costs at most {serving['max_drop']:g}. `cockatoo serve` "
+              "on a CPU serves an accepted form its CPU runs natively.", "",
+              "| form | macro-F1 | down | largest probability change | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {form} | {v['macro_f1']:.4f} | {v['drop']:.4f} | {v['max_probability_change']:.4f} | "
+              f"{'accepted' if v['accepted'] else 'refused'} ({serving_tag(form)}) |"
+              for form, v in serving["forms"].items()]
     return "\n".join(lines) + "\n"

@@ -71,17 +71,16 @@ class Served:
     classifier: object  # release.predict.Classifier
     version: str  # the registry version, or the model folder or URI
     uri: str
-    precision: str = "fp32"  # or "int8": the form the gate accepted (release.gate.int8_check)
 
 
 class ModelSource:
     """Where the model comes from: a folder or bucket URI (fixed), or models:/NAME@ALIAS
     (followed) or models:/NAME/VERSION (fixed) in a registry."""
 
-    def __init__(self, model: str, registry_uri: str | None, int8: bool = True):
+    def __init__(self, model: str, registry_uri: str | None, reduced_forms: bool = True):
         from cockatoo_lib.release.model_registry import open_registry, parse_model_uri
 
-        self.model, self.registry_uri, self.int8 = model, registry_uri, int8
+        self.model, self.registry_uri, self.reduced_forms = model, registry_uri, reduced_forms
         self.name = self.alias = self.version = None
         self.registry = None
         if model.startswith("models:/"):
@@ -108,14 +107,22 @@ class ModelSource:
         version = version or self.version or self.alias_version()
         if version is None:  # the download names the missing alias and what to do
             return Served(Classifier.load(self.model, self.registry_uri), "", self.model)
-        from cockatoo_lib.release.gate import INT8_TAG
-
         uri = f"models:/{self.name}/{version}"
         classifier = Classifier.load(uri, self.registry_uri)
-        found = self.registry.version(self.name, version)
-        if self.int8 and classifier.device.type == "cpu" and found.tags.get(INT8_TAG) == "accepted":
-            return Served(classifier.int8(), version, uri, "int8")
-        return Served(classifier, version, uri)
+        form = self.serving_form(classifier, self.registry.version(self.name, version).tags)
+        return Served(classifier.in_form(form), version, uri)
+
+    def serving_form(self, classifier, tags: dict) -> str:
+        """On a CPU, the first reduced form it runs natively that the version's gate accepted
+        (release.gate.serving_check); else, and on a GPU, the weights as trained."""
+        from cockatoo_lib.release.gate import serving_tag
+        from cockatoo_lib.release.predict import native_forms
+
+        if self.reduced_forms and classifier.device.type == "cpu":
+            for form in native_forms():
+                if tags.get(serving_tag(form)) == "accepted":
+                    return form
+        return "fp32"
 
 
 class AliasFollower:
@@ -329,7 +336,8 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
         def switch(self, served: Served) -> None:
             self.served = served  # one assignment: a batch scores with the version it started with
             VERSION.labels(name).set(int(served.version) if served.version.isdigit() else 0)
-            log.info("serving %s as %s (version %s, %s)", served.uri, name, served.version, served.precision)
+            log.info("serving %s as %s (version %s, %s)", served.uri, name, served.version,
+                     served.classifier.form)
 
         def stop(self) -> None:
             if self.follower is not None:
@@ -477,7 +485,7 @@ def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAU
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import ORJSONResponse
 
-    source = ModelSource(model, registry_uri, settings.int8)
+    source = ModelSource(model, registry_uri, settings.reduced_forms)
     name = model_name or source.endpoint_name
     served_model = make_model(name, source, settings)
     try:

@@ -11,7 +11,7 @@ DEFAULT_HTTP_PORT = 8080  # KServe's
 
 
 def option(name: str, switch: bool = False) -> str:
-    """A setting's command-line option: --max-batch-size; for a switch, --int8/--no-int8."""
+    """A setting's command-line option: --max-batch-size; for a switch, --reduced-forms/--no-reduced-forms."""
     flag = "--" + name.replace("_", "-")
     return f"{flag}/--no-{flag[2:]}" if switch else flag
 
@@ -39,10 +39,11 @@ class ServeSettings(BaseModel):
                                 description="bytes of one request body, at most (base64 images included)")
     image_fetch_timeout_s: float = Field(default=5.0, gt=0, le=120,
                                          description="how long an image URL may take to answer")
-    int8: bool = Field(default=True,
-                       description="on a CPU, serve the int8 form of a registry version whose gate "
-                                   "accepted it (test macro-F1 down by at most 0.005; B11); "
-                                   "--no-int8: always 32-bit")
+    reduced_forms: bool = Field(default=True,
+                                description="on a CPU, serve a registry version in a reduced form its "
+                                            "gate accepted (test macro-F1 down by at most 0.005): bf16 "
+                                            "where the CPU has bf16 instructions, else int8 (B11); "
+                                            "--no-reduced-forms: always as trained")
     poll_interval_s: float = Field(default=30.0, gt=0, le=86_400,
                                    description="how often the registry is asked where the alias points")
 
