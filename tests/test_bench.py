@@ -270,7 +270,8 @@ def test_b11_counts_each_request_once_and_its_failures_apart(tmp_path):
                      "pipeline": {n: {**r, "requests_per_s": 5.0} for n, r in side.items()}},
            "load": {"requests": 300, "clients": 16, "ok": 300, "failed": 0, "answers_by_version": {"1": 150},
                     "wrong_version_answers": 0, "alias_moves": [(100, "2"), (200, "1")],
-                    "requests_per_s": 40.0, "p99_ms": 90.0}}
+                    "requests_per_s": 40.0, "p99_ms": 90.0},
+           "model_alone": {"fp32": 400.0, "int8": 960.0}}
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## B10: images\n\nB10 figures, kept.\n")
     write_report({"machine": MACHINE, "b11": json.loads(json.dumps(b11))}, doc)  # as results.json has it
@@ -278,3 +279,5 @@ def test_b11_counts_each_request_once_and_its_failures_apart(tmp_path):
     assert text.index("B10 figures, kept.") < text.index("## B11: serving")
     assert "| 32 | (a) `cockatoo serve` | 320.0 |" in text and "clients **64.00× the requests/s**" in text
     assert "| 32 | (a'') `cockatoo serve`, int8 | 480.0 |" in text and "**96.00× the requests/s**" in text
+    assert "fp32 400 texts/s, of which (a) at 32 clients reaches 80%; int8 960 texts/s" in text
+    assert "3× (b)'s requests/s at 32 clients is 15 requests/s." in text
