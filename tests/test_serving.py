@@ -371,6 +371,18 @@ def test_a_version_is_served_in_a_reduced_form_only_where_its_gate_accepted_it(t
     assert "| accepted (serving_int8) |" in decision
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, forms", [
+    (False, False, ["int8"]), (True, False, ["bf16", "int8"]), (False, True, ["bf16", "int8"])])
+def test_bf16_is_served_first_only_on_a_cpu_with_bf16_instructions(monkeypatch, avx512_bf16, amx, forms):
+    import torch
+
+    from cockatoo_lib.release.predict import native_forms
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert native_forms() == forms
+
+
 @pytest.mark.slow
 def test_the_reduced_form_verdict_follows_the_drop_the_decision_shows(trained_run, monkeypatch):
     from cockatoo_lib.release import gate
