@@ -93,6 +93,8 @@ def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, mon
         assert run["baseline"]["train_rows"] == result["rows"]["train"]
     text = "\n".join(quality.render(result))
     assert "| minilm, num_epochs=1, loss=bce |" in text and "Default recipe against the baseline" in text
+    counts = result["test_positives"].values()
+    assert f"With {min(counts)} to {max(counts)} test positives per label" in text
     # What serving the default model in a reduced form costs, on the same test split.
     assert result["runs"]["default"]["serving"]["rows"] == result["rows"]["test"]
     assert list(result["runs"]["default"]["serving"]["forms"]) == ["bf16", "int8"]
