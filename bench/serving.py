@@ -161,7 +161,7 @@ def free_port() -> int:
 
 
 # The form of the weights each side serves, for the ceiling of the model alone.
-FORMS = {"cockatoo": "fp32", "cockatoo-bf16": "bf16", "cockatoo-int8": "int8"}
+SIDE_FORMS = {"cockatoo": "fp32", "cockatoo-bf16": "bf16", "cockatoo-int8": "int8"}
 SIDES = {"cockatoo": "(a) `cockatoo serve`",
          "cockatoo-bf16": "(a') `cockatoo serve`, bf16",
          "cockatoo-int8": "(a'') `cockatoo serve`, int8",
@@ -201,7 +201,7 @@ def bench_serving(per_client: int, repeats: int, load_requests: int) -> dict:
                 drive(port, path, v1_body, texts, 4, 40)
             runs = {(side, n): [] for side in targets for n in CLIENTS}
             trained = Classifier(folder, device="cpu")  # the ceiling of each served form, between turns
-            alone = {FORMS[side]: trained.in_form(FORMS[side]) for side in targets if side in FORMS}
+            alone = {form: trained.in_form(form) for side, form in SIDE_FORMS.items() if side in targets}
             alone_runs = {form: [] for form in alone}
             for _ in range(repeats):
                 for n in CLIENTS:
@@ -319,7 +319,7 @@ def section(m: dict, b11: dict) -> list[str]:
     alone = b11["model_alone"]
     ceilings = [f"{form} {alone[form]:.0f} texts/s, of which {SIDES[side].split()[0]} at 32 clients "
                 f"reaches {at(side, 32)['requests_per_s'] / alone[form]:.0%}"
-                for side, form in FORMS.items() if form in alone and side in sides]
+                for side, form in SIDE_FORMS.items() if form in alone and side in sides]
     load = b11["load"]
     return [
         "## B11: serving",
