@@ -23,9 +23,10 @@ def run(args) -> dict:
     return bench_predict(args.predict_rows, args.repeats)
 
 
-def demo_model_folder(folder: Path, labels: list[str]) -> Path:
-    """A cockatoo model folder of the demo's model (all-MiniLM-L6-v2, offline package) with an
-    untrained head: throughput does not depend on what the head learnt."""
+def demo_model_folder(folder: Path, labels: list[str], plan=None) -> Path:
+    """A cockatoo model folder of the demo's model (all-MiniLM-L6-v2, offline package), or of
+    `plan`'s base model, with an untrained head: throughput does not depend on what the head
+    learnt."""
     from transformers import AutoTokenizer
 
     from cockatoo_lib.plan.catalogue import resolve_plan
@@ -33,7 +34,7 @@ def demo_model_folder(folder: Path, labels: list[str]) -> Path:
     from cockatoo_lib.training.models import load_base_model
     from cockatoo_lib.training.trainer import MODEL_MANIFEST
 
-    plan = resolve_plan("minilm")
+    plan = plan or resolve_plan("minilm")
     load_base_model(plan, labels).save_pretrained(folder)
     AutoTokenizer.from_pretrained(plan.base_model).save_pretrained(folder)
     write_json(folder / MODEL_MANIFEST, {

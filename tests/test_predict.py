@@ -12,7 +12,7 @@ from cockatoo_lib.evaluation.metrics import sigmoid
 from cockatoo_lib.release.predict import Classifier, length_batches
 from cockatoo_lib.tokenize import load_tokenized
 from cockatoo_lib.training.models import load_trained_model, predict_logits
-from cockatoo_lib.training.trainer import MODEL_MANIFEST, PaddingCollator
+from cockatoo_lib.training.trainer import PaddingCollator
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow
@@ -157,16 +157,11 @@ def test_a_text_model_scores_in_each_reduced_form(trained_run):
 
 def test_modernbert_scores_in_each_reduced_form(tiny_models, tmp_path):
     """ModernBERT unpads its batches on the CPU; its head untrained: only the forms are checked."""
-    import json
-    import shutil
+    from bench.predict_speed import demo_model_folder
+    from cockatoo_lib.plan.catalogue import resolve_plan
 
-    from transformers import AutoModelForSequenceClassification
-
-    folder = shutil.copytree(tiny_models["modernbert"], tmp_path / "model")
-    AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=2).save_pretrained(folder)
-    (folder / MODEL_MANIFEST).write_text(json.dumps({
-        "model_type": "modernbert", "architecture": "sequence-classification", "labels": ["a", "b"],
-        "thresholds": {"a": 0.5, "b": 0.5}, "max_length": 64}))
+    plan = resolve_plan("modernbert", {"base_model": str(tiny_models["modernbert"])})
+    folder = demo_model_folder(tmp_path / "model", ["a", "b"], plan)
     check_reduced_forms(folder, ["hello there", "buy cheap pills now now now", "x", "a text with more words"])
 
 
