@@ -15,12 +15,16 @@ MACHINE = {"cores": 2, "cpu": "x86_64", "gpu": None, "python": "3.11", "torch": 
 
 def _b7(default_f1: float) -> dict:
     def run(f1, overrides):
-        return {"overrides": overrides, "test_macro_f1": f1, "test_map": 0.9, "best_epoch": 3.0,
-                "epochs": 3.0, "train_seconds": 300.0, "test_per_label_f1": {"crude": f1, "ship": f1},
+        return {"overrides": overrides, "seeds": [42, 43], "test_macro_f1_mean": f1,
+                "test_macro_f1_sd": 0.01,
+                "test_macro_f1_at_0_5_mean": f1 - 0.1, "test_map_mean": 0.9, "margin_mean": f1 - 0.8,
+                "margin_95_interval": [f1 - 0.83, f1 - 0.77], "best_epochs": [2.0, 3.0], "epochs": 3.0,
+                "train_seconds_mean": 300.0, "test_per_label_f1_mean": {"crude": f1, "ship": f1},
                 "baseline": {"description": "char n-grams", "macro_f1": 0.8, "mean_average_precision": 0.85,
                              "seconds": 2.0, "per_label_f1": {"crude": 0.9, "ship": 0.7}}}
 
     return {"data": "Reuters", "rows": {"train": 80, "validation": 10, "test": 10}, "seed": 42,
+            "seconds": 600,
             "positive_share": {"crude": 0.05, "ship": 0.02}, "test_positives": {"crude": 5, "ship": 2},
             "diagnostics": {"truncated_share": 0.3, "unknown_token_share": 0.0},
             "runs": {"default": run(default_f1, {}), "bce": run(0.7, {"loss": "bce"})}}
@@ -51,8 +55,10 @@ def test_a_partial_run_keeps_the_recorded_sections(tmp_path):
     text = doc.read_text()
     assert "B1 figures, kept." in text and "B6 figures, kept." in text and "Not yet measured." in text
     assert text.index("## B1") < text.index("## B4") < text.index("## B6") < text.index("## B7")
-    assert "| minilm, defaults | 0.850 |" in text and "| minilm, loss=bce | 0.700 |" in text
-    assert "**Default recipe against the baseline: +0.050 macro-F1**" in text
+    assert ("| minilm, defaults | 0.850 ± 0.010 | 0.750 | 0.900 | +0.050 (+0.020 to +0.080) | 2, 3 of 3 |"
+            in text)
+    assert "| minilm, loss=bce | 0.700 ± 0.010 |" in text
+    assert "**Default recipe against the baseline: +0.050 macro-F1** (95% interval +0.020 to +0.080" in text
     assert "| ship | 0.850 | 0.700 | 0.700 |" in text
     # Measuring B7 again replaces its section and only it.
     write_report({"machine": MACHINE, "b7": _b7(0.75)}, doc)
@@ -85,21 +91,27 @@ def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, mon
     (folder / "data.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setattr(quality, "RECIPES", {"default": {"num_epochs": 1},
                                              "bce": {"num_epochs": 1, "loss": "bce"}})
-    result = quality.bench_quality(tmp_path, rows=0)
+    result = quality.bench_quality(tmp_path, seeds=(42, 43), max_train_rows=30)
     assert list(result["runs"]) == ["default", "bce"]
-    assert sum(result["rows"].values()) == len(rows)
+    # The cap holds train alone; test keeps its 45% of the stories.
+    assert result["rows"]["train"] == 30 and result["rows"]["test"] > 0.3 * len(rows)
     for run in result["runs"].values():
-        assert set(run["test_per_label_f1"]) == set(quality.TOPICS)
-        assert run["baseline"]["train_rows"] == result["rows"]["train"]
+        assert set(run["test_per_label_f1_mean"]) == set(quality.TOPICS)
+        assert run["baseline"]["train_rows"] == 30
+        assert run["seeds"] == [42, 43] and len(run["runs"]) == 2 and len(run["best_epochs"]) == 2
+        f1 = [r["test_macro_f1"] for r in run["runs"]]
+        assert run["test_macro_f1_mean"] == pytest.approx(sum(f1) / 2, abs=1e-6)
+        low, high = run["margin_95_interval"]
+        assert low <= high and all("hits" not in r for r in run["runs"])
     text = "\n".join(quality.render(result))
     assert "| minilm, num_epochs=1, loss=bce |" in text and "Default recipe against the baseline" in text
     counts = result["test_positives"].values()
-    assert f"With {min(counts)} to {max(counts)} test positives per label" in text
+    assert f"{min(counts)} to {max(counts)} test positives per label" in text
     # What serving the default model in a reduced form costs, on the same test split.
     assert result["runs"]["default"]["serving"]["rows"] == result["rows"]["test"]
     assert list(result["runs"]["default"]["serving"]["forms"]) == ["bf16", "int8"]
     assert "serving" not in result["runs"]["bce"]
-    assert "Serving the default model in a reduced form (the gate's check" in text and "; int8 " in text
+    assert "in a reduced form (the gate's check" in text and "; int8 " in text
 
 
 TINY_CONFIGS = {

@@ -308,3 +308,56 @@ def test_a_holdout_source_may_not_share_a_training_source_name(tmp_path, capsys,
     code, _, err = run_cli(["prepare", "--config", config, "--output", tmp_path / "out"], capsys, monkeypatch)
     assert code == 2 and "'s' is both a training source and a holdout source" in error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_train_cap_draws_from_the_train_split_alone(tmp_path):
+    """`max_train_rows` caps training for time; validation and test keep every row they had."""
+    config = load_data_config("sample")
+    full = prepare(config, tmp_path / "full")
+    capped = prepare(config, tmp_path / "capped", max_train_rows=300)
+    assert capped["splits"]["train"]["rows"] == 300 < full["splits"]["train"]["rows"]
+    for split in ("validation", "test"):
+        assert (tmp_path / "capped" / f"{split}.parquet").read_bytes() == \
+            (tmp_path / "full" / f"{split}.parquet").read_bytes()
+    assert _texts(tmp_path / "capped", "train") < _texts(tmp_path / "full", "train")
+    again = prepare(config, tmp_path / "again", max_train_rows=300)  # drawn with the seed
+    assert again["fingerprint"] == capped["fingerprint"]
+
+
+def _two_sources(tmp_path, negative_for):
+    pd.DataFrame({"text": ["buy now http://x", "hello friend", "claim your prize"],
+                  "scam": [1, 0, 1]}).to_csv(tmp_path / "phish.csv", index=False)
+    pd.DataFrame({"text": ["you idiot", "nice weather", "what a moron"],
+                  "toxic": [1, 0, 1]}).to_csv(tmp_path / "chat.csv", index=False)
+    return write_config(tmp_path, [
+        {"name": "phish", "path": "phish.csv", "labels": {"scam": "scam"}},
+        {"name": "chat", "path": "chat.csv", "labels": {"toxicity": "toxic"}, **negative_for}],
+        labels=["scam", "toxicity"])
+
+
+def test_negative_for_annotates_a_sources_rows_as_negatives_for_the_labels_it_names(tmp_path):
+    prepare(load_data_config(str(_two_sources(tmp_path, {"negative_for": ["scam"]}))), tmp_path / "out")
+    rows = _all_rows(tmp_path / "out")
+    chat = rows[rows["source"] == "chat"]
+    assert np.stack(chat["label_mask"].to_numpy()).tolist() == [[1, 1]] * 3  # scam annotated: no
+    assert [y[0] for y in chat["labels"]] == [0, 0, 0]
+    phish = rows[rows["source"] == "phish"]
+    assert np.stack(phish["label_mask"].to_numpy()).tolist() == [[1, 0]] * 3  # toxicity still masked
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["sources"]["chat"]["negative_for"] == ["scam"]
+    # Without it, the chat source's rows are masked for scam, as before.
+    prepare(load_data_config(str(_two_sources(tmp_path, {}))), tmp_path / "plain")
+    plain = _all_rows(tmp_path / "plain")
+    assert all(m[0] == 0 for m in plain[plain["source"] == "chat"]["label_mask"])
+
+
+@pytest.mark.parametrize("negative_for, expected", [
+    (["toxicity"], "source chat: label 'toxicity' is both mapped in 'labels' and listed in 'negative_for'"),
+    (["sacm"], "source chat: negative_for names 'sacm', which no source maps (mapped: scam, toxicity)"),
+])
+def test_negative_for_refuses_a_mapped_or_unknown_label(tmp_path, negative_for, expected):
+    from cockatoo_lib.errors import CockatooError
+
+    with pytest.raises(CockatooError, match="negative_for") as err:
+        load_data_config(str(_two_sources(tmp_path, {"negative_for": negative_for})))
+    assert expected in str(err.value) and "\n" not in str(err.value)

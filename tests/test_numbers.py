@@ -184,3 +184,29 @@ def test_the_restored_weights_are_the_best_epochs(tiny_models, small_data, tmp_p
     assert len(snapshots) == 3
     differs = [any(not torch.equal(saved[k], snap[k]) for k in saved) for snap in snapshots]
     assert differs == [True, False, True]
+
+
+def test_spillover_counts_flags_on_rows_a_label_is_not_annotated_for():
+    from cockatoo_lib.evaluation.metrics import spillover
+
+    probs = np.array([[0.9, 0.2], [0.8, 0.7], [0.1, 0.9], [0.6, 0.1]])
+    m = np.array([[1, 1], [0, 1], [0, 1], [0, 1]])
+    out = spillover(probs, m, ["scam", "toxicity"], [0.5, 0.5])
+    # scam: rows 1-3 unannotated, rows 1 and 3 flagged; row 0 is annotated and does not count.
+    assert out["scam"] == {"rows": 3, "flagged": 2, "share": pytest.approx(2 / 3, abs=1e-6)}
+    assert out["toxicity"] == {"rows": 0, "flagged": 0, "share": None}
+    assert spillover(probs, m, ["scam", "toxicity"], [0.85, 0.5])["scam"]["flagged"] == 0
+
+
+def test_bootstrap_over_a_stack_of_trainings_averages_their_macro_f1():
+    from cockatoo_lib.evaluation.metrics import bootstrap_gain
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, (300, 2)).astype(bool)
+    m = np.ones_like(y)
+    worse = y ^ (rng.random(y.shape) < 0.4)
+    # One perfect and one poor training against the poor one: half the perfect one's gain.
+    alone = bootstrap_gain(y, worse, y, m)
+    pair = bootstrap_gain(np.stack([y, worse]), worse, y, m)
+    assert pair == pytest.approx([alone[0] / 2, alone[1] / 2], abs=1e-6)
+    assert bootstrap_gain(np.stack([y, y, y]), worse, y, m) == alone

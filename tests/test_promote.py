@@ -14,7 +14,8 @@ import pytest
 from helpers import error_line, free_port, run_cli, serve, without_coverage
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, GateRules, bootstrap_gain, compare, promote
+from cockatoo_lib.evaluation.metrics import bootstrap_gain
+from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, GateRules, compare, promote
 from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
 from cockatoo_lib.training.trainer import MODEL_MANIFEST
 

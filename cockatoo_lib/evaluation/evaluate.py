@@ -15,7 +15,14 @@ from tqdm.auto import tqdm
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.evaluation.baseline import baseline_probabilities
-from cockatoo_lib.evaluation.metrics import label_confusion, mean_average_precision, report, sigmoid
+from cockatoo_lib.evaluation.metrics import (
+    bootstrap_gain,
+    label_confusion,
+    mean_average_precision,
+    report,
+    sigmoid,
+    spillover,
+)
 from cockatoo_lib.evaluation.model_card import MODEL_CARD, render_model_card
 from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, write_json, write_text_atomic
 from cockatoo_lib.tokenize import load_tokenized
@@ -26,6 +33,10 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
+# Every scored row's probabilities, the model's and the baseline's, beside its labels and mask
+# (numpy arrays, loaded with allow_pickle=False): for error analysis, and for B7's intervals
+# over several trainings.
+SCORES_FILE = "scores.npz"
 
 
 def _batches(dataset, collator, batch_size: int):
@@ -95,10 +106,16 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
                            "per_label_f1": {k: v["f1"] for k, v in base["per_label"].items()},
                            "thresholds": dict(zip(labels, base_thresholds))}
     results["macro_f1_minus_baseline"] = round(results["macro_f1"] - base["macro_f1"], 6)
+    # How far the margin could move on other rows like these: a paired bootstrap over the rows.
+    results["margin_95_interval"] = bootstrap_gain(probs >= np.asarray(tuned),
+                                                   base_probs >= np.asarray(base_thresholds), y, m)
+    results["spillover"] = spillover(probs, m, labels, tuned)
     results["per_source"] = per_source(probs, base_probs, y, m, sources, labels, tuned, base_thresholds)
     card = render_model_card(model_info, tok_info, results)
     with atomic_output_dir(output) as tmp:
         write_json(tmp / METRICS_FILE, results)
+        np.savez_compressed(tmp / SCORES_FILE, probabilities=probs.astype(np.float32),
+                            baseline_probabilities=base_probs.astype(np.float32), labels=y, label_mask=m)
         (tmp / REPORT_FILE).write_text(render_report(results, probs, y, m))
         (tmp / MODEL_CARD).write_text(card)
     # The card travels with the model: whatever serves or registers it needs only its folder.
@@ -237,6 +254,9 @@ def kfp_metrics(results: dict) -> tuple[dict[str, float], list[list[int]]]:
             scalars[f"pr_auc_{label}"] = row["pr_auc"]
     for source, row in results["per_source"].items():
         scalars[f"source_{source}_macro_f1"] = row["macro_f1"]
+    for label, row in results.get("spillover", {}).items():
+        if row["share"] is not None:
+            scalars[f"spillover_{label}"] = row["share"]
     if results.get("batch_split"):  # how training split each step, beside what it achieved
         split = results["batch_split"]
         scalars.update(train_micro_batch=split["micro_batch"],

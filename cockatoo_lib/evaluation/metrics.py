@@ -7,6 +7,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
 THRESHOLD_STEPS = 100
+BOOTSTRAP_SAMPLES = 1000
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -90,6 +91,17 @@ def report(probs: np.ndarray, y: np.ndarray, m: np.ndarray, labels: list[str],
     }
 
 
+def spillover(probs: np.ndarray, m: np.ndarray, labels: list[str], thresholds) -> dict:
+    """Per label, how often the model flags rows whose source does not annotate that label (the
+    traffic a moderation model meets that its label's sources never showed it): rows, flagged
+    rows and their share. Labels every row annotates have no such rows (share None)."""
+    flagged = (probs >= np.asarray(thresholds)) & ~m.astype(bool)
+    rows = (~m.astype(bool)).sum(axis=0)
+    return {label: {"rows": int(rows[j]), "flagged": int(flagged[:, j].sum()),
+                    "share": round(float(flagged[:, j].sum() / rows[j]), 6) if rows[j] else None}
+            for j, label in enumerate(labels)}
+
+
 def label_confusion(probs: np.ndarray, y: np.ndarray, m: np.ndarray, thresholds) -> list[list[int]]:
     """Multi-label confusion: cell [i][j] counts rows truly positive for label i and predicted
     positive for label j, among rows annotating both. The diagonal is each label's true
@@ -97,3 +109,30 @@ def label_confusion(probs: np.ndarray, y: np.ndarray, m: np.ndarray, thresholds)
     pred = (probs >= np.asarray(thresholds)) & m.astype(bool)
     truth = y.astype(bool) & m.astype(bool)
     return (truth.T.astype(np.int64) @ pred.astype(np.int64)).tolist()
+
+
+def bootstrap_gain(challenger_hits: np.ndarray, champion_hits: np.ndarray, y: np.ndarray, m: np.ndarray,
+                   samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list[float]:
+    """Paired bootstrap 95% interval of macro-F1(challenger) - macro-F1(champion): rows are
+    resampled with replacement, the same rows for both models; a resample's labels without a
+    positive are left out of its macro averages, as in `report`. Either side may be a stack of
+    hit arrays (one per training seed, say): its macro-F1 is then their mean on each resample."""
+    y, m = y.astype(bool), m.astype(bool)
+    n, width = y.shape
+    # How often each row is drawn in each resample; a resample's counts are then one product.
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=samples).astype(float)
+
+    def macro(hits):
+        stack = np.asarray(hits, dtype=bool).reshape(-1, n, width)
+        f1 = 0.0
+        for one in stack:
+            per_row = np.concatenate([one & y & m, one & ~y & m, ~one & y & m], axis=1).astype(float)
+            tp, fp, fn = (weights @ per_row).reshape(samples, 3, width).transpose(1, 0, 2)
+            f1 = f1 + _f1(tp, fp, fn)
+        return f1 / len(stack)
+
+    supported = weights @ (y & m).astype(float) > 0
+    difference = (macro(challenger_hits) - macro(champion_hits)) * supported
+    gain = difference.sum(1) / np.maximum(supported.sum(1), 1)
+    low, high = np.percentile(gain[supported.any(1)], [2.5, 97.5]) if supported.any() else (0.0, 0.0)
+    return [round(float(low), 6), round(float(high), 6)]

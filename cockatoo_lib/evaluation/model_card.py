@@ -45,6 +45,25 @@ def _base_model(model: dict) -> str:
     return f"`{model['base_model']}`"
 
 
+def _spillover_lines(test: dict, validation: dict) -> list[str]:
+    """Labels some sources do not annotate: how often the model flags those sources' rows."""
+    rows = [[label, row["rows"], row["flagged"], row["share"], (validation.get(label) or {}).get("share")]
+            for label, row in test.items() if row["share"] is not None]
+    if not rows:
+        return []
+    return [
+        "### Spillover: flags on rows of sources that do not annotate the label",
+        "",
+        "A moderation model sees all traffic, but each label was learnt and is scored above on its own "
+        "sources' rows only. Here is how often it fires on the other sources' rows, where no annotation "
+        "says whether it should (a high share on text that cannot be that label is a false alarm users "
+        "will meet):",
+        "",
+        *_table(["label", "test rows not annotated", "flagged", "share", "validation share"], rows),
+        "",
+    ]
+
+
 def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
     labels, per_label = results["labels"], results["at_tuned_thresholds"]["per_label"]
     base = results["baseline"]
@@ -114,6 +133,7 @@ def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
             ],
         ),
         "",
+        *_spillover_lines(results.get("spillover", {}), model.get("validation_spillover", {})),
         "## Training data",
         "",
         *_table(

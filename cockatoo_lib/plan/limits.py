@@ -10,6 +10,7 @@ from cockatoo_lib.errors import CockatooError
 RANGES: dict[str, tuple[float, float | None]] = {
     "seed": (0, 2**32 - 1),  # numpy's generators take no negative seed
     "max_samples": (0, None),  # 0: all rows
+    "max_train_rows": (0, None),  # 0: the whole train split
     "gpus": (0, 64),
     "processes": (1, 64),
     "nodes": (1, 256),

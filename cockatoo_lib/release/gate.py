@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from cockatoo_lib.data.prepare import HOLDOUT, read_manifest
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.evaluation.metrics import _f1, report, support
+from cockatoo_lib.evaluation.metrics import bootstrap_gain, report, support
 from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, ModelRegistry, Registration, plan_params
 from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 DECISION_JSON, DECISION_MD = "decision.json", "decision.md"
 WEIGHTS_TAG = "weights_sha256"
-BOOTSTRAP_SAMPLES = 1000
 # What a reduced form (bf16, int8) may cost, at most, in test macro-F1 for `cockatoo serve` to
 # serve a version in it; each version is tagged serving_<form>=accepted|refused.
 MAX_SERVING_F1_DROP = 0.005
@@ -76,29 +75,6 @@ def split_rows(data_dir: Path, split: str) -> dict | None:
 def _scores(classifier, rows: dict) -> np.ndarray:
     images = rows["images"] if classifier.image_processor is not None else None
     return classifier.predict_proba(rows["text"], images)
-
-
-def bootstrap_gain(challenger_hits: np.ndarray, champion_hits: np.ndarray, y: np.ndarray, m: np.ndarray,
-                   samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list[float]:
-    """Paired bootstrap 95% interval of macro-F1(challenger) - macro-F1(champion): rows are
-    resampled with replacement, the same rows for both models; a resample's labels without a
-    positive are left out of its macro averages, as in `report`."""
-    y, m = y.astype(bool), m.astype(bool)
-    n, width = y.shape
-    # How often each row is drawn in each resample; a resample's counts are then one product.
-    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=samples).astype(float)
-
-    def macro(hits):
-        hits = hits.astype(bool)
-        per_row = np.concatenate([hits & y & m, hits & ~y & m, ~hits & y & m], axis=1).astype(float)
-        tp, fp, fn = (weights @ per_row).reshape(samples, 3, width).transpose(1, 0, 2)
-        return _f1(tp, fp, fn)
-
-    supported = weights @ (y & m).astype(float) > 0
-    difference = (macro(challenger_hits) - macro(champion_hits)) * supported
-    gain = difference.sum(1) / np.maximum(supported.sum(1), 1)
-    low, high = np.percentile(gain[supported.any(1)], [2.5, 97.5]) if supported.any() else (0.0, 0.0)
-    return [round(float(low), 6), round(float(high), 6)]
 
 
 def compare(challenger, champion, rows: dict, rules: GateRules, name: str) -> dict:
@@ -282,7 +258,8 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
                               else ""))
     passed = all(v["passed"] for v in verdicts.values())
     return {"sets": verdicts, "passed": passed, "overridden": not passed and rules.allow_below_baseline,
-            "reasons": reasons}
+            "reasons": reasons, "test_margin_95_interval": results.get("margin_95_interval"),
+            "spillover": {k: v for k, v in results.get("spillover", {}).items() if v["share"] is not None}}
 
 
 def serving_check(classifier, rows: dict) -> dict:
@@ -367,6 +344,16 @@ def render_decision(decision: dict) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {name} | {v['macro_f1']:.4f} | {v['baseline_macro_f1']:.4f} | {v['margin']:+.4f} | "
               f"{'yes' if v['passed'] else 'no'} |" for name, v in baseline["sets"].items()]
+    if baseline.get("test_margin_95_interval"):
+        low, high = baseline["test_margin_95_interval"]
+        lines += ["", f"Test margin, paired bootstrap 95% interval: {low:+.4f} to {high:+.4f}."]
+    if baseline.get("spillover"):
+        lines += ["", "## Spillover on the test split", "",
+                  "Rows of sources that do not annotate a label, flagged with it (no annotation says "
+                  "whether they should be; the model card explains):", "",
+                  "| label | rows not annotated | flagged | share |", "|---|---|---|---|"]
+        lines += [f"| {x} | {v['rows']} | {v['flagged']} | {v['share']:.4f} |"
+                  for x, v in baseline["spillover"].items()]
     for name, s in decision["sets"].items():
         low, high = s["gain_95_interval"]
         lines += ["", f"## Against the champion: {name} ({s['rows']} rows)", "",

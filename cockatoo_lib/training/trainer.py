@@ -15,7 +15,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from cockatoo_lib.data.clip_images import PIXEL_COLUMN, collate_pixels
 from cockatoo_lib.data.prepare import read_manifest
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.evaluation.metrics import macro_f1, mean_average_precision, sigmoid, sweep_thresholds
+from cockatoo_lib.evaluation.metrics import (
+    macro_f1,
+    mean_average_precision,
+    sigmoid,
+    spillover,
+    sweep_thresholds,
+)
 from cockatoo_lib.plan.catalogue import Plan
 from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, write_json
 from cockatoo_lib.tokenize import load_processors, load_tokenized
@@ -404,6 +410,7 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
                 for e in by_epoch],
             "validation_macro_f1_tuned": macro_f1(sigmoid(prediction.predictions), val_labels,
                                                   val_mask, thresholds),
+            "validation_spillover": spillover(sigmoid(prediction.predictions), val_mask, labels, thresholds),
             "epochs": float(trainer.state.epoch or 0),
             "optimizer_steps": int(trainer.state.global_step),
             "resumed_from_step": checkpoint_step(resumed) if resumed else None,
