@@ -87,6 +87,11 @@ def test_the_gate_promotes_only_a_model_that_beats_the_baseline_and_the_champion
     assert forced["challenger"] == "1"  # the same weights: version 1 again, not a new version
     assert "promoted anyway: allow_below_baseline" in forced["reasons"][1]
     assert "overridden: allow_below_baseline" in (tmp_path / "forced" / DECISION_MD).read_text()
+    # The decision shows what the evaluation measured beyond F1: the margin's interval, spillover.
+    blind = json.loads((trained_run["blind-eval"] / "metrics.json").read_text())
+    assert forced["baseline"]["spillover"] == blind["spillover"]
+    assert forced["baseline"]["test_margin_95_interval"] == blind["margin_95_interval"]
+    assert "## Spillover on the test split" in (tmp_path / "forced" / DECISION_MD).read_text()
     assert registry.by_alias(name, CHAMPION).version == "1"
     # A model that beats the champion but not the baseline stays a challenger.
     below = _gate(registry, name, trained_run, "model", tmp_path / "below", baseline=model_f1 + 0.01)

@@ -292,3 +292,32 @@ def test_evaluation_reports_each_source_and_the_baseline_and_writes_the_model_ca
     spam = m[:, 0] == 1
     assert flagged["at_tuned_thresholds"]["per_label"]["spam"]["f1"] == pytest.approx(
         2 * y[spam, 0].sum() / (y[spam, 0].sum() + spam.sum()))
+
+
+def test_spillover_and_the_margin_interval_reach_the_metrics_the_card_and_kfp(trained_run):
+    """Every label of the sample has sources that do not annotate it: how often the model flags
+    their rows is measured on test (metrics, card, KFP scalars) and validation (model manifest)."""
+    from cockatoo_lib.evaluation.evaluate import SCORES_FILE, kfp_metrics
+
+    metrics = json.loads((trained_run["eval"] / "metrics.json").read_text())
+    with np.load(trained_run["eval"] / SCORES_FILE, allow_pickle=False) as scores:
+        probs, m = scores["probabilities"], scores["label_mask"]
+        assert probs.shape == scores["baseline_probabilities"].shape == scores["labels"].shape == m.shape
+    thresholds = np.asarray([metrics["thresholds"][x] for x in metrics["labels"]])
+    for j, label in enumerate(metrics["labels"]):
+        unannotated = m[:, j] == 0
+        row = metrics["spillover"][label]
+        assert row["rows"] == unannotated.sum() > 0
+        assert row["flagged"] == (probs[unannotated, j] >= thresholds[j]).sum()
+    blind = json.loads((trained_run["blind-eval"] / "metrics.json").read_text())
+    assert all(v["flagged"] == 0 for v in blind["spillover"].values())  # thresholds of 1.0 flag nothing
+    low, high = metrics["margin_95_interval"]
+    assert low <= metrics["macro_f1_minus_baseline"] <= high
+    scalars, _ = kfp_metrics(metrics)
+    assert {f"spillover_{x}" for x in metrics["labels"]} <= set(scalars)
+    manifest = json.loads((trained_run["model"] / "cockatoo.json").read_text())
+    assert set(manifest["validation_spillover"]) == set(metrics["labels"])
+    card = (trained_run["model"] / "README.md").read_text()
+    assert "### Spillover: flags on rows of sources that do not annotate the label" in card
+    first = metrics["spillover"][metrics["labels"][0]]
+    assert f"| {metrics['labels'][0]} | {first['rows']} | {first['flagged']} |" in card
