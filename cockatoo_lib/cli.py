@@ -272,11 +272,18 @@ def serve(model: str = typer.Option(..., "--model",
     run(model, registry_uri, http_port=http_port, model_name=model_name, settings=settings)
 
 
-def show_predictions(info: dict) -> None:
+def show_predictions(info: dict, expected: list[str] | None = None) -> None:
+    """The first rows' labels; with `expected` (what a reader would say of each row, in order),
+    each beside it and whether they agree."""
     typer.echo(f"{info['output']}: {info['rows']} rows; predicted positives: "
                + ", ".join(f"{k} {v}" for k, v in info["positives"].items()))
-    for text, labels in info["preview"]:
-        typer.echo(f"  {text[:70]!r:<74} -> {labels or '(none)'}")
+    for i, (text, labels) in enumerate(info["preview"]):
+        line = f"  {text[:70]!r:<74} -> {labels or '(none)'}"
+        if expected is not None:
+            want = expected[i] or ""
+            agree = set(filter(None, labels.split(","))) == set(filter(None, want.split(",")))
+            line += f"   expected: {want or '(none)'}{'' if agree else '   <- differs'}"
+        typer.echo(line)
 
 
 def main() -> None:

@@ -131,6 +131,7 @@ def run(model_type: str = PIPELINE_MODEL_TYPE,
 def _predict_after_run(result: dict, source: str, predictions: Path) -> None:
     """Classify with what would serve: the champion; with no champion, this run's model, said so."""
     from cockatoo_lib.cli import show_predictions
+    from cockatoo_lib.data.prepare import read_table
     from cockatoo_lib.release.model_registry import CHAMPION, open_registry
     from cockatoo_lib.release.predict import predict_file
 
@@ -144,7 +145,11 @@ def _predict_after_run(result: dict, source: str, predictions: Path) -> None:
         typer.echo(f"\nno champion: the gate has promoted no version of {name} (reasons above). These "
                    "predictions are from this run's model folder, which is NOT the champion and would "
                    "not serve:")
-    show_predictions(predict_file(model, source, predictions, registry_uri=registry_uri))
+    info = predict_file(model, source, predictions, registry_uri=registry_uri)
+    frame = read_table(source, "predict input")
+    # The demo's new texts carry what a reader would flag in each (`expected`): shown beside.
+    expected = frame["expected"].fillna("").astype(str).tolist() if "expected" in frame.columns else None
+    show_predictions(info, expected)
 
 
 @app.command(name="compile")

@@ -323,3 +323,10 @@ def test_the_demo_predicts_with_the_champion_or_says_it_has_none(trained_run, tm
     _predict_after_run(result, str(tmp_path / "in.csv"), tmp_path / "second.csv")
     assert "predictions of the champion, m version 2" in capsys.readouterr().out
     assert list(pd.read_csv(tmp_path / "second.csv", keep_default_na=False)["labels"]) == ["", ""]  # blind's
+    # The demo's new texts say what a reader would expect of each: shown beside each prediction.
+    pd.DataFrame({"text": ["win a prize", "hello"], "expected": ["scam", None]}).to_csv(tmp_path / "ex.csv",
+                                                                                      index=False)
+    _predict_after_run(result, str(tmp_path / "ex.csv"), tmp_path / "third.csv")
+    lines = [x for x in capsys.readouterr().out.splitlines() if "->" in x]
+    assert "-> (none)   expected: scam   <- differs" in lines[0]
+    assert lines[1].endswith("-> (none)   expected: (none)")
