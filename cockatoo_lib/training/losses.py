@@ -19,6 +19,14 @@ GAMMA_NEG, GAMMA_POS, CLIP = (Plan.model_fields[f"asl_{name}"].default
                               for name in ("gamma_neg", "gamma_pos", "clip"))
 
 
+def training_mask(mask: torch.Tensor, unannotated_weight: float) -> torch.Tensor:
+    """The mask the loss weighs each label by: 1 where annotated, `unannotated_weight` elsewhere
+    (the targets there are 0: weak negatives); the label mask itself when that weight is 0."""
+    if not unannotated_weight:
+        return mask
+    return mask + (1 - mask) * unannotated_weight
+
+
 def _reduce(per_element: torch.Tensor, mask: torch.Tensor,
             weights: torch.Tensor | None = None, rows: torch.Tensor | int | None = None) -> torch.Tensor:
     """`weights`, one per label, scale each label's term (rebalancing by reweighting)."""

@@ -27,7 +27,7 @@ from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_js
 from cockatoo_lib.tokenize import load_processors, load_tokenized
 from cockatoo_lib.training import distributed
 from cockatoo_lib.training.checkpoints import DurableCheckpoints, checkpoint_key, checkpoint_step, stopped
-from cockatoo_lib.training.losses import asymmetric_loss, masked_bce
+from cockatoo_lib.training.losses import asymmetric_loss, masked_bce, training_mask
 from cockatoo_lib.training.models import init_head_bias, load_base_model
 from cockatoo_lib.training.optim import build_optimizer
 from cockatoo_lib.training.sampling import LengthGroupedShuffle
@@ -89,15 +89,17 @@ class CockatooTrainer(Trainer):
         self.loss_weights = loss_weights
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
-        """Rows with an annotated label in one optimizer step, over every micro-batch and process."""
-        rows = sum((b["label_mask"].sum(dim=1) > 0).sum() for b in batch_samples)
+        """Rows with a label the loss counts in one optimizer step, over every micro-batch and process."""
+        weight = self.plan.unannotated_weight
+        rows = sum((training_mask(b["label_mask"], weight).sum(dim=1) > 0).sum() for b in batch_samples)
         rows = torch.as_tensor(rows, device=device)
         if self.args.world_size > 1:
             rows = self.accelerator.gather(rows).sum()
         return rows
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels, mask = inputs.pop("labels"), inputs.pop("label_mask")
+        labels = inputs.pop("labels")
+        mask = training_mask(inputs.pop("label_mask"), self.plan.unannotated_weight)
         outputs = model(**inputs)
         # Training: this micro-batch's share of the step's mean; evaluation: the batch mean,
         # which the Trainer averages over batches.
