@@ -319,5 +319,6 @@ def test_spillover_and_the_margin_interval_reach_the_metrics_the_card_and_kfp(tr
     assert set(manifest["validation_spillover"]) == set(metrics["labels"])
     card = (trained_run["model"] / "README.md").read_text()
     assert "### Spillover: flags on rows of sources that do not annotate the label" in card
+    assert f"(paired bootstrap 95% interval of the margin: {low:+.3f} to {high:+.3f})" in card
     first = metrics["spillover"][metrics["labels"][0]]
     assert f"| {metrics['labels'][0]} | {first['rows']} | {first['flagged']} |" in card

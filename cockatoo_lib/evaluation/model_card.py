@@ -90,6 +90,9 @@ def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
         if delta > 0
         else f"**no better than the linear baseline ({delta:+.3f})**: do not ship it"
     )
+    if results.get("margin_95_interval"):
+        low, high = results["margin_95_interval"]
+        verdict += f" (paired bootstrap 95% interval of the margin: {low:+.3f} to {high:+.3f})"
     restricted = [n for n, s in sources.items() if "NC" in (s.get("license") or "")]
     plan = model.get("plan", {})
     diag = tokenized.get("diagnostics", {})
