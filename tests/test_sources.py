@@ -63,7 +63,7 @@ def test_bucket_sources_and_a_config_in_a_bucket(store, request, tmp_path):
     manifest = prepare(config, tmp_path / "out")
     assert manifest["sources"]["b"] == {
         "path": "rows.parquet", "license": None, "rows_read": 20, "items": 20, "empty_rows_dropped": 0,
-        "annotates": ["scam"],
+        "annotates": ["scam"], "negative_for": [],
         "duplicates": 0, "conflicts": 0, "duplicates_dropped": 0, "rows_kept": 20}
 
 
