@@ -59,6 +59,19 @@ def test_threshold_sweep_by_hand():
     assert macro_f1(PROBS, Y, M, thresholds) == pytest.approx((6 / 7 + 1) / 2)
 
 
+def test_flags_on_unannotated_rows_count_as_weak_false_positives_when_tuning():
+    # One annotated positive (0.6), one annotated negative (0.2), two rows whose source does not
+    # annotate the label (0.5, 0.55).
+    probs, y, m = np.array([[0.6], [0.2], [0.5], [0.55]]), np.array([[1], [0], [0], [0]]), \
+        np.array([[1], [1], [0], [0]])
+    # Unannotated rows ignored: the lowest threshold above 0.2 is perfect.
+    assert sweep_thresholds(probs, y, m)[0] == [pytest.approx(21 / 101, abs=1e-6)]
+    # As weak negatives, even at weight 0.1: F1 2 / (2 + 0.2) there, 1 above 0.55.
+    for weight in (0.1, 1.0):
+        tuned, _ = sweep_thresholds(probs, y, m, unannotated_weight=weight)
+        assert tuned == [pytest.approx(56 / 101, abs=1e-6)]
+
+
 def test_threshold_ties_take_the_lowest():
     # Every threshold up to 0.2 gives F1 2/3; above, 0.
     thresholds, _ = sweep_thresholds(np.array([[0.2], [0.6]]), np.array([[1], [0]]), np.ones((2, 1)))
@@ -163,7 +176,7 @@ def test_the_restored_weights_are_the_best_epochs(tiny_models, small_data, tmp_p
 
     sequence = iter([0.2, 0.9, 0.5])  # then the final prediction on validation: 0
     monkeypatch.setattr(train_module, "_compute_metrics",
-                        lambda pred: {"f1": next(sequence, 0.0), "map": 0.0, "f1_at_0_5": 0.0})
+                        lambda pred, **_: {"f1": next(sequence, 0.0), "map": 0.0, "f1_at_0_5": 0.0})
     snapshots = []
     original = train_module.CockatooTrainer.evaluate
 

@@ -322,3 +322,16 @@ def test_spillover_and_the_margin_interval_reach_the_metrics_the_card_and_kfp(tr
     assert f"(paired bootstrap 95% interval of the margin: {low:+.3f} to {high:+.3f})" in card
     first = metrics["spillover"][metrics["labels"][0]]
     assert f"| {metrics['labels'][0]} | {first['rows']} | {first['flagged']} |" in card
+
+
+def test_the_card_says_how_unannotated_rows_were_trained_and_tuned():
+    from cockatoo_lib.evaluation.model_card import _unannotated_line
+
+    sources = {"chat": {"negative_for": ["scam"]}, "mail": {"negative_for": []}}
+    masked = _unannotated_line(0.0, sources)
+    assert "masked for it, not counted as negatives (unannotated_weight 0)" in masked
+    assert "The data config declares negatives: chat for scam." in masked
+    weak = _unannotated_line(1.0, {})
+    assert "trained as weak negatives, with weight 1 (unannotated_weight)" in weak
+    assert "a flag there counted as 1 of a false positive when the thresholds were tuned" in weak
+    assert "declares" not in weak

@@ -50,13 +50,18 @@ def mean_average_precision(probs: np.ndarray, y: np.ndarray, m: np.ndarray) -> f
     return float(np.mean(scores)) if scores else 0.0
 
 
-def sweep_thresholds(probs: np.ndarray, y: np.ndarray, m: np.ndarray,
-                     steps: int = THRESHOLD_STEPS) -> tuple[list[float], list[bool]]:
+def sweep_thresholds(probs: np.ndarray, y: np.ndarray, m: np.ndarray, steps: int = THRESHOLD_STEPS,
+                     unannotated_weight: float = 0.0) -> tuple[list[float], list[bool]]:
     """Per label, the threshold in (0, 1) with the best F1 on these rows (ties: the lowest).
-    Labels with no positive keep 0.5; the second list says which labels were tuned."""
+    With `unannotated_weight` w > 0, rows whose source does not annotate a label count, when
+    flagged, as w of a false positive: the same weak negatives training saw (the plan's
+    unannotated_weight), so a threshold is not set where the label fires on traffic its sources
+    never showed it. Labels with no positive keep 0.5; the second list says which were tuned."""
     grid = np.linspace(0, 1, steps + 2)[1:-1]
     pred = probs[:, None, :] >= grid[None, :, None]  # rows x thresholds x labels
     tp, fp, fn = _counts(pred.transpose(1, 0, 2), y[None], m[None])  # thresholds x labels
+    if unannotated_weight:
+        fp = fp + unannotated_weight * (pred & ~m.astype(bool)[:, None, :]).sum(axis=0)
     f1 = _f1(tp, fp, fn)
     tuned = support(y, m) > 0
     best = np.where(tuned, grid[f1.argmax(axis=0)], 0.5)

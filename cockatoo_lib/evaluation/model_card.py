@@ -53,8 +53,9 @@ def _unannotated_line(weight: float, sources: dict) -> str:
     told = f" The data config declares negatives: {said}." if said else ""
     if weight:
         return (f"- A label's rows from sources that do not annotate it were trained as weak negatives, "
-                f"with weight {weight:g} (unannotated_weight).{told} The spillover table shows how often it "
-                "fires there.")
+                f"with weight {weight:g} (unannotated_weight); a flag there counted as {weight:g} of a false "
+                f"positive when the thresholds were tuned on validation.{told} The spillover table shows "
+                "how often it fires there.")
     return ("- A label is learnt only from the sources that annotate it; rows of other sources are masked "
             f"for it, not counted as negatives (unannotated_weight 0).{told} The per-source table shows "
             "where each label was measured, the spillover table how often it fires elsewhere.")

@@ -58,8 +58,9 @@ class Plan(BaseModel):
     asl_clip: float = Field(default=0.05, ge=0, lt=1)
     # A label's rows from sources that do not annotate it: 0 masks them (the label learns from its
     # own sources only); w > 0 trains them as negatives with weight w ("weak negatives": probably
-    # not that label, since no source flagged them). A source known to hold no positive of a
-    # label says so in the data config instead (negative_for), with full weight.
+    # not that label, since no source flagged them), in the loss and, as w of a false positive
+    # each, in the thresholds tuned on validation. A source known to hold no positive of a label
+    # says so in the data config instead (negative_for), with full weight.
     unannotated_weight: float = Field(default=0.0, ge=0, le=1)
     eval_strategy: Literal["epoch"] = "epoch"
     # How the best epoch is chosen (and early stopping judged), on validation. "f1": macro-F1
