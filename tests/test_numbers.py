@@ -59,16 +59,16 @@ def test_threshold_sweep_by_hand():
     assert macro_f1(PROBS, Y, M, thresholds) == pytest.approx((6 / 7 + 1) / 2)
 
 
-def test_flags_on_unannotated_rows_count_as_weak_false_positives_when_tuning():
+def test_flags_on_unannotated_rows_cost_a_share_of_a_false_positive_when_tuning():
     # One annotated positive (0.6), one annotated negative (0.2), two rows whose source does not
     # annotate the label (0.5, 0.55).
     probs, y, m = np.array([[0.6], [0.2], [0.5], [0.55]]), np.array([[1], [0], [0], [0]]), \
         np.array([[1], [1], [0], [0]])
     # Unannotated rows ignored: the lowest threshold above 0.2 is perfect.
     assert sweep_thresholds(probs, y, m)[0] == [pytest.approx(21 / 101, abs=1e-6)]
-    # As weak negatives, even at weight 0.1: F1 2 / (2 + 0.2) there, 1 above 0.55.
-    for weight in (0.1, 1.0):
-        tuned, _ = sweep_thresholds(probs, y, m, unannotated_weight=weight)
+    # Each flag there a tenth of a false positive: F1 2 / (2 + 0.2) there, 1 above 0.55.
+    for cost in (0.1, 1.0):
+        tuned, _ = sweep_thresholds(probs, y, m, unannotated_flag_cost=cost)
         assert tuned == [pytest.approx(56 / 101, abs=1e-6)]
 
 

@@ -319,6 +319,8 @@ def test_spillover_and_the_margin_interval_reach_the_metrics_the_card_and_kfp(tr
     assert set(manifest["validation_spillover"]) == set(metrics["labels"])
     card = (trained_run["model"] / "README.md").read_text()
     assert "### Spillover: flags on rows of sources that do not annotate the label" in card
+    # By default those rows are masked in training and weigh as false positives in the thresholds.
+    assert "not counted as negatives (unannotated_weight 0); a flag on one counted as 1 of a false" in card
     assert f"(paired bootstrap 95% interval of the margin: {low:+.3f} to {high:+.3f})" in card
     first = metrics["spillover"][metrics["labels"][0]]
     assert f"| {metrics['labels'][0]} | {first['rows']} | {first['flagged']} |" in card
@@ -328,10 +330,11 @@ def test_the_card_says_how_unannotated_rows_were_trained_and_tuned():
     from cockatoo_lib.evaluation.model_card import _unannotated_line
 
     sources = {"chat": {"negative_for": ["scam"]}, "mail": {"negative_for": []}}
-    masked = _unannotated_line(0.0, sources)
-    assert "masked for it, not counted as negatives (unannotated_weight 0)" in masked
-    assert "The data config declares negatives: chat for scam." in masked
-    weak = _unannotated_line(1.0, {})
-    assert "trained as weak negatives, with weight 1 (unannotated_weight)" in weak
-    assert "a flag there counted as 1 of a false positive when the thresholds were tuned" in weak
-    assert "declares" not in weak
+    default = _unannotated_line(0.0, 1.0, sources)
+    assert "were masked for it in training, not counted as negatives (unannotated_weight 0)" in default
+    assert "a flag on one counted as 1 of a false positive when its threshold was tuned" in default
+    assert "The data config declares negatives: chat for scam." in default
+    other = _unannotated_line(0.5, 0.0, {})
+    assert "were trained as weak negatives, with weight 0.5 (unannotated_weight)" in other
+    assert "they did not count when its threshold was tuned (unannotated_flag_cost 0)" in other
+    assert "declares" not in other

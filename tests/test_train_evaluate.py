@@ -53,17 +53,17 @@ def test_each_architecture_trains_saves_and_loads_back(model_type, tiny_models, 
 
 
 def test_best_epoch_is_restored(small_data, tiny_models, tmp_path, monkeypatch):
-    """With unannotated rows as weak negatives, which also weigh in the thresholds of every epoch
-    and of the saved model."""
+    """The thresholds of every epoch and of the saved model are tuned at the plan's cost of a
+    flag on a label's unannotated rows."""
     import cockatoo_lib.training.trainer as train_module
 
-    weights = []
+    costs = []
     sweep = train_module.sweep_thresholds
     monkeypatch.setattr(train_module, "sweep_thresholds",
-                        lambda *a, unannotated_weight=0.0: weights.append(unannotated_weight) or sweep(
-                            *a, unannotated_weight=unannotated_weight))
+                        lambda *a, unannotated_flag_cost: costs.append(unannotated_flag_cost) or sweep(
+                            *a, unannotated_flag_cost=unannotated_flag_cost))
     plan = resolve_plan("deberta", {**FAST, "num_epochs": 3, "base_model": str(tiny_models["deberta"]),
-                                    "unannotated_weight": 1.0})
+                                    "unannotated_flag_cost": 0.5})
     tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
     info = train(tmp_path / "tok", plan, tmp_path / "model", data_dir=small_data)
     by_epoch = [e["f1"] for e in info["validation_by_epoch"]]
@@ -73,8 +73,8 @@ def test_best_epoch_is_restored(small_data, tiny_models, tmp_path, monkeypatch):
     # The restored weights score the best epoch's macro-F1 at thresholds tuned on validation.
     logits, y, m = _validation_logits(tmp_path / "model", tmp_path / "tok")
     probs = sigmoid(logits.numpy())
-    thresholds = sweep_thresholds(probs, y, m, unannotated_weight=1.0)[0]
-    assert weights == [1.0] * 5  # 3 epochs' validation, the final prediction's metrics, the saved thresholds
+    assert costs == [0.5] * 5  # 3 epochs' validation, the final prediction's metrics, the saved thresholds
+    thresholds = sweep_thresholds(probs, y, m, unannotated_flag_cost=0.5)[0]
     assert list(info["thresholds"].values()) == pytest.approx(thresholds, abs=1e-6)
     assert macro_f1(probs, y, m, thresholds) == pytest.approx(max(by_epoch), abs=1e-6)
 

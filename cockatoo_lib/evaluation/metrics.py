@@ -51,17 +51,17 @@ def mean_average_precision(probs: np.ndarray, y: np.ndarray, m: np.ndarray) -> f
 
 
 def sweep_thresholds(probs: np.ndarray, y: np.ndarray, m: np.ndarray, steps: int = THRESHOLD_STEPS,
-                     unannotated_weight: float = 0.0) -> tuple[list[float], list[bool]]:
+                     unannotated_flag_cost: float = 0.0) -> tuple[list[float], list[bool]]:
     """Per label, the threshold in (0, 1) with the best F1 on these rows (ties: the lowest).
-    With `unannotated_weight` w > 0, rows whose source does not annotate a label count, when
-    flagged, as w of a false positive: the same weak negatives training saw (the plan's
-    unannotated_weight), so a threshold is not set where the label fires on traffic its sources
-    never showed it. Labels with no positive keep 0.5; the second list says which were tuned."""
+    With `unannotated_flag_cost` c > 0, a flag on a row whose source does not annotate the label
+    counts as c of a false positive, so a threshold is not set where the label fires on traffic
+    its sources never showed it. Labels with no positive keep 0.5; the second list says which
+    labels were tuned."""
     grid = np.linspace(0, 1, steps + 2)[1:-1]
     pred = probs[:, None, :] >= grid[None, :, None]  # rows x thresholds x labels
     tp, fp, fn = _counts(pred.transpose(1, 0, 2), y[None], m[None])  # thresholds x labels
-    if unannotated_weight:
-        fp = fp + unannotated_weight * (pred & ~m.astype(bool)[:, None, :]).sum(axis=0)
+    if unannotated_flag_cost:
+        fp = fp + unannotated_flag_cost * (pred & ~m.astype(bool)[:, None, :]).sum(axis=0)
     f1 = _f1(tp, fp, fn)
     tuned = support(y, m) > 0
     best = np.where(tuned, grid[f1.argmax(axis=0)], 0.5)

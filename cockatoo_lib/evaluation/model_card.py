@@ -20,6 +20,7 @@ CARD_PLAN_KEYS = (
     "early_stopping_patience",
     "head_bias_init",
     "unannotated_weight",
+    "unannotated_flag_cost",
     "seed",
 )
 
@@ -46,19 +47,18 @@ def _base_model(model: dict) -> str:
     return f"`{model['base_model']}`"
 
 
-def _unannotated_line(weight: float, sources: dict) -> str:
-    """How the labels a source does not annotate were trained: the choice, written down."""
+def _unannotated_line(weight: float, cost: float, sources: dict) -> str:
+    """How the labels a source does not annotate were trained and tuned: the choice, written down."""
     said = "; ".join(f"{name} for {', '.join(s['negative_for'])}"
                      for name, s in sources.items() if s.get("negative_for"))
     told = f" The data config declares negatives: {said}." if said else ""
-    if weight:
-        return (f"- A label's rows from sources that do not annotate it were trained as weak negatives, "
-                f"with weight {weight:g} (unannotated_weight); a flag there counted as {weight:g} of a false "
-                f"positive when the thresholds were tuned on validation.{told} The spillover table shows "
-                "how often it fires there.")
-    return ("- A label is learnt only from the sources that annotate it; rows of other sources are masked "
-            f"for it, not counted as negatives (unannotated_weight 0).{told} The per-source table shows "
-            "where each label was measured, the spillover table how often it fires elsewhere.")
+    trained = (f"were trained as weak negatives, with weight {weight:g} (unannotated_weight)" if weight else
+               "were masked for it in training, not counted as negatives (unannotated_weight 0)")
+    tuned = (f"a flag on one counted as {cost:g} of a false positive when its threshold was tuned on "
+             "validation (unannotated_flag_cost)" if cost else
+             "they did not count when its threshold was tuned (unannotated_flag_cost 0)")
+    return (f"- A label's rows from sources that do not annotate it {trained}; {tuned}.{told} The per-source "
+            "table shows where each label was measured, the spillover table how often it fires elsewhere.")
 
 
 def _spillover_lines(test: dict, validation: dict) -> list[str]:
@@ -196,7 +196,9 @@ def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
         "flag less should re-tune them on its own validation data.",
         "- Not for automated enforcement without human review: errors fall unevenly on dialects, "
         "identities and topics that the sources under-represent.",
-        _unannotated_line(plan.get("unannotated_weight", 0.0), sources),
+        # a model from before unannotated_flag_cost was tuned without it
+        _unannotated_line(plan.get("unannotated_weight", 0.0), plan.get("unannotated_flag_cost", 0.0),
+                          sources),
         f"- Text past {model['max_length']} tokens is truncated in training (inference may read up to "
         f"{model['inference_max_length']}).",
         "- Labels with few positive test rows have wide uncertainty: read their F1 beside their support.",

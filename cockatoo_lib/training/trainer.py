@@ -130,13 +130,13 @@ class CockatooTrainer(Trainer):
         return self.optimizer
 
 
-def _compute_metrics(pred: EvalPrediction, unannotated_weight: float = 0.0) -> dict[str, float]:
+def _compute_metrics(pred: EvalPrediction, unannotated_flag_cost: float = 0.0) -> dict[str, float]:
     """Validation metrics per epoch. `f1` is macro-F1 at thresholds tuned on these very
     predictions, as the saved model's are; `f1_at_0_5` is logged only for comparison."""
     labels, mask = pred.label_ids
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
     probs = sigmoid(logits)
-    thresholds, _ = sweep_thresholds(probs, labels, mask, unannotated_weight=unannotated_weight)
+    thresholds, _ = sweep_thresholds(probs, labels, mask, unannotated_flag_cost=unannotated_flag_cost)
     return {"f1": macro_f1(probs, labels, mask, thresholds),
             "map": mean_average_precision(probs, labels, mask),
             "f1_at_0_5": macro_f1(probs, labels, mask, 0.5)}
@@ -359,7 +359,8 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
             train_dataset=datasets["train"],
             eval_dataset=datasets["validation"],
             processing_class=tokenizer,
-            compute_metrics=functools.partial(_compute_metrics, unannotated_weight=plan.unannotated_weight),
+            compute_metrics=functools.partial(_compute_metrics,
+                                              unannotated_flag_cost=plan.unannotated_flag_cost),
             plan=plan,
             pos_weight=pos_weight,
             loss_weights=loss_weights,
@@ -384,7 +385,7 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
         prediction = trainer.predict(datasets["validation"])
         val_labels, val_mask = prediction.label_ids
         thresholds, tuned = sweep_thresholds(sigmoid(prediction.predictions), val_labels, val_mask,
-                                             unannotated_weight=plan.unannotated_weight)
+                                             unannotated_flag_cost=plan.unannotated_flag_cost)
         trainer.save_model(str(tmp))
         if image_processor is not None:  # whatever serves the model needs only this folder
             image_processor.save_pretrained(str(tmp))
