@@ -18,6 +18,7 @@ from cockatoo_lib.evaluation.baseline import baseline_probabilities
 from cockatoo_lib.evaluation.metrics import (
     bootstrap_gain,
     label_confusion,
+    macro_f1,
     mean_average_precision,
     report,
     sigmoid,
@@ -78,6 +79,16 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
     probs[np.concatenate(order)] = sigmoid(torch.cat(logits).numpy())
     y = np.asarray(dataset["labels"], dtype=np.int8)
     m = np.asarray(dataset["label_mask"], dtype=np.int8)
+    combination = model_info.get("combination")
+    if combination:  # what ships: the model combined with its char n-gram partner; each part alone too
+        from cockatoo_lib.evaluation.baseline import CharNgramModel, combine
+
+        partner_probs = CharNgramModel.load(Path(model_dir), labels).predict_proba(dataset["text"])
+        weight, alone = combination["transformer_weight"], combination
+        combination = {"transformer_weight": weight,
+                       "transformer": {"macro_f1": macro_f1(probs, y, m, alone["transformer_thresholds"])},
+                       "partner": {"macro_f1": macro_f1(partner_probs, y, m, alone["partner_thresholds"])}}
+        probs = combine(probs, partner_probs, weight)
 
     # The thresholds stored in the model, tuned on validation when it was trained.
     tuned = [model_info["thresholds"][x] for x in labels]
@@ -99,6 +110,8 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
         "mean_average_precision": mean_average_precision(probs, y, m),
     }
     results["macro_f1"] = results["at_tuned_thresholds"]["macro_f1"]
+    if combination:
+        results["combination"] = combination
     results["micro_f1"] = results["at_tuned_thresholds"]["micro_f1"]
     base = report(base_probs, y, m, labels, base_thresholds)
     results["baseline"] = {**base_info, "macro_f1": base["macro_f1"], "micro_f1": base["micro_f1"],
@@ -248,6 +261,11 @@ def kfp_metrics(results: dict) -> tuple[dict[str, float], list[list[int]]]:
                "test_micro_f1": results["micro_f1"],
                "test_mean_average_precision": results["mean_average_precision"],
                "test_macro_f1_at_0_5": results["at_0.5"]["macro_f1"]}
+    if results.get("combination"):  # the shipped combination's parts, each alone
+        parts = results["combination"]
+        scalars.update(transformer_weight=parts["transformer_weight"],
+                       transformer_test_macro_f1=parts["transformer"]["macro_f1"],
+                       partner_test_macro_f1=parts["partner"]["macro_f1"])
     for label, row in tuned["per_label"].items():
         scalars[f"f1_{label}"] = row["f1"]
         if row["pr_auc"] is not None:

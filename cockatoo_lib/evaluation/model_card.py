@@ -61,6 +61,16 @@ def _unannotated_line(weight: float, cost: float, sources: dict) -> str:
             "table shows where each label was measured, the spillover table how often it fires elsewhere.")
 
 
+def _combination_lines(parts: dict | None) -> list[str]:
+    if not parts:
+        return []
+    w = parts["transformer_weight"]
+    return ["", f"What ships is {w:g} × the fine-tuned transformer + {1 - w:g} × a char n-gram partner (the "
+            "baseline's recipe, fitted on the same train split, saved in the model folder), the weight "
+            f"chosen on validation (char_ngram_partner). Test macro-F1 of each alone: transformer "
+            f"{parts['transformer']['macro_f1']:.3f}, partner {parts['partner']['macro_f1']:.3f}."]
+
+
 def _spillover_lines(test: dict, validation: dict) -> list[str]:
     """Labels some sources do not annotate: how often the model flags those sources' rows."""
     rows = [[label, row["rows"], row["flagged"], row["share"], (validation.get(label) or {}).get("share")]
@@ -113,6 +123,7 @@ def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
         "",
         f"Linear baseline ({base['description']}, fitted on the same train split): macro-F1 "
         f"{base['macro_f1']:.3f}. The model: {verdict}.",
+        *_combination_lines(results.get("combination")),
         "",
         *_table(
             ["label", "threshold", "precision", "recall", "F1", "baseline F1", "PR-AUC", "positives", "rows"],

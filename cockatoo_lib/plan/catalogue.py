@@ -68,6 +68,10 @@ class Plan(BaseModel):
     # rows hold true positives), full-truth test macro-F1 0.859 -> 0.879. Training on them
     # (unannotated_weight 1) did better on the sample and worse on R8, hence 0 there.
     unannotated_flag_cost: float = Field(default=1.0, ge=0, le=1)
+    # Ship the model combined with a char n-gram partner (the evaluation's linear baseline,
+    # fitted on the same train rows and saved beside the model): w * model + (1 - w) * partner,
+    # w chosen on validation from 0 to 1. Off by default: B7 (docs/benchmarks.md) measures it.
+    char_ngram_partner: bool = False
     eval_strategy: Literal["epoch"] = "epoch"
     # How the best epoch is chosen (and early stopping judged), on validation. "f1": macro-F1
     # at per-label thresholds tuned on that epoch's predictions, the number the saved model is

@@ -118,6 +118,8 @@ def weights_digest(model_dir: Path) -> str:
         raise CockatooError(f"model folder {model_dir} holds no .safetensors weights")
     manifest = read_model_manifest(model_dir)
     decides = {k: manifest.get(k) for k in ("architecture", "labels", "thresholds", "inference_max_length")}
+    if "combination" in manifest:  # the partner's files are among the files above
+        decides["transformer_weight"] = manifest["combination"]["transformer_weight"]
     return hashlib.sha256((sha256_files(files, model_dir) + json.dumps(decides, sort_keys=True)).encode()
                           ).hexdigest()
 
@@ -135,6 +137,11 @@ def registration(model_dir: Path, evaluation_dir: Path, data_manifest: dict, run
             "labels": ",".join(model["labels"]), "split_rule": split_rule_tag(data_manifest),
             "test_macro_f1": f"{results['macro_f1']:.6f}", "plan": json.dumps(model["plan"], sort_keys=True),
             WEIGHTS_TAG: digest}
+    if results.get("combination"):  # what is shipped, and each part alone
+        parts = results["combination"]
+        tags.update(transformer_weight=f"{parts['transformer_weight']:g}",
+                    transformer_test_macro_f1=f"{parts['transformer']['macro_f1']:.6f}",
+                    partner_test_macro_f1=f"{parts['partner']['macro_f1']:.6f}")
     return Registration(str(model_dir), tags, plan_params(model["plan"]), scalars,
                         model.get("validation_by_epoch", []), [str(evaluation_dir / METRICS_FILE)])
 
@@ -200,6 +207,10 @@ def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str,
         decision["reasons"] += baseline["reasons"]
         if not baseline["overridden"]:
             decision["blocked_by"].append("baseline")
+    if (challenger.combination or {}).get("transformer_weight") == 0:  # no allow_below_baseline for this
+        decision["blocked_by"].append("partner alone")
+        decision["reasons"].append("the combination gives the transformer weight 0: it would ship the char "
+                                   "n-gram partner (the linear baseline) alone")
     if champion_version is None:
         decision["reasons"].append("no champion yet")
     elif champion_version.version == version:

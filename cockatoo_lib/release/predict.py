@@ -63,6 +63,13 @@ class Classifier:
             from cockatoo_lib.data.clip_images import load_image_processor
 
             self.image_processor = load_image_processor(str(self.model_dir))
+        # The char n-gram partner the model ships combined with, if any (it reads the text only).
+        self.combination = self.manifest.get("combination")
+        self.partner = None
+        if self.combination:
+            from cockatoo_lib.evaluation.baseline import CharNgramModel
+
+            self.partner = CharNgramModel.load(self.model_dir, self.labels)
         self._keep_alive = keep_alive  # the temporary folder a downloaded model lives in
         self.form = "fp32"  # see in_form
 
@@ -135,7 +142,11 @@ class Classifier:
                          **({PIXEL_COLUMN: pixels[i]} if pixels is not None else {})} for i in idx]
                 batch = {k: v.to(self.device, non_blocking=cuda) for k, v in collator(rows).items()}
                 out[idx] = sigmoid(self.model(**batch).logits.float().cpu().numpy())
-        return out
+        if self.partner is not None:
+            from cockatoo_lib.evaluation.baseline import combine
+
+            out = combine(out, self.partner.predict_proba(texts), self.combination["transformer_weight"])
+        return out.astype(np.float32)
 
     def predict(self, texts: list[str], images: list[bytes | None] | None = None,
                 batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:

@@ -384,9 +384,15 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
         by_epoch = [e for e in trainer.state.log_history if "eval_f1" in e]
         prediction = trainer.predict(datasets["validation"])
         val_labels, val_mask = prediction.label_ids
-        thresholds, tuned = sweep_thresholds(sigmoid(prediction.predictions), val_labels, val_mask,
+        val_probs = sigmoid(prediction.predictions)
+        thresholds, tuned = sweep_thresholds(val_probs, val_labels, val_mask,
                                              unannotated_flag_cost=plan.unannotated_flag_cost)
         trainer.save_model(str(tmp))
+        combination = None
+        if plan.char_ngram_partner:
+            combination, val_probs = _fit_partner(datasets, trainer, val_probs, val_labels, val_mask,
+                                                  plan, tmp, labels)
+            thresholds, tuned = combination.pop("thresholds"), combination.pop("thresholds_tuned")
         if image_processor is not None:  # whatever serves the model needs only this folder
             image_processor.save_pretrained(str(tmp))
         model_manifest = {
@@ -413,9 +419,9 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
                 {"epoch": round(float(e["epoch"]), 3), **{k: round(float(e[f"eval_{k}"]), 6)
                                                           for k in ("f1", "map", "f1_at_0_5", "loss")}}
                 for e in by_epoch],
-            "validation_macro_f1_tuned": macro_f1(sigmoid(prediction.predictions), val_labels,
-                                                  val_mask, thresholds),
-            "validation_spillover": spillover(sigmoid(prediction.predictions), val_mask, labels, thresholds),
+            "validation_macro_f1_tuned": macro_f1(val_probs, val_labels, val_mask, thresholds),
+            "validation_spillover": spillover(val_probs, val_mask, labels, thresholds),
+            **({"combination": combination} if combination else {}),
             "epochs": float(trainer.state.epoch or 0),
             "optimizer_steps": int(trainer.state.global_step),
             "resumed_from_step": checkpoint_step(resumed) if resumed else None,
@@ -427,6 +433,35 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
              plan.metric_for_best_model, model_manifest["best_validation_metric"] or 0.0,
              model_manifest["best_epoch"], model_manifest["epochs"], output)
     return model_manifest, durable
+
+
+def _fit_partner(datasets, trainer: Trainer, val_probs, val_labels, val_mask, plan: Plan,
+                 folder: Path, labels: list[str]) -> tuple[dict, np.ndarray]:
+    """Fit the char n-gram partner on the train split (CPU, seconds), save it beside the model,
+    and choose the combination on validation. Returns the combination and its validation
+    probabilities."""
+    from cockatoo_lib.evaluation.baseline import PARTNER_FILES, CharNgramModel, choose_combination, combine
+
+    train, validation = datasets["train"], datasets["validation"]
+    # The Trainer predicts validation in its length-grouped order (seeded, so it can be replayed).
+    order = np.fromiter(trainer._get_eval_sampler(validation), dtype=np.int64)
+    lined_up = len(order) == len(val_labels) and np.array_equal(np.asarray(validation["labels"])[order],
+                                                                 val_labels)
+    if not lined_up:
+        raise CockatooError("char_ngram_partner: the validation predictions do not line up with the "
+                            "split's rows")
+    partner = CharNgramModel.fit(train["text"], np.asarray(train["labels"]), np.asarray(train["label_mask"]),
+                                 seed=plan.seed)
+    partner.save(folder, labels)
+    partner_probs = partner.predict_proba([validation["text"][i] for i in order])
+    combination = choose_combination(val_probs, partner_probs, val_labels, val_mask,
+                                     plan.unannotated_flag_cost)
+    log.info("char n-gram partner: transformer weight %.2f chosen on validation (macro-F1: transformer %.4f, "
+             "partner %.4f, combination %.4f)", combination["transformer_weight"],
+             *combination["validation_macro_f1"].values())
+    combination["partner_files"] = list(PARTNER_FILES)
+    combination["partner"] = partner.info
+    return combination, combine(val_probs, partner_probs, combination["transformer_weight"])
 
 
 def _fit_to_bucket(tokenized_dir: Path, plan: Plan, output: str, data_dir, checkpoint_root):
