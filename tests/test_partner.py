@@ -112,6 +112,11 @@ def test_a_combined_model_scores_its_combination_everywhere(combined, tmp_path):
     from cockatoo_lib.evaluation.evaluate import kfp_metrics
 
     assert results["combination"]["transformer_weight"] == weight
+    from cockatoo_lib.evaluation.evaluate import SCORES_FILE
+
+    with np.load(combined["root"] / "eval" / SCORES_FILE, allow_pickle=False) as scores:
+        np.testing.assert_allclose(scores["probabilities"], combine(
+            scores["transformer_probabilities"], scores["partner_probabilities"], weight), atol=1e-6)
     scalars, _ = kfp_metrics(results)
     assert scalars["transformer_test_macro_f1"] == round(results["combination"]["transformer"]["macro_f1"], 6)
     assert "partner_test_macro_f1" in scalars

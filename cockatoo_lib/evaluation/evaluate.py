@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
-# Every scored row's probabilities, the model's and the baseline's, beside its labels and mask
-# (numpy arrays, loaded with allow_pickle=False): for error analysis, and for B7's intervals
-# over several trainings.
+# Every scored row's probabilities, the model's and the baseline's (and, for a model combined
+# with a char n-gram partner, each part's), beside its labels and mask (numpy arrays, loaded
+# with allow_pickle=False): for error analysis, and for B7's intervals over several trainings.
 SCORES_FILE = "scores.npz"
 
 
@@ -79,7 +79,7 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
     probs[np.concatenate(order)] = sigmoid(torch.cat(logits).numpy())
     y = np.asarray(dataset["labels"], dtype=np.int8)
     m = np.asarray(dataset["label_mask"], dtype=np.int8)
-    combination = model_info.get("combination")
+    combination, parts_probs = model_info.get("combination"), {}
     if combination:  # what ships: the model combined with its char n-gram partner; each part alone too
         from cockatoo_lib.evaluation.baseline import CharNgramModel, combine
 
@@ -88,6 +88,8 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
         combination = {"transformer_weight": weight,
                        "transformer": {"macro_f1": macro_f1(probs, y, m, alone["transformer_thresholds"])},
                        "partner": {"macro_f1": macro_f1(partner_probs, y, m, alone["partner_thresholds"])}}
+        parts_probs = {"transformer_probabilities": probs.astype(np.float32),
+                       "partner_probabilities": partner_probs.astype(np.float32)}
         probs = combine(probs, partner_probs, weight)
 
     # The thresholds stored in the model, tuned on validation when it was trained.
@@ -128,7 +130,8 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
     with atomic_output_dir(output) as tmp:
         write_json(tmp / METRICS_FILE, results)
         np.savez_compressed(tmp / SCORES_FILE, probabilities=probs.astype(np.float32),
-                            baseline_probabilities=base_probs.astype(np.float32), labels=y, label_mask=m)
+                            baseline_probabilities=base_probs.astype(np.float32), labels=y, label_mask=m,
+                            **parts_probs)
         (tmp / REPORT_FILE).write_text(render_report(results, probs, y, m))
         (tmp / MODEL_CARD).write_text(card)
     # The card travels with the model: whatever serves or registers it needs only its folder.
