@@ -61,10 +61,13 @@ def _gate(registry, name, run, model, out, baseline=None, like=None, **rules):
 
 
 def _nudged_copy(model: Path, folder: Path) -> Path:
-    """Other weights (the head's bias moved by 1e-6), the same decisions: a gain of exactly 0."""
-    from bench.serving import shifted_copy
-
-    return shifted_copy(model, folder, 1e-6)
+    """Another version that decides exactly as `model` does: the same weights and manifest, a
+    model card with one more line (the weights digest covers every file). A shifted weight
+    would flip any probability sitting on its threshold, and with it the gain."""
+    shutil.copytree(model, folder)
+    with open(folder / "README.md", "a") as card:
+        card.write("\nA copy made by the tests.\n")
+    return folder
 
 
 def test_the_gate_promotes_only_a_model_that_beats_the_baseline_and_the_champion(
