@@ -204,6 +204,7 @@ def test_open_label_names_and_tokenizer_diagnostics_per_source(tiny_models, tmp_
     assert manifest["sources"]["beta"]["license"] == "CC BY-NC 4.0"
     code, out, err = run_cli(["tokenize", "-d", data, "-o", tmp_path / "tok", "-m", "deberta",
                               "--set", f"base_model={tiny_models['deberta']}", "--set", "max_length=10",
+                              "--set", "tokenizer_extension=off",  # it would add the Greek letters
                               "--cache-root", tmp_path / "cache"], capsys, monkeypatch)
     assert code == 0, err
     info = json.loads((tmp_path / "tok" / "tokenized.json").read_text())
@@ -338,3 +339,16 @@ def test_the_card_says_how_unannotated_rows_were_trained_and_tuned():
     assert "were trained as weak negatives, with weight 0.5 (unannotated_weight)" in other
     assert "they did not count when its threshold was tuned (unannotated_flag_cost 0)" in other
     assert "declares" not in other
+
+
+def test_the_card_shows_the_tokenizer_extension_and_the_unknown_share_before_and_after():
+    from cockatoo_lib.evaluation.model_card import _extension_lines
+
+    assert _extension_lines({"diagnostics": {"sources": {}}}) == []
+    share = lambda x: {"unknown_token_share": x}  # noqa: E731
+    tokenized = {"diagnostics": {"sources": {"posts": share(0.01)}},
+                 "tokenizer_extension": {"added_tokens": ["🤡", "💀"],
+                                         "diagnostics_before": {"sources": {"posts": share(0.19)}}}}
+    text = "\n".join(_extension_lines(tokenized))
+    assert "extended with the 2 characters it read as unknown most often in the train split (🤡💀;" in text
+    assert "| posts | 19.0% | 1.0% |" in text

@@ -88,3 +88,75 @@ def test_cache_entry_is_a_complete_tokenized_folder(small_data, plan, tmp_path):
     assert len(datasets["train"]) == info["rows"]["train"]
     assert entry_info["class_weights"] and entry_info["labels"] == info["labels"]
     assert entry_info["data_fingerprint"] == info["data_fingerprint"]
+
+
+def test_the_tokenizer_extension_adds_nothing_where_nothing_is_unknown(small_data, plan, tmp_path):
+    on = tokenize(small_data, plan, tmp_path / "on", cache_root=str(tmp_path / "cache"))
+    tokenize(small_data, plan.model_copy(update={"tokenizer_extension": "off"}), tmp_path / "off",
+             cache_root=str(tmp_path / "cache"))
+    assert on["diagnostics"]["overall"]["unknown_token_share"] < 0.05 and "tokenizer_extension" not in on
+    a, _ = load_tokenized(tmp_path / "on")
+    b, _ = load_tokenized(tmp_path / "off")
+    assert all(a[s]["input_ids"] == b[s]["input_ids"] for s in ("train", "validation", "test"))
+
+
+EMOJI = ["🤡", "💀", "🔥", "😂", "👉", "✨"]
+
+
+@pytest.fixture
+def noisy_data(tmp_path):
+    """Posts whose emoji the tiny tokenizer has never seen: a third of their tokens are unknown."""
+    import pandas as pd
+    from helpers import write_config
+
+    from cockatoo_lib.data.prepare import load_data_config, prepare
+
+    def text(i):  # letters the tiny tokenizer knows, then the emoji
+        emoji = " ".join(EMOJI[(i + k) % len(EMOJI)] * (1 + k % 2) for k in range(3))
+        words = " you idiot" if i % 2 else " nice day"
+        return f"post {'abcdefghij'[i % 10]}{'klmnoprst'[i // 10 % 9]} {emoji}{words}"
+
+    rows = [{"text": text(i), "toxic": i % 2} for i in range(120)]
+    pd.DataFrame(rows).to_csv(tmp_path / "posts.csv", index=False)
+    config = write_config(tmp_path, [{"name": "posts", "path": "posts.csv", "labels": {"toxicity": "toxic"}}],
+                          labels=["toxicity"])
+    prepare(load_data_config(str(config)), tmp_path / "data")
+    return tmp_path / "data"
+
+
+@pytest.mark.slow
+def test_characters_the_tokenizer_drops_are_added_trained_saved_and_read_back(noisy_data, plan, tmp_path):
+    import numpy as np
+
+    from cockatoo_lib.evaluation.metrics import macro_f1, sigmoid
+    from cockatoo_lib.release.predict import Classifier
+    from cockatoo_lib.training.models import load_trained_model, predict_logits
+    from cockatoo_lib.training.trainer import PaddingCollator, train
+
+    info = tokenize(noisy_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
+    extension = info["tokenizer_extension"]
+    assert sorted(extension["added_tokens"]) == sorted(EMOJI)
+    assert extension["diagnostics_before"]["sources"]["posts"]["unknown_token_share"] > 0.3
+    assert info["diagnostics"]["sources"]["posts"]["unknown_token_share"] == 0
+    off = tokenize(noisy_data, plan.model_copy(update={"tokenizer_extension": "off"}), tmp_path / "off",
+                   cache_root=str(tmp_path / "cache"))
+    assert off["cache_key"] != info["cache_key"] and "tokenizer_extension" not in off
+    again = tokenize(noisy_data, plan, tmp_path / "again", cache_root=str(tmp_path / "cache"))
+    assert again["cache_hit"] and again["tokenizer_extension"] == extension  # deterministic, cached
+
+    fast = plan.model_copy(update={"num_epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 1,
+                                   "learning_rate": 1e-3, "dataloader_num_workers": 0})
+    manifest = train(tmp_path / "tok", fast, tmp_path / "model", data_dir=noisy_data)
+    # Saved and loaded, the extended model scores validation as it did before saving.
+    datasets, _ = load_tokenized(tmp_path / "tok")
+    val = datasets["validation"]
+    model = load_trained_model(tmp_path / "model", "sequence-classification")
+    logits = predict_logits(model, [PaddingCollator(0)([val[i] for i in range(len(val))])])
+    y, m = np.asarray(val["labels"]), np.asarray(val["label_mask"])
+    assert macro_f1(sigmoid(logits.numpy()), y, m, list(manifest["thresholds"].values())) == pytest.approx(
+        manifest["validation_macro_f1_tuned"])
+    # What predicts and serves reads the emoji as the tokens training saw.
+    classifier = Classifier(tmp_path / "model", device="cpu")
+    ids = classifier.tokenizer("🤡 post", add_special_tokens=False)["input_ids"]
+    assert classifier.tokenizer.unk_token_id not in ids
+    assert classifier.predict_proba(["🤡 post"]).shape == (1, 1)

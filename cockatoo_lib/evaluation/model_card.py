@@ -61,6 +61,21 @@ def _unannotated_line(weight: float, cost: float, sources: dict) -> str:
             "table shows where each label was measured, the spillover table how often it fires elsewhere.")
 
 
+def _extension_lines(tokenized: dict) -> list[str]:
+    """The characters tokenize added to the tokenizer, and the unknown share before and after."""
+    extension = tokenized.get("tokenizer_extension")
+    if not extension:
+        return []
+    before, after = extension["diagnostics_before"]["sources"], tokenized["diagnostics"]["sources"]
+    added = extension["added_tokens"]
+    return ["", f"The tokenizer was extended with the {len(added)} characters it read as unknown most often "
+            f"in the train split ({''.join(added[:20])}{'…' if len(added) > 20 else ''}; "
+            "tokenizer_extension), their embeddings started at the mean of the others:", "",
+            *_table(["source", "unknown tokens before", "after"],
+                    [[name, f"{before[name]['unknown_token_share']:.1%}",
+                      f"{after[name]['unknown_token_share']:.1%}"] for name in after])]
+
+
 def _combination_lines(parts: dict | None) -> list[str]:
     if not parts:
         return []
@@ -189,6 +204,7 @@ def render_model_card(model: dict, tokenized: dict, results: dict) -> str:
             "",
             f"Tokenizer: {diag['overall']['unknown_token_share']:.1%} of tokens unknown, "
             f"{diag['overall']['truncated_share']:.1%} of texts truncated at {model['max_length']} tokens.",
+            *_extension_lines(tokenized),
         ]
     lines += [
         "",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.plan.limits import RANGES
@@ -72,6 +72,11 @@ class Plan(BaseModel):
     # fitted on the same train rows and saved beside the model): w * model + (1 - w) * partner,
     # w chosen on validation from 0 to 1. Off by default: B7 (docs/benchmarks.md) measures it.
     char_ngram_partner: bool = False
+    # When more than 5% of the train split's tokens are unknown to the tokenizer, "auto" adds
+    # the most frequent unknown characters as tokens (tokenize) with embeddings started at the
+    # mean of the others (train), saved with the model. Text models only: CLIP's byte-level BPE
+    # has no unknown characters.
+    tokenizer_extension: Literal["auto", "off"] = "auto"
     eval_strategy: Literal["epoch"] = "epoch"
     # How the best epoch is chosen (and early stopping judged), on validation. "f1": macro-F1
     # at per-label thresholds tuned on that epoch's predictions, the number the saved model is
@@ -117,6 +122,11 @@ class Plan(BaseModel):
     @property
     def reads_images(self) -> bool:
         return self.architecture == "clip"
+
+    @field_validator("tokenizer_extension", mode="before")
+    @classmethod
+    def _off(cls, value):
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check(self) -> Plan:

@@ -92,6 +92,19 @@ def load_base_model(plan: Plan, labels: list[str]) -> PreTrainedModel:
         ) from None
 
 
+@torch.no_grad()
+def add_tokens(model: PreTrainedModel, tokenizer, tokens: list[str]) -> None:
+    """Add `tokens` (tokenize's extension of the tokenizer) to the tokenizer and give each an
+    embedding: the mean of the base vocabulary's, a start that says nothing yet."""
+    base = len(tokenizer)
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embeddings = model.get_input_embeddings().weight
+    embeddings[ids] = embeddings[:base].mean(dim=0)
+
+
 def output_layer(model: PreTrainedModel) -> nn.Linear:
     """The final Linear layer that produces one logit per label."""
     layer = model.head[-1] if isinstance(model, CLIPClassifier) else getattr(model, "classifier", None)

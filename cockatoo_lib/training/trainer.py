@@ -29,7 +29,7 @@ from cockatoo_lib.tokenize import load_processors, load_tokenized
 from cockatoo_lib.training import distributed
 from cockatoo_lib.training.checkpoints import DurableCheckpoints, checkpoint_key, checkpoint_step, stopped
 from cockatoo_lib.training.losses import asymmetric_loss, masked_bce, training_mask
-from cockatoo_lib.training.models import init_head_bias, load_base_model
+from cockatoo_lib.training.models import add_tokens, init_head_bias, load_base_model
 from cockatoo_lib.training.optim import build_optimizer
 from cockatoo_lib.training.sampling import LengthGroupedShuffle
 
@@ -320,6 +320,8 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
     tokenizer, image_processor = load_processors(plan)
     seed_everything(plan)
     model = load_base_model(plan, labels)
+    if "tokenizer_extension" in tok_info:  # saved with the model: predict and serve read the same
+        add_tokens(model, tokenizer, tok_info["tokenizer_extension"]["added_tokens"])
     if plan.head_bias_init == "prior":
         init_head_bias(model, label_priors(datasets["train"]))
     collator = PaddingCollator(tokenizer.pad_token_id or 0, pad_multiple(plan, cuda), tok_info.get("images"),
