@@ -333,3 +333,27 @@ def test_the_demo_predicts_with_the_champion_or_says_it_has_none(trained_run, tm
     lines = [x for x in capsys.readouterr().out.splitlines() if "->" in x]
     assert "-> (none)   expected: scam   <- differs" in lines[0]
     assert lines[1].endswith("-> (none)   expected: (none)")
+
+
+def test_the_alias_moves_last_and_a_rerun_of_the_champion_changes_no_tag(trained_run, tmp_path):
+    """A server that sees the new champion finds its gate and serving tags already there; a
+    cached rerun of the champion's weights leaves them as they were."""
+    class Recording(MLflowRegistry):
+        writes: list = []
+
+        def tag_version(self, name, version, tags):
+            self.writes.append(("tags", version, tags.get("gate")))
+            return super().tag_version(name, version, tags)
+
+        def set_alias(self, name, alias, version):
+            self.writes.append(("alias", version, alias))
+            return super().set_alias(name, alias, version)
+
+    registry = Recording(local_registry_uri(tmp_path))
+    assert _gate(registry, "m", trained_run, "model", tmp_path / "a", baseline=0.0)["promoted"]
+    assert registry.writes[-2:] == [("tags", "1", "promoted"), ("alias", "1", CHAMPION)]
+    assert {"serving_bf16", "serving_int8"} <= set(registry.version("m", "1").tags)
+    registry.writes.clear()
+    again = _gate(registry, "m", trained_run, "model", tmp_path / "b", baseline=0.0)
+    assert again["blocked_by"] == ["already champion"] and registry.writes == []
+    assert registry.version("m", "1").tags["gate"] == "promoted"

@@ -167,22 +167,19 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
     else:
         version = registry.register(model_name, registration(model_dir, evaluation_dir, data_manifest, run_id,
                                                              digest)).version
+    first = [] if known is None else [
+        f"version {version} holds these very weights (registered before, e.g. by a run whose train step "
+        "came from KFP's cache): not registered again"]
     try:
         decision = _decide(registry, model_name, version, digest, model_dir, data_dir, evaluation_dir,
-                           data_manifest, rules)
+                           data_manifest, rules, first)
     except BaseException as exc:  # the version stays registered; say why it has no verdict
         registry.tag_version(model_name, version, {"gate": "failed", "gate_reasons": str(exc)[:5000]})
         raise
     decision["registered"] = known is None
-    if known is not None:
-        decision["reasons"].insert(0, f"version {version} holds these very weights (registered before, "
-                                      "e.g. by a run whose train step came from KFP's cache): not registered "
-                                      "again")
-    registry.tag_version(model_name, version,
-                         {"gate": "promoted" if decision["promoted"] else "rejected",
-                          "gate_reasons": "; ".join(decision["reasons"])[:5000],
-                          **{serving_tag(form): "accepted" if checked["accepted"] else "refused"
-                             for form, checked in decision["serving"]["forms"].items()}})
+    if not decision["promoted"] and "already champion" not in decision["blocked_by"]:
+        # A promoted version was tagged before its alias moved; the champion itself keeps its tags.
+        registry.tag_version(model_name, version, _verdict_tags(decision))
     with atomic_output_dir(output) as tmp:
         write_json(tmp / DECISION_JSON, decision)
         (tmp / DECISION_MD).write_text(render_decision(decision))
@@ -191,14 +188,23 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
     return decision
 
 
+def _verdict_tags(decision: dict) -> dict[str, str]:
+    """What the gate decided, on the version: servers read the serving_* tags once per version."""
+    return {"gate": "promoted" if decision["promoted"] else "rejected",
+            "gate_reasons": "; ".join(decision["reasons"])[:5000],
+            **{serving_tag(form): "accepted" if checked["accepted"] else "refused"
+               for form, checked in decision["serving"]["forms"].items()}}
+
+
 def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str, model_dir: Path,
-            data_dir: Path, evaluation_dir: Path, data_manifest: dict, rules: GateRules) -> dict:
+            data_dir: Path, evaluation_dir: Path, data_manifest: dict, rules: GateRules,
+            first_reasons: list[str]) -> dict:
     from cockatoo_lib.release.predict import Classifier
 
     champion_version = registry.by_alias(model_name, CHAMPION)
     decision = {"model_name": model_name, "registry": registry.uri, "challenger": version,
                 "champion": champion_version.version if champion_version else None,
-                "rules": asdict(rules), "sets": {}, "reasons": [], "blocked_by": []}
+                "rules": asdict(rules), "sets": {}, "reasons": list(first_reasons), "blocked_by": []}
     challenger = Classifier(model_dir)
     decision["serving"] = serving_check(challenger, split_rows(data_dir, "test"))
     baseline = against_baseline(challenger, data_dir, evaluation_dir, data_manifest, rules)
@@ -232,6 +238,8 @@ def _decide(registry: ModelRegistry, model_name: str, version: str, digest: str,
             f"the champion changed while the gate ran (now version {now.version if now else 'none'}, "
             f"scored against {decision['champion'] or 'none'}); rerun the gate to compare with it"])
         return decision
+    # Every tag a server or a person reads is written before the alias moves, the last write.
+    registry.tag_version(model_name, version, _verdict_tags(decision))
     # `previous` first: should the second move fail, the champion is still the old one. It names
     # the last champion that was a different model, never a copy of the new one.
     if champion_version is not None and champion_version.tags.get(WEIGHTS_TAG) != digest:
