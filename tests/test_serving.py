@@ -168,6 +168,18 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_serves_on(registry_s
 
 
 @pytest.mark.slow
+def test_only_the_inference_routes_take_a_post_and_nobody_can_unload_the_model(registry_server):
+    url = registry_server["url"]
+    for path in (f"/v2/repository/models/{NAME}/unload", f"/v2/repository/models/{NAME}/load",
+                 f"/v1/models/{NAME}:explain"):
+        status, answer = _post(url + path, {"instances": ["x" * 20_000]})  # over max_body_bytes: not read
+        assert status == 404 and answer["error"].startswith(f"POST {path}: not served here"), (path, answer)
+    assert _get(f"{url}/v2/models/{NAME}/ready")[0] == 200
+    status, answer = _post(f"{url}/v1/models/{NAME}:predict", {"instances": ["still served"]})
+    assert status == 200 and len(answer["predictions"]) == 1
+
+
+@pytest.mark.slow
 def test_health_and_metrics(registry_server):
     url = registry_server["url"]
     for path in ("/v2/health/live", "/v2/health/ready", f"/v1/models/{NAME}", f"/v2/models/{NAME}/ready"):
@@ -512,7 +524,8 @@ def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, c
         "MLFLOW_TRACKING_PASSWORD": {"name": "cockatoo-mlflow", "key": "password", "optional": True},
         "MLFLOW_TRACKING_TOKEN": {"name": "cockatoo-mlflow", "key": "token", "optional": True}}
     assert container["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    # Ready while the served model is loaded, not merely while the process answers.
+    assert container["readinessProbe"]["httpGet"] == {"path": f"/v2/models/{NAME}/ready", "port": 8080}
     # Every field is one kserve's and the kubernetes client's models know, at its place.
     assert _unknown_fields(manifest, "V1beta1InferenceService") == []
     # The served command reads the manifest's arguments as meant.

@@ -67,7 +67,8 @@ def inference_service(d: Deployment) -> dict:
         env=[secret_env(env, key) for key, env in MLFLOW_SECRET_KEYS.items()],
         resources=k8s.V1ResourceRequirements(requests={"cpu": d.cpu, "memory": d.memory},
                                              limits={"memory": d.memory}),
-        readiness_probe=probe("/v2/health/ready"), liveness_probe=probe("/v2/health/live"))
+        # Ready only while the served model is loaded: kserve's /v2/health/ready says true with none.
+        readiness_probe=probe(f"/v2/models/{d.name}/ready"), liveness_probe=probe("/v2/health/live"))
     service = V1beta1InferenceService(
         api_version=constants.KSERVE_V1BETA1, kind=constants.KSERVE_KIND_INFERENCESERVICE,
         metadata=k8s.V1ObjectMeta(name=d.name, namespace=d.namespace,

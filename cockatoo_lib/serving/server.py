@@ -416,16 +416,21 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
 
 
 class _BodyCheck:
-    """ASGI middleware for the predict and infer routes: a body over the size limit, or one that
-    is not JSON, is a 400 that says so, before kserve reads it."""
+    """ASGI middleware. POST goes to the predict and infer routes only: any other (kserve's model
+    repository load and unload, :explain) is a 404 before its body is read, so nobody who can
+    reach the endpoint can unload the model. On those routes a body over the size limit, or one
+    that is not JSON, is a 400 that says so, before kserve reads it."""
 
     def __init__(self, app, max_body_bytes: int, model_name: str):
         self.app, self.max_body_bytes, self.model_name = app, max_body_bytes, model_name
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] != "http" or scope["method"] != "POST" or not path.endswith((":predict", "/infer")):
+        if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        if not path.endswith((":predict", "/infer")):
+            return await self._refuse(send, f"POST {path}: not served here; POST goes to "
+                                            "/v1/models/NAME:predict or /v2/models/NAME/infer", status=404)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -456,12 +461,12 @@ class _BodyCheck:
 
         return await self.app(scope, replay, send)
 
-    async def _refuse(self, send, message: str) -> None:
+    async def _refuse(self, send, message: str, status: int = 400) -> None:
         import orjson
 
         count_bad_input(self.model_name)
         data = orjson.dumps({"error": message})
-        await send({"type": "http.response.start", "status": 400,
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})
