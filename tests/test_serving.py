@@ -310,21 +310,38 @@ def test_the_follower_keeps_the_served_version_when_the_registry_or_a_load_fails
                 raise self.answer
             return self.answer
 
+        broken = True
+
         def load(self, version):
-            if version == "2":
+            if version == "2" and self.broken:
                 raise OSError("weights truncated")
             return f"served {version}"
 
+    from prometheus_client import REGISTRY
+
+    def failures():
+        return REGISTRY.get_sample_value("cockatoo_follow_failures_total", {"model_name": NAME}) or 0.0
+
+    before, now = failures(), [0.0]
     switched = []
-    follower = AliasFollower(Source(), "1", switched.append, 60, NAME)
+    follower = AliasFollower(Source(), "1", switched.append, 60, NAME, clock=lambda: now[0])
     follower.poll()
-    follower.poll()  # the same failed version is not tried again
-    assert (switched, follower.current) == ([], "1")
+    follower.poll()  # not again before the back-off has passed
+    assert (switched, follower.current) == ([], "1") and failures() == before + 1
     assert [r.message for r in caplog.records if r.levelname == "ERROR"] == [
-        f"cannot load {NAME} version 2: weights truncated; still serving version 1"]
+        f"cannot load {NAME} version 2: weights truncated; still serving version 1 "
+        "(failure 1; next try in 60 s)"]
+    now[0] = 61.0
+    follower.poll()  # tried again, fails again: the wait doubles
+    assert failures() == before + 2 and "(failure 2; next try in 120 s)" in caplog.records[-1].message
+    now[0] = 200.0
+    follower.source.broken = False  # the artifact store is back
+    follower.poll()
+    assert (switched, follower.current) == (["served 2"], "2")
+    switched.clear()
     follower.source.answer = CockatooError("model registry http://mlflow: cannot read: connection refused")
     follower.poll()
-    assert "connection refused; still serving version 1" in caplog.records[-1].message
+    assert "connection refused; still serving version 2" in caplog.records[-1].message
     follower.source.answer = "3"
     follower.poll()
     assert (switched, follower.current) == (["served 3"], "3")

@@ -43,6 +43,11 @@ ERRORS = Counter("cockatoo_errors", "bad requests, failed batches and versions t
                  ["model_name", "kind"])
 VERSION = Gauge("cockatoo_model_version", "the registry version being served (0: a model folder)",
                 ["model_name"])
+FOLLOW_FAILURES = Counter("cockatoo_follow_failures", "failed loads of the version the alias points at "
+                          "(the replica serves its old version meanwhile)", ["model_name"])
+# A version that failed to load is tried again after the poll interval, doubling per failure up to
+# this: a blip in the artifact store must not pin a replica to the old champion.
+MAX_RETRY_S = 600.0
 
 
 class BadInput(CockatooError):
@@ -127,13 +132,17 @@ class ModelSource:
 
 class AliasFollower:
     """Polls the registry; when the alias points at another version, loads it in this thread
-    and hands it to `switch`. A version that fails to load is logged and skipped (the old one
-    keeps serving) until the alias moves to another; an unreachable registry is logged too."""
+    and hands it to `switch`. A version that fails to load is logged and counted
+    (cockatoo_follow_failures), the old one keeps serving, and the load is tried again after
+    the poll interval, doubling per failure up to MAX_RETRY_S; an unreachable registry is logged
+    too."""
 
-    def __init__(self, source: ModelSource, current: str, switch, interval_s: float, model_name: str):
+    def __init__(self, source: ModelSource, current: str, switch, interval_s: float, model_name: str,
+                 clock=time.monotonic):
         self.source, self.current, self.switch = source, current, switch
-        self.interval_s, self.model_name = interval_s, model_name
+        self.interval_s, self.model_name, self.clock = interval_s, model_name, clock
         self.failed: str | None = None
+        self.failures, self.retry_at = 0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cockatoo-alias-follower", daemon=True)
 
@@ -153,21 +162,26 @@ class AliasFollower:
         except CockatooError as exc:
             log.warning("%s; still serving version %s", exc, self.current)
             return
-        if version in (None, self.current, self.failed):
+        if version in (None, self.current) or (version == self.failed and self.clock() < self.retry_at):
             return
-        self.failed = None
+        if version != self.failed:
+            self.failed, self.failures = None, 0
         log.info("%s@%s moved to version %s (serving %s): loading it", self.source.name,
                  self.source.alias, version, self.current)
         try:
             served = self.source.load(version)
         except Exception as exc:  # noqa: BLE001 - whatever breaks a load, the old version serves on
-            self.failed = version
+            self.failed, self.failures = version, self.failures + 1
+            wait = min(self.interval_s * 2 ** (self.failures - 1), MAX_RETRY_S)
+            self.retry_at = self.clock() + wait
             ERRORS.labels(self.model_name, "model_load").inc()
-            log.error("cannot load %s version %s: %s; still serving version %s", self.source.name,
-                      version, first_line(exc), self.current)
+            FOLLOW_FAILURES.labels(self.model_name).inc()
+            log.error("cannot load %s version %s: %s; still serving version %s (failure %d; next try "
+                      "in %.0f s)", self.source.name, version, first_line(exc), self.current, self.failures,
+                      wait)
             return
         self.switch(served)
-        self.current = version
+        self.current, self.failed, self.failures = version, None, 0
 
 
 def _field_error(where: str, why: str) -> BadInput:
