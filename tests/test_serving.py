@@ -168,13 +168,21 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_serves_on(registry_s
 
 
 @pytest.mark.slow
-def test_only_the_inference_routes_take_a_post_and_nobody_can_unload_the_model(registry_server):
+def test_only_the_inference_routes_take_a_post_in_json_and_nobody_can_unload_the_model(registry_server):
     url = registry_server["url"]
     for path in (f"/v2/repository/models/{NAME}/unload", f"/v2/repository/models/{NAME}/load",
                  f"/v1/models/{NAME}:explain"):
         status, answer = _post(url + path, {"instances": ["x" * 20_000]})  # over max_body_bytes: not read
         assert status == 404 and answer["error"].startswith(f"POST {path}: not served here"), (path, answer)
     assert _get(f"{url}/v2/models/{NAME}/ready")[0] == 200
+    # The Open Inference Protocol's binary extension: a 415 that says to send JSON.
+    header = json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES"}]}).encode()
+    request = urllib.request.Request(f"{url}/v2/models/{NAME}/infer", data=header + b"\x05\x00\x00\x00hello",
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "Inference-Header-Content-Length": str(len(header))})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 415 and "send the JSON form" in json.loads(refused.value.read())["error"]
     status, answer = _post(f"{url}/v1/models/{NAME}:predict", {"instances": ["still served"]})
     assert status == 200 and len(answer["predictions"]) == 1
 

@@ -445,6 +445,9 @@ class _BodyCheck:
         if not path.endswith((":predict", "/infer")):
             return await self._refuse(send, f"POST {path}: not served here; POST goes to "
                                             "/v1/models/NAME:predict or /v2/models/NAME/infer", status=404)
+        if any(name.lower() == b"inference-header-content-length" for name, _ in scope.get("headers", [])):
+            return await self._refuse(send, "request body: the binary tensor extension is not taken; send "
+                                            "the JSON form of the request", status=415)
         chunks, size = [], 0
         while True:
             message = await receive()
