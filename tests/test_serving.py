@@ -240,7 +240,7 @@ def test_the_server_follows_the_alias_without_a_failed_request_or_a_mixed_answer
         registry.set_alias(NAME, CHAMPION, "2")
         wait_for("2")
         registry.set_alias(NAME, CHAMPION, "3")
-        time.sleep(2)  # ten polls: it tries version 3, fails, and keeps 2
+        time.sleep(2)  # ten polls: it tries version 3, fails (again, backing off), and keeps 2
         mark = len(answers)
         time.sleep(1)
         assert versions_seen_after(mark) == {"2"}
@@ -257,7 +257,14 @@ def test_the_server_follows_the_alias_without_a_failed_request_or_a_mixed_answer
     for texts, body in answers:
         _check_answer(registry_server, texts, body["model_version"], *_v1_answers(body))
     status, metrics = _get(registry_server["url"] + "/metrics")
-    assert f'cockatoo_errors_total{{kind="model_load",model_name="{NAME}"}} 1.0' in metrics
+    def sample(name: str) -> float:
+        return float(metrics.split(name + " ")[1].split()[0])
+
+    # Version 3 was tried again with a doubling wait (0.2, 0.4, 0.8 s ...): more than once over
+    # the 15 polls of those 3 s, far fewer times than it polled (the promotion back to 1 adds
+    # seconds: the eighth try would come 25 s in).
+    loads = sample(f'cockatoo_errors_total{{kind="model_load",model_name="{NAME}"}}')
+    assert 2 <= loads <= 8 and sample(f'cockatoo_follow_failures_total{{model_name="{NAME}"}}') == loads
     count = float(metrics.split(f'cockatoo_batch_instances_count{{model_name="{NAME}"}} ')[1].split()[0])
     total = float(metrics.split(f'cockatoo_batch_instances_sum{{model_name="{NAME}"}} ')[1].split()[0])
     assert total / count > 1.5, "six clients' requests were not gathered into batches"
