@@ -156,13 +156,15 @@ def test_the_choice_never_reads_the_test_split(combined, tmp_path):
 
 @pytest.mark.slow
 def test_the_gate_refuses_a_combination_that_gives_the_transformer_no_weight(combined, tmp_path):
+    from cockatoo_lib.evaluation.evaluate import evaluate
     from cockatoo_lib.release.gate import GateRules, promote
     from cockatoo_lib.release.model_registry import MLflowRegistry, local_registry_uri
 
     zero = _edited_copy(combined["model"], tmp_path / "zero",
                         lambda m: m["combination"].update(transformer_weight=0.0))
+    evaluate(zero, combined["root"] / "tok", tmp_path / "eval", data_dir=combined["data"])
     registry = MLflowRegistry(local_registry_uri(tmp_path / "registry"))
-    decision = promote(registry, "m", zero, combined["data"], combined["root"] / "eval", tmp_path / "out",
+    decision = promote(registry, "m", zero, combined["data"], tmp_path / "eval", tmp_path / "out",
                        rules=GateRules(allow_below_baseline=True))
     assert not decision["promoted"] and "partner alone" in decision["blocked_by"]
     assert any("ship the char n-gram partner (the linear baseline) alone" in r for r in decision["reasons"])

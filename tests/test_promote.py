@@ -15,7 +15,8 @@ from helpers import error_line, free_port, run_cli, serve, without_coverage
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.evaluation.metrics import bootstrap_gain
-from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, GateRules, compare, promote
+from cockatoo_lib.evaluation.evaluate import weights_digest
+from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, WEIGHTS_TAG, GateRules, compare, promote
 from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
 from cockatoo_lib.training.trainer import MODEL_MANIFEST
 
@@ -49,11 +50,14 @@ def _gate(registry, name, run, model, out, baseline=None, like=None, **rules):
     baseline's test macro-F1, so that a test decides which side of it a model falls."""
     folder = run[model] if isinstance(model, str) else model
     evaluation = run["blind-eval" if (like or model) == "blind" else "eval"]
-    if baseline is not None:
-        forced = Path(tempfile.mkdtemp(prefix="forced-baseline-")) / "evaluation"
+    if baseline is not None or folder != run.get(model):
+        forced = Path(tempfile.mkdtemp(prefix="forced-evaluation-")) / "evaluation"
         shutil.copytree(evaluation, forced)
         metrics = json.loads((forced / "metrics.json").read_text())
-        metrics["baseline"]["macro_f1"] = baseline
+        if baseline is not None:
+            metrics["baseline"]["macro_f1"] = baseline
+        if folder != run.get(model):  # a copy that decides as its original: the same evaluation, its digest
+            metrics["weights_sha256"] = weights_digest(folder)
         (forced / "metrics.json").write_text(json.dumps(metrics))
         evaluation = forced
     return promote(registry, name, folder, run["data"], evaluation, out, run_id=f"run-{out.name}",
@@ -61,12 +65,11 @@ def _gate(registry, name, run, model, out, baseline=None, like=None, **rules):
 
 
 def _nudged_copy(model: Path, folder: Path) -> Path:
-    """Another version that decides exactly as `model` does: the same weights and manifest, a
-    model card with one more line (the weights digest covers every file). A shifted weight
-    would flip any probability sitting on its threshold, and with it the gain."""
+    """Another version that decides exactly as `model` does: the same weights and manifest, and
+    one more file (the weights digest covers every file but the card and the manifest). A shifted
+    weight would flip any probability sitting on its threshold, and with it the gain."""
     shutil.copytree(model, folder)
-    with open(folder / "README.md", "a") as card:
-        card.write("\nA copy made by the tests.\n")
+    (folder / "COPY.txt").write_text("A copy made by the tests.\n")
     return folder
 
 
@@ -179,11 +182,31 @@ def test_predict_with_no_champion_is_one_line_that_says_what_to_do(trained_run, 
     assert code == 2 and "no model named 'other' is registered" in error_line(err)
 
 
-def test_an_evaluation_of_another_model_is_refused(trained_run, tmp_path):
-    with pytest.raises(CockatooError, match="is not of the model"):
-        promote(MLflowRegistry(local_registry_uri(tmp_path)), "m", trained_run["blind"], trained_run["data"],
-                trained_run["eval"], tmp_path / "out")
+def test_an_evaluation_of_another_model_is_refused_before_anything_is_registered(trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    registry = MLflowRegistry(local_registry_uri(tmp_path))
+    with pytest.raises(CockatooError, match=r"is not of the model .*blind.* \(weights digest differs\)"):
+        promote(registry, "m", trained_run["blind"], trained_run["data"], trained_run["eval"], tmp_path / "out")
+    # The same thresholds, data and files, one weight moved: its figures are not the original's.
+    moved = shutil.copytree(trained_run["model"], tmp_path / "moved")
+    weights = next(moved.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(k for k in sorted(tensors) if "classifier" in k)
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CockatooError, match=r"\(weights digest differs\); evaluate this model"):
+        promote(registry, "m", moved, trained_run["data"], trained_run["eval"], tmp_path / "out")
+    # An evaluation written before evaluations recorded the digest.
+    old = shutil.copytree(trained_run["eval"], tmp_path / "old-eval")
+    metrics = json.loads((old / "metrics.json").read_text())
+    assert metrics.pop("weights_sha256") == weights_digest(trained_run["model"])
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(CockatooError, match=r"\(weights digest \(none recorded\) differs\)"):
+        promote(registry, "m", trained_run["model"], trained_run["data"], old, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    assert registry.find_version("m", WEIGHTS_TAG, weights_digest(trained_run["model"])) is None
+    assert registry.find_version("m", WEIGHTS_TAG, weights_digest(moved)) is None
 
 
 def test_embedded_registry_for_local_runs_keeps_its_files_under_the_root(trained_run, tmp_path, monkeypatch):

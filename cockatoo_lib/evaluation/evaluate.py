@@ -4,8 +4,10 @@ and an HTML report that opens offline (plots embedded as PNG data URIs)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -25,10 +27,10 @@ from cockatoo_lib.evaluation.metrics import (
     spillover,
 )
 from cockatoo_lib.evaluation.model_card import MODEL_CARD, render_model_card
-from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, write_json, write_text_atomic
+from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, sha256_files, write_json, write_text_atomic
 from cockatoo_lib.tokenize import load_tokenized
 from cockatoo_lib.training.models import load_trained_model, predict_logits
-from cockatoo_lib.training.trainer import PaddingCollator, check_same_data, read_model_manifest
+from cockatoo_lib.training.trainer import MODEL_MANIFEST, PaddingCollator, check_same_data, read_model_manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
     if len(dataset) == 0:
         raise CockatooError(f"the {split} split in {tokenized_dir} is empty")
 
+    digest = weights_digest(model_dir)  # before the card is written into the folder
     model = load_trained_model(model_dir, model_info["architecture"])
     if torch.cuda.is_available():
         model = model.cuda()
@@ -105,6 +108,8 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
         "rows": len(dataset),
         "labels": labels,
         "data_fingerprint": tok_info["data_fingerprint"],
+        # Ties these figures to this model: the gate refuses them for any other.
+        "weights_sha256": digest,
         "at_0.5": report(probs, y, m, labels, [0.5] * len(labels)),
         "at_tuned_thresholds": report(probs, y, m, labels, tuned),
         "thresholds": dict(zip(labels, tuned)),
@@ -147,6 +152,23 @@ def evaluate(model_dir: str | Path, tokenized_dir: str | Path, output: str | Pat
         log.warning("evaluate: the model (macro-F1 %.4f) does no better than the linear baseline (%.4f)",
                     results["macro_f1"], base["macro_f1"])
     return results
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """SHA-256 of what makes the model answer as it does: its files (weights, tokenizer, config)
+    and, of its manifest, the labels and thresholds it decides with. A retraining that comes out
+    the same has the same digest; the manifest's timings and the model card (which evaluate
+    writes into the folder) do not count."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name not in (MODEL_MANIFEST, MODEL_CARD))
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise CockatooError(f"model folder {model_dir} holds no .safetensors weights")
+    manifest = read_model_manifest(model_dir)
+    decides = {k: manifest.get(k) for k in ("architecture", "labels", "thresholds", "inference_max_length")}
+    if "combination" in manifest:  # the partner's files are among the files above
+        decides["transformer_weight"] = manifest["combination"]["transformer_weight"]
+    return hashlib.sha256((sha256_files(files, model_dir) + json.dumps(decides, sort_keys=True)).encode()
+                          ).hexdigest()
 
 
 def per_source(probs, base_probs, y, m, sources, labels, thresholds, base_thresholds) -> dict:

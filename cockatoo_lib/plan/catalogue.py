@@ -77,6 +77,9 @@ class Plan(BaseModel):
     # mean of the others (train), saved with the model. Text models only: CLIP's byte-level BPE
     # has no unknown characters.
     tokenizer_extension: Literal["auto", "off"] = "auto"
+    # The learning rate after warmup: down to 0 at the last epoch ("linear", "cosine"), or held
+    # ("constant"), which lets early stopping, not the epoch count, end training.
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     eval_strategy: Literal["epoch"] = "epoch"
     # How the best epoch is chosen (and early stopping judged), on validation. "f1": macro-F1
     # at per-label thresholds tuned on that epoch's predictions, the number the saved model is

@@ -22,7 +22,6 @@ reads the tags.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -36,7 +35,7 @@ from cockatoo_lib.data.prepare import HOLDOUT, read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.evaluation.metrics import bootstrap_gain, report, support
 from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, ModelRegistry, Registration, plan_params
-from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
+from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +106,6 @@ def compare(challenger, champion, rows: dict, rules: GateRules, name: str) -> di
             "per_label": per_label, "passed": not reasons, "reasons": reasons}
 
 
-def weights_digest(model_dir: Path) -> str:
-    """SHA-256 of what makes the model answer as it does: its files (weights, tokenizer, config)
-    and, of its manifest, the labels and thresholds it decides with. A retraining that comes out
-    the same has the same digest; the manifest's timings do not count."""
-    from cockatoo_lib.training.trainer import MODEL_MANIFEST, read_model_manifest
-
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name != MODEL_MANIFEST)
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise CockatooError(f"model folder {model_dir} holds no .safetensors weights")
-    manifest = read_model_manifest(model_dir)
-    decides = {k: manifest.get(k) for k in ("architecture", "labels", "thresholds", "inference_max_length")}
-    if "combination" in manifest:  # the partner's files are among the files above
-        decides["transformer_weight"] = manifest["combination"]["transformer_weight"]
-    return hashlib.sha256((sha256_files(files, model_dir) + json.dumps(decides, sort_keys=True)).encode()
-                          ).hexdigest()
-
-
 def registration(model_dir: Path, evaluation_dir: Path, data_manifest: dict, run_id: str,
                  digest: str) -> Registration:
     from cockatoo_lib.evaluation.evaluate import METRICS_FILE, kfp_metrics
@@ -155,10 +137,13 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
             rules: GateRules = GateRules()) -> dict:
     """Register the challenger (unless the same weights are registered already), decide, move the
     aliases; write decision.json and decision.md."""
+    from cockatoo_lib.evaluation.evaluate import weights_digest
+
     check_output(output)
     model_dir, data_dir, evaluation_dir = Path(model_dir), Path(data_dir), Path(evaluation_dir)
     data_manifest = read_manifest(data_dir)
     digest = weights_digest(model_dir)
+    _check_evaluation(evaluation_dir, model_dir, digest, data_dir, data_manifest)  # before any write
     known = registry.find_version(model_name, WEIGHTS_TAG, digest)
     if known is not None:
         log.info("gate: %s version %s holds these very weights: not registered again", model_name,
@@ -186,6 +171,19 @@ def promote(registry: ModelRegistry, model_name: str, model_dir: str | Path, dat
     verdict = "promoted to champion" if decision["promoted"] else "not promoted"
     log.info("gate: %s version %s %s: %s", model_name, version, verdict, "; ".join(decision["reasons"]))
     return decision
+
+
+def _check_evaluation(evaluation_dir: Path, model_dir: Path, digest: str, data_dir: Path,
+                      data_manifest: dict) -> None:
+    """The evaluation is of this model (its weights digest) on this data (its fingerprint)."""
+    from cockatoo_lib.evaluation.evaluate import METRICS_FILE
+
+    results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")
+    if results.get("weights_sha256") != digest or results.get("data_fingerprint") != data_manifest["fingerprint"]:
+        what = ("data fingerprint" if results.get("weights_sha256") == digest else
+                "weights digest" if "weights_sha256" in results else "weights digest (none recorded)")
+        raise CockatooError(f"evaluation {evaluation_dir} is not of the model {model_dir} on the data {data_dir} "
+                            f"({what} differs); evaluate this model")
 
 
 def _verdict_tags(decision: dict) -> dict[str, str]:
@@ -255,11 +253,7 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
     the train split as evaluate fits it."""
     from cockatoo_lib.evaluation.evaluate import METRICS_FILE
 
-    results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")
-    if (results.get("data_fingerprint") != data_manifest["fingerprint"]
-            or results.get("thresholds") != challenger.manifest["thresholds"]):
-        raise CockatooError(f"evaluation {evaluation_dir} is not of the model {challenger.model_dir} on the "
-                            f"data {data_dir} (thresholds or data fingerprint differ); evaluate this model")
+    results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")  # promote checked it is this model's
     sets = {"test": (results["macro_f1"], results["baseline"]["macro_f1"])}
     if HOLDOUT in data_manifest:
         seed = challenger.manifest.get("seed", 42)

@@ -169,6 +169,9 @@ def pad_multiple(plan: Plan, cuda: bool) -> int:
     return COMPILE_WIDTH_MULTIPLE if plan.torch_compile else 8
 
 
+_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
 def training_arguments(plan: Plan, output_dir: str, cuda: bool, resumable: bool = False) -> TrainingArguments:
     """`resumable`: checkpoints hold what resuming needs (optimizer, scheduler, RNG, callbacks'
     state), not the weights alone."""
@@ -180,6 +183,7 @@ def training_arguments(plan: Plan, output_dir: str, cuda: bool, resumable: bool 
         learning_rate=plan.learning_rate,
         weight_decay=plan.weight_decay,
         warmup_steps=plan.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=_SCHEDULERS[plan.lr_scheduler],
         num_train_epochs=plan.num_epochs,
         fp16=plan.fp16,
         bf16=plan.bf16,
