@@ -149,7 +149,10 @@ def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, t
                                               help="folder, gs:// or s3:// URI: publish checkpoints there "
                                                    "and resume from the newest when run again"),
           keep_checkpoints: int = typer.Option(0, "--keep-checkpoints",
-                                               help="checkpoints kept once the model is written")):
+                                               help="checkpoints kept once the model is written"),
+          leave_checkpoints: bool = typer.Option(False, "--leave-checkpoints",
+                                                 help="keep every checkpoint, listed in cockatoo.json, for a "
+                                                      "later step to remove (a pipeline's evaluate step)")):
     """Fine-tune the model and tune per-label thresholds on validation."""
     from cockatoo_lib.plan.limits import check_range
     from cockatoo_lib.training import distributed
@@ -166,7 +169,7 @@ def train(data: Path = typer.Option(None, "--data", "-d", help="prepared data, t
     from cockatoo_lib.training.trainer import train as run  # here: a launcher has no use for it (8 s)
 
     info = run(tokenized, _plan(model_type, set_), output, data_dir=data, checkpoint_root=checkpoint_root,
-               keep_checkpoints=keep_checkpoints)
+               keep_checkpoints=keep_checkpoints, leave_checkpoints=leave_checkpoints)
     if distributed.rank() != 0:
         return
     typer.echo(f"{output}: best validation {info['selection_metric']} {info['best_validation_metric']:.4f} "

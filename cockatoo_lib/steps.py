@@ -159,14 +159,16 @@ def train_step(args: TrainArgs) -> dict:
         info = _train_on_nodes(args, settings)
     elif args.gpus > 1 and not distributed.launched():
         code = distributed.launch(args.gpus, train_argv(local_path(args.tokenized_dir), args.output,
-                                                        args.model_type, settings, args.checkpoint_root))
+                                                        args.model_type, settings, args.checkpoint_root,
+                                                        leave_checkpoints=True))
         if code:
             raise CockatooError(f"training in {args.gpus} processes failed (exit code {code}); the failing "
                                 "process's error is in the log above")
         info = read_model_manifest(args.output)
     else:
+        # KFP uploads the model after this returns: the evaluate step removes the checkpoints.
         info = train(local_path(args.tokenized_dir), plan, args.output,
-                     checkpoint_root=args.checkpoint_root or None)
+                     checkpoint_root=args.checkpoint_root or None, leave_checkpoints=True)
     return {"model_type": info["model_type"], "base_model": info["base_model"],
             "selection_metric": info["selection_metric"],
             "best_validation_metric": info["best_validation_metric"], "best_epoch": info["best_epoch"],
@@ -180,13 +182,14 @@ def train_pod_gpus(gpus: int, nodes: int) -> int:
 
 
 def train_argv(tokenized: str, output: str, model_type: str, settings: dict,
-               checkpoint_root: str) -> list[str]:
+               checkpoint_root: str, leave_checkpoints: bool = False) -> list[str]:
     """`cockatoo train` with the step's settings, as each process of a multi-process training runs it."""
     import json
 
     return ["train", "--tokenized", tokenized, "--output", output, "--model-type", model_type,
             *[f"--set={key}={json.dumps(value)}" for key, value in settings.items()],
-            *(["--checkpoint-root", checkpoint_root] if checkpoint_root else [])]
+            *(["--checkpoint-root", checkpoint_root] if checkpoint_root else []),
+            *(["--leave-checkpoints"] if checkpoint_root and leave_checkpoints else [])]
 
 
 def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
@@ -235,8 +238,12 @@ def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
 
 def evaluate_step(args: EvaluateArgs) -> dict:
     from cockatoo_lib.evaluation.evaluate import evaluate
+    from cockatoo_lib.training.checkpoints import release_checkpoints
+    from cockatoo_lib.training.trainer import read_model_manifest
 
-    return evaluate(args.model_dir, local_path(args.tokenized_dir), args.output)
+    results = evaluate(args.model_dir, local_path(args.tokenized_dir), args.output)
+    release_checkpoints(read_model_manifest(args.model_dir))  # the train step left them: the model is safe
+    return results
 
 
 def evaluation_files(evaluation_dir: str) -> dict[str, Path]:

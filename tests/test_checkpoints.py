@@ -301,3 +301,48 @@ def test_a_training_that_stopped_early_is_not_trained_further_when_run_again(tok
     assert (resumed["epochs"], resumed["optimizer_steps"]) == (stopped["epochs"], stopped["optimizer_steps"])
     assert f"this run trained 0 of {stopped['optimizer_steps']} optimizer steps" in caplog.text
     assert resumed["thresholds"] == stopped["thresholds"]
+
+
+def test_a_pipelines_checkpoints_stay_until_the_next_step_holds_the_model(tokenized, tmp_path, caplog):
+    """KFP uploads the train step's output after the step returns: a pod lost during that upload
+    is retried, and the retry must find the checkpoints and train nothing. The evaluate step,
+    which holds the model, removes them; a stale list (a cached train step's) removes nothing
+    another run published since under a freed number."""
+    import shutil
+
+    from cockatoo_lib.steps import EvaluateArgs, TrainArgs, evaluate_step, train_step
+    from cockatoo_lib.training.checkpoints import release_checkpoints
+
+    tok, base = tokenized
+    root = tmp_path / "durable"
+    args = TrainArgs(model_type="deberta", overrides={**SETTINGS, "base_model": base}, tokenized_dir=str(tok),
+                     checkpoint_root=str(root), output=str(tmp_path / "model"))
+    caplog.set_level(logging.INFO, logger="cockatoo_lib")
+    train_step(args)
+    left = read_model_manifest(tmp_path / "model")["checkpoints"]
+    folder = Path(left["uri"])
+    assert len(left["generations"]) == 1 and sorted(generations(_fs(), str(folder))) == \
+        sorted(int(g) for g in left["generations"])
+    shutil.rmtree(tmp_path / "model")  # the upload was lost with the pod; KFP retries the step
+    caplog.clear()
+    train_step(args)
+    trained = read_model_manifest(tmp_path / "model")
+    assert f"this run trained 0 of {trained['optimizer_steps']} optimizer steps" in caplog.text
+    evaluate_step(EvaluateArgs(model_dir=str(tmp_path / "model"), tokenized_dir=str(tok),
+                               output=str(tmp_path / "eval")))
+    assert (tmp_path / "eval" / "metrics.json").is_file() and not folder.exists()
+    # Another run of the same training publishes under the numbers now free; the old list is stale.
+    other = tmp_path / "other-checkpoint"
+    other.mkdir()
+    (other / "trainer_state.json").write_text("{}")
+    fresh = [publish_new(_fs(), str(folder), other, {"step": 1}).generation for _ in left["generations"]]
+    fresh += [publish_new(_fs(), str(folder), other, {"step": 1}).generation]
+    assert set(left["generations"]) <= {str(g) for g in fresh}
+    release_checkpoints({"checkpoints": left})
+    assert sorted(generations(_fs(), str(folder))) == fresh
+
+
+def _fs():
+    import fsspec
+
+    return fsspec.filesystem("file")

@@ -119,15 +119,23 @@ def generations(fs, root: str) -> list[int]:
     return sorted(_markers(fs, root), reverse=True)
 
 
-def remove_generation(fs, root: str, generation: int) -> None:
-    """Unpublish one entry: its marker first, so that no reader ever finds a marker without data."""
-    marker = f"{root.rstrip('/')}/entry-{generation:06d}.json"
+def marker_location(fs, root: str, generation: int) -> str | None:
+    """The data folder (`data-<time>-<random>`, never reused) a generation's marker names, if any."""
     try:
-        location = f"{root.rstrip('/')}/{json.loads(fs.cat_file(marker))['location']}"
+        return json.loads(fs.cat_file(f"{root.rstrip('/')}/entry-{generation:06d}.json"))["location"]
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+
+
+def remove_generation(fs, root: str, generation: int, location: str | None = None) -> None:
+    """Unpublish one entry: its marker first, so that no reader ever finds a marker without data.
+    With `location`, only if the marker still names that data: once removed, a generation's
+    number is free for another run to publish under."""
+    named = marker_location(fs, root, generation)
+    if named is None or (location is not None and named != location):
         return
-    fs.rm(marker)
-    fs.rm(location, recursive=True)
+    fs.rm(f"{root.rstrip('/')}/entry-{generation:06d}.json")
+    fs.rm(f"{root.rstrip('/')}/{named}", recursive=True)
 
 
 def _verify(fs, location: str, files: dict[str, int]) -> str | None:

@@ -12,7 +12,9 @@ again, resumes from its newest complete checkpoint instead of starting over.
 - Resume: the newest checkpoint that verifies is downloaded (with the best epoch's, which the
   Trainer restores at the end) and the Trainer resumes from it: weights, optimizer, scheduler,
   RNG and the sampler's epoch.
-- Cleanup: once the model is written, all but the newest `keep` checkpoints are unpublished.
+- Cleanup: once the model is written, all but the newest `keep` checkpoints are unpublished; in
+  a pipeline, once the next step has the model (`release_checkpoints`): KFP uploads a step's
+  output after the step returns, and a retry then must still find them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from cockatoo_lib.storage.publish import (
     clean_abandoned,
     fetch_verified,
     generations,
+    marker_location,
     publish_new,
     read_generation,
     remove_generation,
@@ -174,13 +177,34 @@ class DurableCheckpoints(TrainerCallback):
             entry, _ = read_generation(self.fs, self.root, self.owned[steps[0]])
             if entry is not None and entry.meta.get("best_step") in self.owned:
                 kept.add(entry.meta["best_step"])
-        for step in steps:
-            if step not in kept:
-                remove_generation(self.fs, self.root, self.owned.pop(step))
-        if not generations(self.fs, self.root) and "file" in self.fs.protocol:
-            with contextlib.suppress(OSError):  # not empty: another run's upload in progress
-                Path(self.root).rmdir()  # no empty folder per training left locally
+        _unpublish(self.fs, self.root, [(self.owned.pop(step), None) for step in steps if step not in kept])
         log.info("checkpoints under %s: %d kept, %d removed", self.uri, len(kept), len(steps) - len(kept))
+
+
+    def published(self) -> dict:
+        """Where this run's checkpoints are, for `release_checkpoints`."""
+        return {"uri": self.uri, "generations": {str(g): marker_location(self.fs, self.root, g)
+                                                 for g in sorted(self.owned.values())}}
+
+
+def release_checkpoints(model_manifest: dict) -> None:
+    """Unpublish the checkpoints a pipeline's train step left (its manifest's `checkpoints`), now
+    that the model they made is durable: the step after it holds it."""
+    left = model_manifest.get("checkpoints")
+    if left:
+        fs, root = remote.url_to_fs(left["uri"])
+        # A generation whose marker names other data is another run's, published under a number
+        # this run's left free (a cached train step's manifest names long-removed checkpoints).
+        _unpublish(fs, root, [(int(g), location) for g, location in left["generations"].items()])
+        log.info("checkpoints under %s: %d removed, the model being safe", left["uri"], len(left["generations"]))
+
+
+def _unpublish(fs, root: str, doomed: list[tuple[int, str | None]]) -> None:
+    for generation, location in doomed:
+        remove_generation(fs, root, generation, location)  # one already gone is passed over
+    if not generations(fs, root) and "file" in fs.protocol:
+        with contextlib.suppress(OSError):  # not empty: another run's upload in progress
+            Path(root).rmdir()  # no empty folder per training left locally
 
 
 def stopped(checkpoint: Path) -> bool:

@@ -280,13 +280,16 @@ def check_same_data(tok_info: dict, tokenized_dir, data_dir) -> None:
 
 def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
           data_dir: str | Path | None = None, checkpoint_root: str | None = None,
-          keep_checkpoints: int = 0) -> dict:
+          keep_checkpoints: int = 0, leave_checkpoints: bool = False) -> dict:
     """Fine-tune, restore the best epoch, tune per-label thresholds on validation, save the model
     folder (weights, tokenizer, cockatoo.json). Returns the model manifest.
 
     With `checkpoint_root`, every checkpoint is published there (cockatoo_lib/training/checkpoints.py)
     and the same training started again resumes from the newest complete one; once the model
-    is written, all but the newest `keep_checkpoints` are removed.
+    is written, all but the newest `keep_checkpoints` are removed. With `leave_checkpoints` (a
+    pipeline step, whose output KFP uploads only after it returns) the newest stays, with the
+    best one it names: the manifest lists them, and the next step removes them (`release_checkpoints`) once the model is durable; until
+    then a retry resumes from the last one and trains nothing.
 
     `tokenized_dir` and `output` may be bucket URIs (a TrainJob's nodes share no disk): the
     data is copied once per node, and the model published at `output` (cockatoo_lib.storage.publish)."""
@@ -296,14 +299,16 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
         if "://" in str(output):
             manifest, durable = _fit_to_bucket(local, plan, str(output), data_dir, checkpoint_root)
         else:
-            manifest, durable = _fit(local, plan, output, data_dir, checkpoint_root)
-    if durable and distributed.rank() == 0:  # the model is safe where it belongs: its checkpoints have served
+            manifest, durable = _fit(local, plan, output, data_dir, checkpoint_root, leave_checkpoints)
+    if durable and distributed.rank() == 0:
         log.info("this run trained %d of %d optimizer steps", durable.steps_run, manifest["optimizer_steps"])
-        durable.clean_up(keep_checkpoints)
+        if not leave_checkpoints:  # the model is safe where it belongs: its checkpoints have served
+            durable.clean_up(keep_checkpoints)
     return manifest
 
 
-def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoint_root: str | None):
+def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoint_root: str | None,
+         leave_checkpoints: bool = False):
     """Train into the local folder `output`; (the model manifest, the durable checkpoints or None)."""
     check_output(output)
     datasets, tok_info = load_tokenized(tokenized_dir)
@@ -401,6 +406,8 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
             thresholds, tuned = combination.pop("thresholds"), combination.pop("thresholds_tuned")
         if image_processor is not None:  # whatever serves the model needs only this folder
             image_processor.save_pretrained(str(tmp))
+        if durable and leave_checkpoints and distributed.rank() == 0:
+            durable.clean_up(1)  # what a retry needs: the last checkpoint, and the best one it names
         model_manifest = {
             "format_version": 1,
             "model_type": plan.model_type,
@@ -428,6 +435,8 @@ def _fit(tokenized_dir: Path, plan: Plan, output: str | Path, data_dir, checkpoi
             "validation_macro_f1_tuned": macro_f1(val_probs, val_labels, val_mask, thresholds),
             "validation_spillover": spillover(val_probs, val_mask, labels, thresholds),
             **({"combination": combination} if combination else {}),
+            # Left for the next step to remove (train's leave_checkpoints): this run's, not another's.
+            **({"checkpoints": durable.published()} if durable and leave_checkpoints else {}),
             "epochs": float(trainer.state.epoch or 0),
             "optimizer_steps": int(trainer.state.global_step),
             "resumed_from_step": checkpoint_step(resumed) if resumed else None,
