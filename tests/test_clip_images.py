@@ -219,7 +219,16 @@ BAD = {
     "not an image": (lambda p: p.write_bytes(b"<html>404</html>"),
                      "image {path} cannot be decoded: not an image file"),
     "truncated jpeg": (_truncated_jpeg, "image {path} cannot be decoded: Truncated File Read"),
+    # A few kB that would decode to 30 million pixels: refused from the header.
+    "too many pixels": (lambda p: _huge_png(p), "image {path} cannot be decoded: 6000 x 5000 pixels, over "
+                                                "the limit of 25,000,000"),
 }
+
+
+def _huge_png(path):
+    from PIL import Image
+
+    Image.new("1", (6000, 5000)).save(path, "PNG")
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -392,3 +401,22 @@ def test_clip_with_images_trains_saves_loads_and_evaluates(trained_clip, image_d
 def test_clip_scores_texts_with_images_in_each_reduced_form(trained_clip, tmp_path):
     pictures = [make_image(tmp_path / f"{i}.jpg", seed=i) for i in range(4)]
     check_reduced_forms(trained_clip["model"], ["look", "a cat", "buy now", "hello"], [*pictures[:3], None])
+
+
+def test_image_workers_follow_the_pods_cpu_limit_not_the_nodes_cores(tmp_path, monkeypatch):
+    import os
+
+    from cockatoo_lib import cpus
+    from cockatoo_lib.data import clip_images
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a pod limited to 1.5 CPUs (cgroup v2)
+    monkeypatch.setattr(cpus, "CGROUP", tmp_path)
+    assert cpus.available_cpus() == 2 and clip_images.workers() == 8
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no limit
+    assert cpus.available_cpus() == 64 and clip_images.workers() == 16
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000")  # cgroup v1: 3 CPUs
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert cpus.available_cpus() == 3

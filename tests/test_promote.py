@@ -14,8 +14,8 @@ import pytest
 from helpers import error_line, free_port, run_cli, serve, without_coverage
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.evaluation.metrics import bootstrap_gain
 from cockatoo_lib.evaluation.evaluate import weights_digest
+from cockatoo_lib.evaluation.metrics import bootstrap_gain
 from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, WEIGHTS_TAG, GateRules, compare, promote
 from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
 from cockatoo_lib.training.trainer import MODEL_MANIFEST
@@ -187,7 +187,8 @@ def test_an_evaluation_of_another_model_is_refused_before_anything_is_registered
 
     registry = MLflowRegistry(local_registry_uri(tmp_path))
     with pytest.raises(CockatooError, match=r"is not of the model .*blind.* \(weights digest differs\)"):
-        promote(registry, "m", trained_run["blind"], trained_run["data"], trained_run["eval"], tmp_path / "out")
+        promote(registry, "m", trained_run["blind"], trained_run["data"], trained_run["eval"],
+                tmp_path / "out")
     # The same thresholds, data and files, one weight moved: its figures are not the original's.
     moved = shutil.copytree(trained_run["model"], tmp_path / "moved")
     weights = next(moved.glob("*.safetensors"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import shutil
 import sys
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from fake_k8s import FakeKubernetes
 from helpers import error_line, free_port, make_image, run_cli, serve
+from PIL import Image
 
 from bench.serving import shifted_copy
 from cockatoo_lib.release.model_registry import CHAMPION, MLflowRegistry, Registration
@@ -279,10 +281,11 @@ def test_a_clip_model_reads_text_with_an_image_url_or_base64(trained_clip, tmp_p
     handler = lambda *a, **k: SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
     images = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=images.serve_forever, daemon=True).start()
-    host = f"http://127.0.0.1:{images.server_address[1]}"
+    host = f"http://localhost:{images.server_address[1]}"
     model = trained_clip["model"]
     port = free_port()
-    process = _start(["--model", model], port)
+    # The image server is on loopback: allowed by naming it exactly, as an in-cluster one would be.
+    process = _start(["--model", model, "--image-url-hosts", "localhost"], port)
     try:
         url = f"http://127.0.0.1:{port}/v1/models/{model.name}:predict"
         b64 = base64.b64encode(picture).decode()
@@ -295,8 +298,15 @@ def test_a_clip_model_reads_text_with_an_image_url_or_base64(trained_clip, tmp_p
         got = np.array([[p["probabilities"][x] for x in classifier.labels] for p in body["predictions"]])
         np.testing.assert_allclose(got, want, atol=1e-5)
         assert body["model_version"] == str(model)
+        huge = io.BytesIO()
+        Image.new("1", (6000, 5000)).save(huge, "PNG")  # 30 million pixels in a few kB
+        refused = "instances[0].image: image URL not fetched: its host is not allowed here, or it did not"
         for image, message in [(f"{host}/broken.jpg", "instances[0].image: cannot read the image"),
-                               (f"{host}/missing.jpg", "instances[0].image: cannot fetch"),
+                               (f"{host}/missing.jpg", refused),  # a 404 reads as a host not allowed
+                               (f"{host.replace('localhost', '127.0.0.1')}/a.jpg", refused),
+                               ({"b64": base64.b64encode(huge.getvalue()).decode()},
+                                "instances[0].image: cannot read the image: 6000 x 5000 pixels, over the "
+                                "limit of 25,000,000"),
                                ({"b64": "%%%"},
                                 "instances[0].image: neither an http(s) URL nor valid base64")]:
             status, answer = _post(url, {"instances": [{"text": "look", "image": image}]})
@@ -470,7 +480,8 @@ def test_the_readme_lists_every_server_setting_with_its_default():
     rows = dict(line.split(" | ")[:2] for line in readme.splitlines() if line.startswith("| `")
                 and line.split("`")[1] in ServeSettings.model_fields)
     shown = {name: ("on" if f.default else "off") if isinstance(f.default, bool)
-             else str(f.default) if isinstance(f.default, int) else f"{f.default:g}"
+             else str(f.default) if isinstance(f.default, int) else (f.default or "(none)")
+             if isinstance(f.default, str) else f"{f.default:g}"
              for name, f in ServeSettings.model_fields.items()}
     assert rows == {f"| `{name}`": value for name, value in shown.items()}
 

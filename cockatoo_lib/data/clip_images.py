@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import posixpath
 import tempfile
 import threading
@@ -33,7 +32,9 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from cockatoo_lib.cpus import available_cpus
 from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.plan.limits import MAX_IMAGE_PIXELS
 from cockatoo_lib.storage import remote
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ IMAGE_BACKEND = "pil"
 
 
 def workers() -> int:
-    return min(16, 4 * len(os.sched_getaffinity(0)))
+    """Threads that fetch and decode images: I/O-bound fetches overlap, so four per CPU the
+    process may use (a pod's limit, not the node's cores)."""
+    return min(16, 4 * available_cpus())
 
 
 # --------------------------------------------------------------------------- prepare
@@ -208,12 +211,15 @@ def _fetch(uri: str, fetch: Fetch) -> bytes:
         raise _Missing("is a folder") from None
 
 
-def check_image(data: bytes) -> str | None:
+def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
     """Why these bytes are not a usable image, or None when they are."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return f"{width} x {height} pixels, over the limit of {max_pixels:,}"
             image.load()  # a full decode: verify() misses truncated files
     except UnidentifiedImageError:
         return "not an image file"

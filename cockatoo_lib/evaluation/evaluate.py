@@ -27,10 +27,21 @@ from cockatoo_lib.evaluation.metrics import (
     spillover,
 )
 from cockatoo_lib.evaluation.model_card import MODEL_CARD, render_model_card
-from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, sha256_files, write_json, write_text_atomic
+from cockatoo_lib.storage.fileio import (
+    atomic_output_dir,
+    check_output,
+    sha256_files,
+    write_json,
+    write_text_atomic,
+)
 from cockatoo_lib.tokenize import load_tokenized
 from cockatoo_lib.training.models import load_trained_model, predict_logits
-from cockatoo_lib.training.trainer import MODEL_MANIFEST, PaddingCollator, check_same_data, read_model_manifest
+from cockatoo_lib.training.trainer import (
+    MODEL_MANIFEST,
+    PaddingCollator,
+    check_same_data,
+    read_model_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +171,8 @@ def weights_digest(model_dir: str | Path) -> str:
     the same has the same digest; the manifest's timings and the model card (which evaluate
     writes into the folder) do not count."""
     model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name not in (MODEL_MANIFEST, MODEL_CARD))
+    files = sorted(p for p in model_dir.rglob("*")
+                   if p.is_file() and p.name not in (MODEL_MANIFEST, MODEL_CARD))
     if not any(p.suffix == ".safetensors" for p in files):
         raise CockatooError(f"model folder {model_dir} holds no .safetensors weights")
     manifest = read_model_manifest(model_dir)

@@ -26,6 +26,13 @@ RANGES: dict[str, tuple[float, float | None]] = {
 }
 
 
+# Pixels an image may have, read from its header before anything is decoded (prepare, predict,
+# serve; a server may set less). Far below Pillow's own limit (about 179 million): a 164 kB PNG
+# of 20,000 x 20,000 pixels decodes to 1.6 GB. 25 million holds a 6000 x 4000 camera photo; the
+# model reads 224 x 224.
+MAX_IMAGE_PIXELS = 25_000_000
+
+
 def check_range(name: str, value, shown: str | None = None) -> None:
     low, high = RANGES[name]
     whole_only = isinstance(low, int)

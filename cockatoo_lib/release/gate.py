@@ -179,11 +179,12 @@ def _check_evaluation(evaluation_dir: Path, model_dir: Path, digest: str, data_d
     from cockatoo_lib.evaluation.evaluate import METRICS_FILE
 
     results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")
-    if results.get("weights_sha256") != digest or results.get("data_fingerprint") != data_manifest["fingerprint"]:
+    fingerprint = data_manifest["fingerprint"]
+    if results.get("weights_sha256") != digest or results.get("data_fingerprint") != fingerprint:
         what = ("data fingerprint" if results.get("weights_sha256") == digest else
                 "weights digest" if "weights_sha256" in results else "weights digest (none recorded)")
-        raise CockatooError(f"evaluation {evaluation_dir} is not of the model {model_dir} on the data {data_dir} "
-                            f"({what} differs); evaluate this model")
+        raise CockatooError(f"evaluation {evaluation_dir} is not of the model {model_dir} on the data "
+                            f"{data_dir} ({what} differs); evaluate this model")
 
 
 def _verdict_tags(decision: dict) -> dict[str, str]:
@@ -253,7 +254,7 @@ def against_baseline(challenger, data_dir: Path, evaluation_dir: Path, data_mani
     the train split as evaluate fits it."""
     from cockatoo_lib.evaluation.evaluate import METRICS_FILE
 
-    results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")  # promote checked it is this model's
+    results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")  # of this model: promote checked
     sets = {"test": (results["macro_f1"], results["baseline"]["macro_f1"])}
     if HOLDOUT in data_manifest:
         seed = challenger.manifest.get("seed", 42)

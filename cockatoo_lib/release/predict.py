@@ -119,18 +119,22 @@ class Classifier:
 
     def predict_proba(self, texts: list[str], images: list[bytes | None] | None = None,
                       batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
-                      max_batch_tokens: int | None = None) -> np.ndarray:
+                      max_batch_tokens: int | None = None, pixels: list[bytes | None] | None = None
+                      ) -> np.ndarray:
         """Probabilities, one row per text and one column per label (self.labels order). With
-        `max_batch_tokens`, a batch also ends where its padded size would pass that many tokens."""
+        `max_batch_tokens`, a batch also ends where its padded size would pass that many tokens.
+        `pixels`, in place of `images`: what `pixels(images)` gave (the server decodes each
+        request's images in that request's thread, not in the batch's)."""
         texts = ["" if t is None or (isinstance(t, float) and np.isnan(t)) else str(t) for t in texts]
         if not texts:
             return np.zeros((0, len(self.labels)))
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         columns = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-        pixels = self._pixels(images, len(texts))
+        if pixels is None:
+            pixels = self.pixels(images, len(texts))
         cuda = self.device.type == "cuda"
         collator = PaddingCollator(self.tokenizer.pad_token_id or 0, pad_to_multiple_of=8 if cuda else 1,
-                                   pixels=self._pixel_spec, max_length=self.max_length)
+                                   pixels=self.pixel_spec, max_length=self.max_length)
         lengths = [len(ids) for ids in encoded["input_ids"]]
         order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
@@ -157,14 +161,16 @@ class Classifier:
                 for row in probs]
 
     @property
-    def _pixel_spec(self) -> dict | None:
+    def pixel_spec(self) -> dict | None:
         if self.image_processor is None:
             return None
         from cockatoo_lib.data.clip_images import pixel_spec
 
         return pixel_spec(self.image_processor)
 
-    def _pixels(self, images, n: int) -> list[bytes | None] | None:
+    def pixels(self, images, n: int, checked: bool = False) -> list[bytes | None] | None:
+        """The model's input pixels of each image (None: no image); `checked`: check_image has
+        passed them already."""
         if images is None or self.image_processor is None:
             if images is not None:
                 raise CockatooError(f"the {self.manifest['model_type']} model at {self.model_dir} "
@@ -175,7 +181,7 @@ class Classifier:
         from cockatoo_lib.data.clip_images import check_image, to_pixels
 
         for i, data in enumerate(images):
-            if data is not None and (why := check_image(data)):
+            if not checked and data is not None and (why := check_image(data)):
                 raise CockatooError(f"image of row {i}: {why}")
         return to_pixels(list(images), self.image_processor)
 

@@ -67,6 +67,10 @@ def count_bad_input(model_name: str) -> None:
 class Instance:
     text: str
     image: bytes | str | None = None  # bytes, or an http(s) URL until it is fetched
+    # The model's input pixels of the image, made in the request's thread, and the spec they
+    # follow (a version served next might read others).
+    pixels: bytes | None = None
+    pixel_spec: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,7 @@ def parse_v1(body, settings: ServeSettings, reads_images: bool) -> list[Instance
         else:
             text, image = item, None
         out.append(Instance(_check_text(text, where, settings), image))
-    return _check_images(out, V1_IMAGE, reads_images)
+    return _check_images(out, V1_IMAGE, reads_images, settings)
 
 
 def parse_v2(request, settings: ServeSettings, reads_images: bool) -> list[Instance]:
@@ -234,7 +238,7 @@ def parse_v2(request, settings: ServeSettings, reads_images: bool) -> list[Insta
         images = [_image_ref(x or None, V2_IMAGE.format(i)) for i, x in enumerate(images)]
     out = [Instance(_check_text(t, f"inputs[text][{i}]", settings), image)
            for i, (t, image) in enumerate(zip(texts, images))]
-    return _check_images(out, V2_IMAGE, reads_images)
+    return _check_images(out, V2_IMAGE, reads_images, settings)
 
 
 def _v2_strings(tensor, where: str) -> list:
@@ -288,31 +292,43 @@ def _image_ref(value, where: str) -> bytes | str | None:
         raise _field_error(where, "neither an http(s) URL nor valid base64") from None
 
 
-def _check_images(instances: list[Instance], where: str, reads_images: bool) -> list[Instance]:
-    if not reads_images:
-        for i, x in enumerate(instances):
-            if x.image is not None:
-                raise _field_error(where.format(i), "this model reads text only")
+def _check_images(instances: list[Instance], where: str, reads_images: bool,
+                  settings: ServeSettings) -> list[Instance]:
+    for i, x in enumerate(instances):
+        if x.image is not None and not reads_images:
+            raise _field_error(where.format(i), "this model reads text only")
+        if isinstance(x.image, str) and not settings.image_url_hosts:
+            raise _field_error(where.format(i), 'image URLs are off on this server (cockatoo serve '
+                                                '--image-url-hosts names the hosts it may fetch from); send '
+                                                'the image inline as {"b64": DATA}')
     return instances
 
 
-def read_images(instances: list[Instance], where: str, settings: ServeSettings) -> list[Instance]:
-    """Fetch the URLs and decode-check every image (blocking: run it in a thread)."""
-    from cockatoo_lib.data.clip_images import Fetch, check_image, fetch_http
+def read_images(instances: list[Instance], where: str, settings: ServeSettings, classifier) -> list[Instance]:
+    """Fetch the URLs, check every image against the limits and decode it into `classifier`'s
+    pixels (blocking: run it in the request's thread, so that one large image holds up no batch)."""
+    from cockatoo_lib.data.clip_images import check_image
+    from cockatoo_lib.serving.image_urls import REFUSED, FetchRefused, HostPolicy, fetch_image
 
-    fetch = Fetch(timeout_seconds=settings.image_fetch_timeout_s, attempts=1)
-    out = []
+    policy = HostPolicy(settings.image_url_hosts)
+    images = []
     for i, x in enumerate(instances):
         data = x.image
         if isinstance(data, str):
             try:
-                data = fetch_http(data, fetch)
-            except Exception as exc:  # noqa: BLE001 - a URL that does not answer, a 404: the request's fault
-                raise _field_error(where.format(i), f"cannot fetch {x.image}: {first_line(exc)}") from None
-        if data is not None and (why := check_image(data)):
+                data = fetch_image(data, policy, settings.image_fetch_timeout_s, settings.max_image_bytes)
+            except FetchRefused as exc:
+                log.info("%s: image URL %s not fetched: %s", where.format(i), x.image[:200], exc)
+                raise _field_error(where.format(i), REFUSED) from None
+        if data is not None and len(data) > settings.max_image_bytes:
+            raise _field_error(where.format(i), f"{len(data)} bytes, over the limit of "
+                                                f"{settings.max_image_bytes} "
+                                                "(max_image_bytes)")
+        if data is not None and (why := check_image(data, settings.max_image_pixels)):
             raise _field_error(where.format(i), f"cannot read the image: {why}")
-        out.append(Instance(x.text, data))
-    return out
+        images.append(data)
+    pixels = classifier.pixels(images, len(images), checked=True)
+    return [Instance(x.text, data, p, classifier.pixel_spec) for x, data, p in zip(instances, images, pixels)]
 
 
 @dataclass
@@ -365,10 +381,14 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
 
         def _score(self, instances: list[Instance]):
             served = self.served  # read once: the whole batch is this version's
-            images = [x.image for x in instances] if served.classifier.image_processor is not None else None
-            probs = served.classifier.predict_proba([x.text for x in instances], images,
-                                                    batch_size=settings.max_batch_size,
-                                                    max_batch_tokens=settings.max_batch_tokens)
+            classifier, images, pixels = served.classifier, None, None
+            if classifier.image_processor is not None:
+                images = [x.image for x in instances]
+                if all(x.image is None or x.pixel_spec == classifier.pixel_spec for x in instances):
+                    pixels = [x.pixels for x in instances]  # else the version changed: decode again
+            probs = classifier.predict_proba([x.text for x in instances], images,
+                                             batch_size=settings.max_batch_size,
+                                             max_batch_tokens=settings.max_batch_tokens, pixels=pixels)
             return probs, served
 
         def validate(self, payload):
@@ -402,7 +422,8 @@ def make_model(name: str, source: ModelSource, settings: ServeSettings):
                 instances = parse_v1(payload, settings, self.reads_images)
                 where, request = V1_IMAGE, None
             if any(x.image is not None for x in instances):
-                instances = await asyncio.to_thread(read_images, instances, where, settings)
+                instances = await asyncio.to_thread(read_images, instances, where, settings,
+                                                    self.served.classifier)
             return _Parsed(instances, request)
 
         async def predict(self, parsed: _Parsed, headers=None, response_headers=None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cockatoo_lib.errors import CockatooError
+from cockatoo_lib.plan.limits import MAX_IMAGE_PIXELS
 
 DEFAULT_HTTP_PORT = 8080  # KServe's
 
@@ -37,8 +38,18 @@ class ServeSettings(BaseModel):
                                             "first max_length tokens)")
     max_body_bytes: int = Field(default=8 * 2**20, ge=1024, le=2**30,
                                 description="bytes of one request body, at most (base64 images included)")
+    image_url_hosts: str = Field(
+        default="", max_length=4096,
+        description="hosts whose http(s) image URLs the server fetches, comma-separated: a name, "
+                    "*.example.com for a domain, * for any public host (only a host named exactly may "
+                    "be at a private, loopback or link-local address); empty: images inline as base64 only")
     image_fetch_timeout_s: float = Field(default=5.0, gt=0, le=120,
-                                         description="how long an image URL may take to answer")
+                                         description="how long an image URL's whole download may take")
+    max_image_bytes: int = Field(default=8 * 2**20, ge=1024, le=2**30,
+                                 description="bytes of one image, at most (inline or fetched)")
+    max_image_pixels: int = Field(default=MAX_IMAGE_PIXELS, ge=1, le=MAX_IMAGE_PIXELS,
+                                  description="pixels of one image (width x height, read from its header "
+                                              "before it is decoded), at most")
     reduced_forms: bool = Field(default=True,
                                 description="on a CPU, serve a registry version in a reduced form its "
                                             "gate accepted (test macro-F1 down by at most 0.005): bf16 "

@@ -196,7 +196,8 @@ def release_checkpoints(model_manifest: dict) -> None:
         # A generation whose marker names other data is another run's, published under a number
         # this run's left free (a cached train step's manifest names long-removed checkpoints).
         _unpublish(fs, root, [(int(g), location) for g, location in left["generations"].items()])
-        log.info("checkpoints under %s: %d removed, the model being safe", left["uri"], len(left["generations"]))
+        log.info("checkpoints under %s: %d removed, the model being safe", left["uri"],
+                 len(left["generations"]))
 
 
 def _unpublish(fs, root: str, doomed: list[tuple[int, str | None]]) -> None:

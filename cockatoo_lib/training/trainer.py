@@ -288,8 +288,9 @@ def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
     and the same training started again resumes from the newest complete one; once the model
     is written, all but the newest `keep_checkpoints` are removed. With `leave_checkpoints` (a
     pipeline step, whose output KFP uploads only after it returns) the newest stays, with the
-    best one it names: the manifest lists them, and the next step removes them (`release_checkpoints`) once the model is durable; until
-    then a retry resumes from the last one and trains nothing.
+    best one it names: the manifest lists them, and the next step removes them
+    (`release_checkpoints`) once the model is durable; until then a retry resumes from the last
+    one and trains nothing.
 
     `tokenized_dir` and `output` may be bucket URIs (a TrainJob's nodes share no disk): the
     data is copied once per node, and the model published at `output` (cockatoo_lib.storage.publish)."""
