@@ -179,3 +179,25 @@ def test_unannotated_labels_train_as_weak_negatives_only_when_the_plan_says_so()
     first = (0.5 * bce(2.0, 0.0) + bce(0.0, 1.0)) / 1.5
     second = (bce(1.0, 0.0) + bce(-1.0, 0.0)) / 2  # a row of weak negatives only now counts
     assert rows == 2 and weak.item() == pytest.approx((first + second) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule, at_end", [("linear", 0.0), ("cosine", 0.0), ("constant", 1.0)])
+def test_the_learning_rate_after_warmup_follows_the_plans_schedule(schedule, at_end, tmp_path):
+    """Held ("constant", minilm's: early stopping ends its training) or down to 0 at the last step."""
+    from transformers import get_scheduler
+
+    from cockatoo_lib.training.trainer import training_arguments
+
+    plan = resolve_plan("minilm", {"lr_scheduler": schedule, "learning_rate": 1e-3, "warmup_ratio": 0.1})
+    args = training_arguments(plan, str(tmp_path), cuda=False)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=plan.learning_rate)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(100),
+                              num_training_steps=100)
+    rates = []
+    for _ in range(100):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0 and rates[10] == pytest.approx(1e-3)  # warmup: 10% of the steps
+    assert scheduler.get_last_lr()[0] == pytest.approx(at_end * 1e-3)
