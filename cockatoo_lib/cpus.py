@@ -32,3 +32,13 @@ def available_cpus() -> int:
     pinned = len(os.sched_getaffinity(0))
     quota = cgroup_quota()
     return pinned if quota is None else max(1, min(pinned, math.ceil(quota)))
+
+
+def size_torch_threads() -> int:
+    """torch's intra-op pool to the CPUs this process may use (torch sizes it from the node's
+    cores: in a pod limited to 2 of 64, 64 threads would be throttled); the count set."""
+    import torch
+
+    threads = available_cpus()
+    torch.set_num_threads(threads)
+    return threads

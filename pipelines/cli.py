@@ -200,8 +200,11 @@ def deploy(model_name: str = typer.Option(..., "--model-name", help="the registe
            image_registry: str = IMAGE_REGISTRY, image_tag: str = TAG,
            min_replicas: int = typer.Option(1, "--min-replicas"),
            max_replicas: int = typer.Option(3, "--max-replicas"),
-           cpu: str = typer.Option("2", "--cpu", help="CPU request of each replica"),
-           memory: str = typer.Option("4Gi", "--memory", help="memory request and limit of each replica"),
+           cpu: str = typer.Option("2", "--cpu", help="CPU request and limit of each replica"),
+           memory: str = typer.Option("4Gi", "--memory", help="memory request and limit of each replica "
+                                                             "(ModernBERT-large: 6Gi, README)"),
+           scratch: str = typer.Option("4Gi", "--scratch", help="disk at /tmp of each replica, where the "
+                                                              "versions it serves are downloaded"),
            mlflow_secret: str = typer.Option("cockatoo-mlflow", "--mlflow-secret",
                                              help="secret with the registry's username, password, token"),
            output: Path = typer.Option(None, "--output", "-o", help="default: NAME-inferenceservice.yaml"),
@@ -221,7 +224,7 @@ def deploy(model_name: str = typer.Option(..., "--model-name", help="the registe
         name=name, model_uri=f"models:/{model_name}@{alias}", registry_uri=registry_uri or "",
         image=Images.of(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG).cpu,
         namespace=namespace, min_replicas=min_replicas, max_replicas=max_replicas, cpu=cpu, memory=memory,
-        mlflow_secret=mlflow_secret, settings=settings))
+        scratch=scratch, mlflow_secret=mlflow_secret, settings=settings))
     path = check_file_output(output or Path(f"{name}-inferenceservice.yaml"))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, yaml.safe_dump(manifest, sort_keys=False))

@@ -406,6 +406,8 @@ def test_clip_scores_texts_with_images_in_each_reduced_form(trained_clip, tmp_pa
 def test_image_workers_follow_the_pods_cpu_limit_not_the_nodes_cores(tmp_path, monkeypatch):
     import os
 
+    import torch
+
     from cockatoo_lib import cpus
     from cockatoo_lib.data import clip_images
 
@@ -413,6 +415,11 @@ def test_image_workers_follow_the_pods_cpu_limit_not_the_nodes_cores(tmp_path, m
     (tmp_path / "cpu.max").write_text("150000 100000\n")  # a pod limited to 1.5 CPUs (cgroup v2)
     monkeypatch.setattr(cpus, "CGROUP", tmp_path)
     assert cpus.available_cpus() == 2 and clip_images.workers() == 8
+    threads = torch.get_num_threads()
+    try:
+        assert cpus.size_torch_threads() == 2 and torch.get_num_threads() == 2  # the server's
+    finally:
+        torch.set_num_threads(threads)
     (tmp_path / "cpu.max").write_text("max 100000\n")  # no limit
     assert cpus.available_cpus() == 64 and clip_images.workers() == 16
     (tmp_path / "cpu.max").unlink()

@@ -285,7 +285,8 @@ def test_a_clip_model_reads_text_with_an_image_url_or_base64(trained_clip, tmp_p
     model = trained_clip["model"]
     port = free_port()
     # The image server is on loopback: allowed by naming it exactly, as an in-cluster one would be.
-    process = _start(["--model", model, "--image-url-hosts", "localhost"], port)
+    process = _start(["--model", model, "--image-url-hosts", "localhost", "--max-concurrent-requests", "1"],
+                     port)
     try:
         url = f"http://127.0.0.1:{port}/v1/models/{model.name}:predict"
         b64 = base64.b64encode(picture).decode()
@@ -316,6 +317,23 @@ def test_a_clip_model_reads_text_with_an_image_url_or_base64(trained_clip, tmp_p
             {"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]},
             {"name": "image", "shape": [2], "datatype": "BYTES", "data": [b64, ""]}]})
         assert status == 200, body
+        assert _post(url, {"instances": ["still here"]})[0] == 200
+        # One request in progress (its body not yet sent) is the limit: the next is a 503 with
+        # Retry-After, at once, and once the first goes away a request is served again.
+        import socket
+
+        held = socket.create_connection(("127.0.0.1", port))
+        held.sendall(f"POST /v1/models/{model.name}:predict HTTP/1.1\r\nHost: x\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode())
+        time.sleep(0.5)
+        request = urllib.request.Request(url, data=json.dumps({"instances": ["x"]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as busy:
+            urllib.request.urlopen(request, timeout=10)
+        assert busy.value.code == 503 and busy.value.headers["Retry-After"] == "1"
+        assert "max_concurrent_requests" in json.loads(busy.value.read())["error"]
+        held.close()
+        time.sleep(0.5)
         assert _post(url, {"instances": ["still here"]})[0] == 200
     finally:
         process.terminate()
@@ -562,13 +580,31 @@ def test_deploy_writes_an_inference_service_that_serves_the_champion(tmp_path, c
     assert container["args"] == ["--model", f"models:/{NAME}@champion", "--registry-uri",
                                  "http://mlflow.mlflow:5000", "--http-port", "8080", "--model-name", NAME,
                                  "--max-batch-size", "16", "--no-reduced-forms"]
-    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]} == {
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e} == {
         "MLFLOW_TRACKING_USERNAME": {"name": "cockatoo-mlflow", "key": "username", "optional": True},
         "MLFLOW_TRACKING_PASSWORD": {"name": "cockatoo-mlflow", "key": "password", "optional": True},
         "MLFLOW_TRACKING_TOKEN": {"name": "cockatoo-mlflow", "key": "token", "optional": True}}
-    assert container["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    # The CPU limit is what the server sizes torch's threads from; /tmp is scratch on the node's disk.
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "4Gi"},
+        "limits": {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "4Gi"}}
     # Ready while the served model is loaded, not merely while the process answers.
     assert container["readinessProbe"]["httpGet"] == {"path": f"/v2/models/{NAME}/ready", "port": 8080}
+    # A model that takes minutes to download and load is not killed by the liveness probe meanwhile.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 900
+    # The `restricted` Pod Security Standard: non-root, no escalation, no capabilities, seccomp; a
+    # read-only root, every write (downloads, HOME, caches) under the emptyDir at /tmp.
+    assert container["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}]
+    assert predictor["volumes"] == [{"name": "scratch", "emptyDir": {"sizeLimit": "4Gi"}}]
+    assert all(e["value"].startswith("/tmp") for e in container["env"] if e["name"] in ("TMPDIR", "HOME",
+                                                                                       "HF_HOME"))
+    # Knative queues what is past the server's own bound instead of sending it to be refused.
+    assert predictor["containerConcurrency"] == 64
     # Every field is one kserve's and the kubernetes client's models know, at its place.
     assert _unknown_fields(manifest, "V1beta1InferenceService") == []
     # The served command reads the manifest's arguments as meant.

@@ -17,6 +17,11 @@ from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
 from cockatoo_lib.serving.settings import DEFAULT_HTTP_PORT, ServeSettings
 
 CONTAINER = "kserve-container"  # the name KServe gives a custom predictor's container
+# The port opens once the model is downloaded and loaded: ModernBERT-large's 1.6 GB from a slow
+# artifact store can take minutes. The startup probe allows this long before liveness counts.
+STARTUP_SECONDS = 900
+# The only writable path under a read-only root: downloaded versions, caches, HOME.
+SCRATCH = "/tmp"
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Deployment:
     max_replicas: int = 3
     cpu: str = "2"
     memory: str = "4Gi"
+    scratch: str = "4Gi"  # the emptyDir at /tmp, where each version served is downloaded
     # MLflow credentials: the secret's keys username, password, token as MLFLOW_TRACKING_*.
     mlflow_secret: str = "cockatoo-mlflow"
     settings: ServeSettings = field(default_factory=ServeSettings)
@@ -57,24 +63,41 @@ def inference_service(d: Deployment) -> dict:
         return k8s.V1EnvVar(name=env_name, value_from=k8s.V1EnvVarSource(
             secret_key_ref=k8s.V1SecretKeySelector(name=d.mlflow_secret, key=key, optional=True)))
 
-    def probe(path: str):
+    def probe(path: str, period_s: int = 10, failures: int = 3):
         return k8s.V1Probe(http_get=k8s.V1HTTPGetAction(path=path, port=DEFAULT_HTTP_PORT),
-                           period_seconds=10, failure_threshold=3)
+                           period_seconds=period_s, failure_threshold=failures)
 
+    # HOME and the caches move to the scratch volume: the root file system is read-only.
+    scratch_env = {"TMPDIR": SCRATCH, "HOME": f"{SCRATCH}/home", "XDG_CACHE_HOME": f"{SCRATCH}/cache",
+                   "HF_HOME": f"{SCRATCH}/cache/huggingface", "MPLCONFIGDIR": f"{SCRATCH}/cache/matplotlib"}
     container = k8s.V1Container(
         name=CONTAINER, image=d.image, command=["cockatoo", "serve"], args=d.serve_args(),
         ports=[k8s.V1ContainerPort(container_port=DEFAULT_HTTP_PORT, protocol="TCP")],
-        env=[secret_env(env, key) for key, env in MLFLOW_SECRET_KEYS.items()],
-        resources=k8s.V1ResourceRequirements(requests={"cpu": d.cpu, "memory": d.memory},
-                                             limits={"memory": d.memory}),
+        env=[*(secret_env(env, key) for key, env in MLFLOW_SECRET_KEYS.items()),
+             *(k8s.V1EnvVar(name=k, value=v) for k, v in scratch_env.items())],
+        # The CPU limit is the request: the server sizes torch's threads from it (the cgroup quota).
+        resources=k8s.V1ResourceRequirements(
+            requests={"cpu": d.cpu, "memory": d.memory, "ephemeral-storage": d.scratch},
+            limits={"cpu": d.cpu, "memory": d.memory, "ephemeral-storage": d.scratch}),
         # Ready only while the served model is loaded: kserve's /v2/health/ready says true with none.
-        readiness_probe=probe(f"/v2/models/{d.name}/ready"), liveness_probe=probe("/v2/health/live"))
+        readiness_probe=probe(f"/v2/models/{d.name}/ready"), liveness_probe=probe("/v2/health/live"),
+        startup_probe=probe("/v2/health/live", period_s=5, failures=STARTUP_SECONDS // 5),
+        # What the `restricted` Pod Security Standard asks; the image runs as any uid (uid 1000 here).
+        security_context=k8s.V1SecurityContext(
+            run_as_non_root=True, run_as_user=1000, allow_privilege_escalation=False,
+            read_only_root_filesystem=True, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+        volume_mounts=[k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)])
     service = V1beta1InferenceService(
         api_version=constants.KSERVE_V1BETA1, kind=constants.KSERVE_KIND_INFERENCESERVICE,
         metadata=k8s.V1ObjectMeta(name=d.name, namespace=d.namespace,
                                   labels={"app.kubernetes.io/part-of": "cockatoo"}),
         spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(
-            min_replicas=d.min_replicas, max_replicas=d.max_replicas, containers=[container])))
+            min_replicas=d.min_replicas, max_replicas=d.max_replicas, containers=[container],
+            # Knative queues requests past this per replica (and scales out) instead of sending them.
+            container_concurrency=d.settings.max_concurrent_requests,
+            volumes=[k8s.V1Volume(name="scratch",
+                                  empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=d.scratch))])))
     return k8s.ApiClient().sanitize_for_serialization(service)
 
 

@@ -454,10 +454,13 @@ class _BodyCheck:
     """ASGI middleware. POST goes to the predict and infer routes only: any other (kserve's model
     repository load and unload, :explain) is a 404 before its body is read, so nobody who can
     reach the endpoint can unload the model. On those routes a body over the size limit, or one
-    that is not JSON, is a 400 that says so, before kserve reads it."""
+    that is not JSON, is a 400 that says so, before kserve reads it; past `max_concurrent_requests`
+    in progress, a request is a 503 with Retry-After before its body is read (the queue in front
+    of the batches is bounded, and a load balancer sends the retry to another replica)."""
 
-    def __init__(self, app, max_body_bytes: int, model_name: str):
+    def __init__(self, app, max_body_bytes: int, model_name: str, max_concurrent_requests: int):
         self.app, self.max_body_bytes, self.model_name = app, max_body_bytes, model_name
+        self.max_concurrent_requests, self.in_progress = max_concurrent_requests, 0
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -466,6 +469,17 @@ class _BodyCheck:
         if not path.endswith((":predict", "/infer")):
             return await self._refuse(send, f"POST {path}: not served here; POST goes to "
                                             "/v1/models/NAME:predict or /v2/models/NAME/infer", status=404)
+        if self.in_progress >= self.max_concurrent_requests:
+            REQUESTS.labels(self.model_name, "busy").inc()
+            return await self._answer(send, 503, f"busy: {self.in_progress} requests in progress, the limit "
+                                                 "(max_concurrent_requests); retry", [(b"retry-after", b"1")])
+        self.in_progress += 1
+        try:
+            return await self._checked(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+    async def _checked(self, scope, receive, send):
         if any(name.lower() == b"inference-header-content-length" for name, _ in scope.get("headers", [])):
             return await self._refuse(send, "request body: the binary tensor extension is not taken; send "
                                             "the JSON form of the request", status=415)
@@ -500,13 +514,17 @@ class _BodyCheck:
         return await self.app(scope, replay, send)
 
     async def _refuse(self, send, message: str, status: int = 400) -> None:
+        count_bad_input(self.model_name)
+        await self._answer(send, status, message)
+
+    @staticmethod
+    async def _answer(send, status: int, message: str, headers: list | None = None) -> None:
         import orjson
 
-        count_bad_input(self.model_name)
         data = orjson.dumps({"error": message})
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(data)).encode())]})
+                                (b"content-length", str(len(data)).encode()), *(headers or [])]})
         await send({"type": "http.response.body", "body": data})
 
 
@@ -524,9 +542,13 @@ def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAU
           model_name: str | None = None, settings: ServeSettings = ServeSettings()) -> None:
     """Load the model (a bad one is a CockatooError before the port opens), then serve until
     SIGTERM or SIGINT."""
+    from cockatoo_lib.cpus import size_torch_threads
+
     model_server = _import_kserve_server()
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import ORJSONResponse
+
+    log.info("torch: %d threads, the CPUs this pod may use", size_torch_threads())
 
     source = ModelSource(model, registry_uri, settings.reduced_forms)
     name = model_name or source.endpoint_name
@@ -548,7 +570,8 @@ def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAU
         return ORJSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400)
 
     app = model_server.app
-    app.add_middleware(_BodyCheck, max_body_bytes=settings.max_body_bytes, model_name=name)
+    app.add_middleware(_BodyCheck, max_body_bytes=settings.max_body_bytes, model_name=name,
+                       max_concurrent_requests=settings.max_concurrent_requests)
     app.add_exception_handler(RequestValidationError, refuse_invalid)
     # Two timing lines per request would triple the log; /metrics has the latencies.
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)

@@ -32,6 +32,11 @@ class ServeSettings(BaseModel):
                                      description="how long a batch waits for more requests once the queue "
                                                  "is empty (0: requests that arrive while a batch is "
                                                  "scored make the next one)")
+    max_concurrent_requests: int = Field(default=64, ge=1, le=100_000,
+                                         description="predict requests in progress at once, at most; "
+                                                     "past it a request is a 503 with Retry-After "
+                                                     "(deploy sets the InferenceService's "
+                                                     "containerConcurrency to it)")
     max_instances: int = Field(default=64, ge=1, le=4096, description="instances in one request, at most")
     max_text_chars: int = Field(default=20_000, ge=1, le=1_000_000,
                                 description="characters of one text, at most (the model reads its "
