@@ -193,11 +193,13 @@ def train_argv(tokenized: str, output: str, model_type: str, settings: dict,
 
 
 def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
+    import json
     import os
 
     from cockatoo_lib.storage import remote
     from cockatoo_lib.storage.fileio import atomic_output_dir
     from cockatoo_lib.storage.publish import fetch, read_published
+    from cockatoo_lib.tokenize import INFO
     from cockatoo_lib.training import trainjob
     from cockatoo_lib.training.trainer import read_model_manifest
 
@@ -212,13 +214,16 @@ def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
                             "this step; compile the pipeline with cockatoo compile")
 
     accelerator = os.environ.get(trainjob.ACCELERATOR_ENV) or "nvidia.com/gpu"
+    fs, root = remote.url_to_fs(args.tokenized_uri)
+    train_rows = json.loads(fs.cat_file(f"{root.rstrip('/')}/{INFO}"))["rows"]["train"]
+    deadline = trainjob.deadline_s(train_rows, args.plan(detect=False).num_epochs, nodes * max(args.gpus, 1))
 
     def request(name: str) -> trainjob.JobRequest:
         model_uri = trainjob.model_uri(checkpoint_root, name)
         command = trainjob.train_command(train_argv(args.tokenized_uri, model_uri, args.model_type, settings,
                                                     checkpoint_root))
         return trainjob.JobRequest(image=image, nodes=nodes, gpus_per_node=max(args.gpus, 1), command=command,
-                                   placement=args.placement, accelerator=accelerator)
+                                   placement=args.placement, accelerator=accelerator, deadline_s=deadline)
 
     trainjob.remove_stale_models(checkpoint_root)
     name = trainjob.run(trainjob.trainer_client(), trainjob.job_base_name(args.output_uri or args.output),

@@ -109,7 +109,8 @@ def test_nodes_above_one_train_through_a_trainjob_and_hand_on_its_model(tokenize
     assert {k: v.actual_instance for k, v in resources.limits.items()} == {"amd.com/gpu": "1"}
     assert {k: v.actual_instance for k, v in resources.requests.items()} == {"cpu": "8", "memory": "48G",
                                                                              "amd.com/gpu": "1"}
-    assert job.spec.active_deadline_seconds == 7 * 24 * 3600
+    # A job nobody waits for ends: its deadline from the plan (309 rows, 1 epoch, 2 GPUs: the floor).
+    assert job.spec.active_deadline_seconds == 2 * 3600
     assert job.spec.trainer.command[:6] == ["python", "-m", "torch.distributed.run", "-m", "cockatoo_lib.cli",
                                             "train"]
     assert job.metadata.name.startswith("cockatoo-") and job.metadata.name.endswith("-0")
@@ -170,3 +171,12 @@ def test_a_stopped_step_deletes_the_trainjob_it_waits_for(tokenized_in_bucket, t
             _train_step(tokenized_uri, base, tmp_path / "model", f"gs://cockatoo-data/{tmp_path.name}/ck")
     assert [b["metadata"]["name"] for b in k8s.created] == k8s.deleted
     assert signal.getsignal(signal.SIGTERM) is not None and not (tmp_path / "model").exists()
+
+
+def test_a_trainjobs_deadline_grows_with_its_work_between_two_hours_and_a_week():
+    from cockatoo_lib.training.trainjob import deadline_s
+
+    assert deadline_s(1_000, 3, 8) == 2 * 3600
+    assert deadline_s(200_000, 3, 16) == 75_000  # 21 hours
+    assert deadline_s(2_000_000, 3, 16) == 7 * 24 * 3600  # 8.7 days: capped at a week
+    assert deadline_s(10**9, 3, 1) == 7 * 24 * 3600

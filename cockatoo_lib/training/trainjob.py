@@ -31,6 +31,18 @@ IMAGE_ENV = "COCKATOO_TRAIN_IMAGE"
 ACCELERATOR_ENV = "COCKATOO_ACCELERATOR"
 # A week: the step's own timeout (KFP's) is the one to set for a shorter bound.
 WAIT_S = 7 * 24 * 3600
+# A job whose step died without SIGTERM (OOM kill, node loss) and is not retried trains on with
+# nobody waiting: its deadline comes from the plan, at a rate below any card's (a row a second
+# per GPU; ModernBERT-large at 512 tokens on a T4 does several), at least two hours (image pulls,
+# scheduling), at most WAIT_S.
+SLOWEST_ROWS_PER_GPU_S = 1.0
+MIN_DEADLINE_S = 2 * 3600
+
+
+def deadline_s(train_rows: int, epochs: float, gpus: int) -> int:
+    """How long a TrainJob may run: every epoch's rows at the slowest rate, twice over."""
+    seconds = 2 * epochs * train_rows / (SLOWEST_ROWS_PER_GPU_S * max(gpus, 1))
+    return int(min(WAIT_S, max(MIN_DEADLINE_S, seconds)))
 PATCH_MANAGER = "cockatoo.dev/train-step"
 STALE_MODEL_S = 7 * 24 * 3600
 
@@ -42,6 +54,7 @@ class JobRequest:
     gpus_per_node: int
     command: list[str]
     accelerator: str = "nvidia.com/gpu"  # the resource name of the step's accelerator type
+    deadline_s: int = WAIT_S  # activeDeadlineSeconds: deadline_s() of the plan
     # The train step's own pod settings, as KFP's TaskConfig passes them through (Kubernetes
     # JSON): each node gets the step's CPU and memory requests, its environment (secrets stay
     # references), tolerations and node selector, so a spot placement reaches the nodes too.
@@ -135,7 +148,7 @@ def create(client, request: JobRequest, name: str) -> str:
                  "trainer": {"image": request.image, "command": request.command, "numNodes": request.nodes,
                              "resourcesPerNode": node_resources(request)},
                  # A job no step waits for any more (its pod was lost) still ends.
-                 "activeDeadlineSeconds": WAIT_S,
+                 "activeDeadlineSeconds": request.deadline_s,
                  **({"runtimePatches": [patch]} if patch else {})}})
     api, namespace = client.backend.custom_api, client.backend.namespace
     try:
