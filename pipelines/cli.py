@@ -39,6 +39,9 @@ CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
     "checkpoint_root": (str, typer.Option("", "--checkpoint-root",
                                           help="default checkpoint_root, e.g. gs://bucket/checkpoints")),
     "retries": (int, typer.Option(2, "--retries", help="retries of a failed train step, with backoff")),
+    "ca_secret": (str, typer.Option("", "--ca-secret",
+                                    help="a secret with the team's CA certificate (key ca.crt), trusted "
+                                         "by every step beside the public CAs")),
 }
 
 
@@ -49,7 +52,7 @@ def with_cluster_options(command):
 
 def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu", gpus=1,
              node_selector=None, toleration=None, cache_root="", scratch_size="", registry_uri="",
-             checkpoint_root="", retries=2):
+             checkpoint_root="", retries=2, ca_secret=""):
     from cockatoo_lib.plan.limits import check_range
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
     from pipelines.cockatoo_train import Cluster
@@ -62,7 +65,8 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
     return Cluster(images=Images.of(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG),
                    accelerator_type=accelerator_type, node_selector=selectors,
                    tolerations=tolerations, cache_root=cache_root, gpus=gpus, scratch_size=scratch_size,
-                   registry_uri=registry_uri, checkpoint_root=checkpoint_root, retries=retries)
+                   registry_uri=registry_uri, checkpoint_root=checkpoint_root, retries=retries,
+                   ca_secret=ca_secret)
 
 
 def _pair(text: str, option: str) -> tuple[str, str]:
@@ -207,6 +211,9 @@ def deploy(model_name: str = typer.Option(..., "--model-name", help="the registe
                                                               "versions it serves are downloaded"),
            mlflow_secret: str = typer.Option("cockatoo-mlflow", "--mlflow-secret",
                                              help="secret with the registry's username, password, token"),
+           ca_secret: str = typer.Option("", "--ca-secret",
+                                         help="a secret with the team's CA certificate (key ca.crt), "
+                                              "trusted beside the public CAs"),
            output: Path = typer.Option(None, "--output", "-o", help="default: NAME-inferenceservice.yaml"),
            apply_: bool = typer.Option(False, "--apply", help="create or update it in the current "
                                                                  "kube context's cluster"),
@@ -224,7 +231,7 @@ def deploy(model_name: str = typer.Option(..., "--model-name", help="the registe
         name=name, model_uri=f"models:/{model_name}@{alias}", registry_uri=registry_uri or "",
         image=Images.of(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG).cpu,
         namespace=namespace, min_replicas=min_replicas, max_replicas=max_replicas, cpu=cpu, memory=memory,
-        scratch=scratch, mlflow_secret=mlflow_secret, settings=settings))
+        scratch=scratch, mlflow_secret=mlflow_secret, ca_secret=ca_secret, settings=settings))
     path = check_file_output(output or Path(f"{name}-inferenceservice.yaml"))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, yaml.safe_dump(manifest, sort_keys=False))

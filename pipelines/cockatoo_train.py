@@ -18,6 +18,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
 from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
+from cockatoo_lib.storage.trust import CA_KEY, EXTRA_CA_PEM_ENV
 from cockatoo_lib.training.trainjob import ACCELERATOR_ENV, IMAGE_ENV
 from components import evaluate, prepare_data, promote, tokenize, train
 from components.images import DEFAULT_IMAGES, Images
@@ -38,6 +39,10 @@ class Cluster:
     hf_token_secret: str = "cockatoo-hf-token"
     # MLflow credentials (keys username, password, token: MLFLOW_TRACKING_*), for the promote step.
     mlflow_secret: str = "cockatoo-mlflow"
+    # A secret holding the team's CA certificate (key ca.crt), for an MLflow server, bucket or
+    # image host behind a private CA: mounted on every step, which then trusts it
+    # (cockatoo_lib/storage/trust.py); empty: the public CAs only.
+    ca_secret: str = ""
     cache_root: str = ""
     # Default of the registry_uri run parameter: the MLflow tracking server on a cluster.
     registry_uri: str = ""
@@ -76,6 +81,8 @@ def _configure(task, step: str, image: str, cluster: Cluster, shm: bool = False,
     task.set_container_image(image).set_cpu_request(cpu).set_memory_request(memory)
     task.set_display_name(step)
     kubernetes.use_secret_as_env(task, cluster.hf_token_secret, {"token": "HF_TOKEN"}, optional=True)
+    if cluster.ca_secret:  # as the environment: a TrainJob's nodes get the train step's too
+        kubernetes.use_secret_as_env(task, cluster.ca_secret, {CA_KEY: EXTRA_CA_PEM_ENV})
     if shm:  # DataLoader workers share tensors through /dev/shm, which is 64 MB by default
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     if scratch and cluster.scratch_size:

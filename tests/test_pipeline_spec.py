@@ -225,6 +225,15 @@ def test_placement_secret_scratch_and_shm(secret, tmp_path):
         assert bool(shm) is (step in ("tokenize", "train")), step
 
 
+def test_a_teams_ca_reaches_every_step_from_its_secret(tmp_path):
+    _, _, _, k8s = _compiled(tmp_path, Cluster(ca_secret="team-ca"))
+    for step in STEPS:  # the train step's environment reaches a TrainJob's nodes too
+        (ca,) = [s for s in k8s[f"exec-{step}"]["secretAsEnv"] if s["secretName"] == "team-ca"]
+        assert ca["keyToEnv"] == [{"secretKey": "ca.crt", "envVar": "COCKATOO_EXTRA_CA_PEM"}], step
+    _, _, _, k8s = _compiled(tmp_path / "none", Cluster())
+    assert not any(s["secretName"] == "team-ca" for step in STEPS for s in k8s[f"exec-{step}"]["secretAsEnv"])
+
+
 def test_the_cache_root_and_registry_options_are_the_parameters_defaults(tmp_path):
     pipeline, tasks, _, _ = _compiled(tmp_path, Cluster(cache_root="gs://bucket/cache",
                                                         registry_uri="http://mlflow.mlflow:5000"))

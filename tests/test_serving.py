@@ -640,6 +640,18 @@ def _unknown_fields(value, kind: str, where: str = "") -> list[str]:
                       else _unknown_fields(item, model.openapi_types[by_json[key]], f"{where}.{key}"))]
 
 
+def test_deploy_gives_the_server_a_teams_ca_from_its_secret(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "isvc.yaml"
+    code, _, err = run_cli([*DEPLOY, "--output", out, "--ca-secret", "team-ca"], capsys, monkeypatch)
+    assert code == 0, err
+    manifest = yaml.safe_load(out.read_text())
+    predictor = manifest["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert {"name": "COCKATOO_EXTRA_CA_PEM",
+            "valueFrom": {"secretKeyRef": {"name": "team-ca", "key": "ca.crt"}}} in container["env"]
+    assert _unknown_fields(manifest, "V1beta1InferenceService") == []
+
+
 def test_deploy_apply_creates_then_updates_the_service(tmp_path, capsys, monkeypatch):
     with FakeKubernetes(lambda body: ("Complete", "", ""), namespace="moderation") as k8s:
         monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from cockatoo_lib.errors import CockatooError, first_line
 from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
 from cockatoo_lib.serving.settings import DEFAULT_HTTP_PORT, ServeSettings
+from cockatoo_lib.storage.trust import CA_KEY, EXTRA_CA_PEM_ENV
 
 CONTAINER = "kserve-container"  # the name KServe gives a custom predictor's container
 # The port opens once the model is downloaded and loaded: ModernBERT-large's 1.6 GB from a slow
@@ -38,6 +39,8 @@ class Deployment:
     scratch: str = "4Gi"  # the emptyDir at /tmp, where each version served is downloaded
     # MLflow credentials: the secret's keys username, password, token as MLFLOW_TRACKING_*.
     mlflow_secret: str = "cockatoo-mlflow"
+    # A secret with the team's CA certificate (key ca.crt), trusted beside the public CAs.
+    ca_secret: str = ""
     settings: ServeSettings = field(default_factory=ServeSettings)
 
     def serve_args(self) -> list[str]:
@@ -70,11 +73,13 @@ def inference_service(d: Deployment) -> dict:
     # HOME and the caches move to the scratch volume: the root file system is read-only.
     scratch_env = {"TMPDIR": SCRATCH, "HOME": f"{SCRATCH}/home", "XDG_CACHE_HOME": f"{SCRATCH}/cache",
                    "HF_HOME": f"{SCRATCH}/cache/huggingface", "MPLCONFIGDIR": f"{SCRATCH}/cache/matplotlib"}
+    ca = [k8s.V1EnvVar(name=EXTRA_CA_PEM_ENV, value_from=k8s.V1EnvVarSource(
+        secret_key_ref=k8s.V1SecretKeySelector(name=d.ca_secret, key=CA_KEY)))] if d.ca_secret else []
     container = k8s.V1Container(
         name=CONTAINER, image=d.image, command=["cockatoo", "serve"], args=d.serve_args(),
         ports=[k8s.V1ContainerPort(container_port=DEFAULT_HTTP_PORT, protocol="TCP")],
         env=[*(secret_env(env, key) for key, env in MLFLOW_SECRET_KEYS.items()),
-             *(k8s.V1EnvVar(name=k, value=v) for k, v in scratch_env.items())],
+             *(k8s.V1EnvVar(name=k, value=v) for k, v in scratch_env.items()), *ca],
         # The CPU limit is the request: the server sizes torch's threads from it (the cgroup quota).
         resources=k8s.V1ResourceRequirements(
             requests={"cpu": d.cpu, "memory": d.memory, "ephemeral-storage": d.scratch},
