@@ -315,13 +315,16 @@ def test_a_pipelines_checkpoints_stay_until_the_next_step_holds_the_model(tokeni
 
     tok, base = tokenized
     root = tmp_path / "durable"
-    args = TrainArgs(model_type="deberta", overrides={**SETTINGS, "base_model": base}, tokenized_dir=str(tok),
-                     checkpoint_root=str(root), output=str(tmp_path / "model"))
+    args = TrainArgs(model_type="deberta", overrides={**SETTINGS, "num_epochs": 3, "base_model": base},
+                     tokenized_dir=str(tok), checkpoint_root=str(root), output=str(tmp_path / "model"))
     caplog.set_level(logging.INFO, logger="cockatoo_lib")
     train_step(args)
-    left = read_model_manifest(tmp_path / "model")["checkpoints"]
+    manifest = read_model_manifest(tmp_path / "model")
+    left = manifest["checkpoints"]
     folder = Path(left["uri"])
-    assert len(left["generations"]) == 1 and sorted(generations(_fs(), str(folder))) == \
+    # Of three epochs' checkpoints, the last one and the best one it names stay.
+    kept = 1 if manifest["best_epoch"] == manifest["epochs"] else 2
+    assert len(left["generations"]) == kept and sorted(generations(_fs(), str(folder))) == \
         sorted(int(g) for g in left["generations"])
     shutil.rmtree(tmp_path / "model")  # the upload was lost with the pod; KFP retries the step
     caplog.clear()

@@ -29,7 +29,8 @@ def _stop_at_publish(flag: Path, args: list[str]) -> None:
 
     def replace(src, dst, *rest, **kwargs):
         if ".tmp-" in Path(src).name and Path(src).is_dir():
-            flag.write_text(str(src))
+            flag.with_suffix(".partial").write_text(str(src))
+            real_replace(flag.with_suffix(".partial"), flag)  # whole when the test sees it
             time.sleep(600)
         return real_replace(src, dst, *rest, **kwargs)
 

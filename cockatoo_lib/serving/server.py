@@ -548,7 +548,6 @@ def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAU
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import ORJSONResponse
 
-    log.info("torch: %d threads, the CPUs this pod may use", size_torch_threads())
 
     source = ModelSource(model, registry_uri, settings.reduced_forms)
     name = model_name or source.endpoint_name
@@ -569,6 +568,7 @@ def serve(model: str, registry_uri: str | None = None, *, http_port: int = DEFAU
         count_bad_input(name)
         return ORJSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400)
 
+    log.info("torch: %d threads, the CPUs this pod may use", size_torch_threads())
     app = model_server.app
     app.add_middleware(_BodyCheck, max_body_bytes=settings.max_body_bytes, model_name=name,
                        max_concurrent_requests=settings.max_concurrent_requests)
