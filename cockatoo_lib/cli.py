@@ -242,16 +242,27 @@ def predict(model: str = typer.Option(..., "--model",
                                       help="model folder, gs://…, s3://… or models:/NAME@ALIAS"),
             input_: str = typer.Option(..., "--input", "-i",
                                        help="CSV, JSONL or Parquet, local or in a bucket"),
-            output: str = typer.Option(..., "--output", "-o", help="CSV, JSONL or Parquet, by suffix"),
+            output: str = typer.Option(..., "--output", "-o",
+                                       help="CSV, JSONL or Parquet, by suffix; or a folder (FOLDER/) of "
+                                            "Parquet shards, written as it goes and resumed when run again"),
             text_column: str = typer.Option("text", "--text-column"),
             image_column: str = typer.Option(None, "--image-column", help="for a model that reads images"),
             registry_uri: str = REGISTRY_URI,
-            batch_size: int = typer.Option(64, "--batch-size")):
-    """Score a file with a trained model: each label's probability and the labels at its thresholds."""
+            batch_size: int = typer.Option(64, "--batch-size"),
+            shard_rows: int = typer.Option(100_000, "--shard-rows",
+                                           help="rows per shard of a folder output")):
+    """Score a file, folder or glob with a trained model: each label's probability and the labels
+    at its thresholds."""
     from cockatoo_lib.plan.limits import check_range
+    from cockatoo_lib.release.batch_predict import is_folder_output, predict_folder
     from cockatoo_lib.release.predict import predict_file
 
     check_range("batch_size", batch_size, "--batch-size")
+    check_range("shard_rows", shard_rows, "--shard-rows")
+    if is_folder_output(output):
+        show_predictions(predict_folder(model, input_, output, text_column, image_column, registry_uri,
+                                        batch_size, shard_rows))
+        return
     show_predictions(predict_file(model, input_, output, text_column, image_column, registry_uri, batch_size))
 
 

@@ -182,3 +182,90 @@ def test_classifier_on_cuda_agrees_with_cpu(trained_run):
 ])
 def test_batches_end_at_the_row_count_or_the_padded_token_count(lengths, batch_size, max_tokens, batches):
     assert length_batches(lengths, batch_size, max_tokens) == batches
+
+
+# ------------------------------------------------------------------ a backlog into a folder of shards
+
+
+def _backlog(tmp_path, rows=230):
+    """Three input files of one backlog (CSV, gzipped JSONL, Parquet) in a folder."""
+    texts = [f"post {i}: " + ("win a free prize now" if i % 3 == 0 else "see you at lunch")
+             for i in range(rows)]
+    frame = pd.DataFrame({"text": texts, "ref": [f"r{i}" for i in range(rows)]})
+    folder = tmp_path / "backlog"
+    folder.mkdir()
+    cut = [0, 100, 170, rows]
+    frame[cut[0]:cut[1]].to_csv(folder / "a.csv", index=False)
+    frame[cut[1]:cut[2]].to_json(folder / "b.jsonl.gz", orient="records", lines=True)
+    frame[cut[2]:cut[3]].to_parquet(folder / "c.parquet")
+    return folder, frame
+
+
+def _shards(folder):
+    return pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))], ignore_index=True)
+
+
+def test_a_backlog_is_scored_into_shards_that_a_rerun_finishes_and_never_rescores(trained_run, tmp_path,
+                                                                                capsys, monkeypatch):
+    import json
+
+    from cockatoo_lib.release import batch_predict
+
+    folder, frame = _backlog(tmp_path)
+    expected = pd.concat([pd.read_csv(folder / "a.csv"), pd.read_json(folder / "b.jsonl.gz", lines=True),
+                          pd.read_parquet(folder / "c.parquet")], ignore_index=True)
+    classifier = Classifier.load(trained_run["model"])
+    want = classifier.predict_proba(expected["text"].tolist())
+
+    # The first run dies after its second shard (a preempted pod).
+    calls, real = [], Classifier.predict_proba
+
+    def dies_on_the_third(self, texts, *args, **kwargs):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise RuntimeError("preempted")
+        return real(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Classifier, "predict_proba", dies_on_the_third)
+    out = tmp_path / "scored"
+    argv = ["predict", "--model", trained_run["model"], "--input", folder, "--output", f"{out}/",
+            "--shard-rows", "60"]
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_cli(argv, capsys, monkeypatch)
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    monkeypatch.setattr(Classifier, "predict_proba", real)
+    scored = []
+    real_scored = batch_predict._scored
+    monkeypatch.setattr(batch_predict, "_scored", lambda c, f, *a, **k: scored.append(len(f)) or
+                        real_scored(c, f, *a, **k))
+    code, stdout, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err
+    # Shards follow the files (a chunk never spans two): a.csv 60+40, b 60+10, c 60.
+    assert scored == [60, 10, 60]  # only what the first run had not written
+    result = _shards(out)
+    assert result["ref"].tolist() == expected["ref"].tolist()
+    np.testing.assert_allclose(result[[f"p_{x}" for x in classifier.labels]].to_numpy(), want, atol=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    hits = want >= classifier.thresholds
+    assert manifest["rows"] == len(frame) and manifest["shards"] == 5
+    assert manifest["positives"] == dict(zip(classifier.labels, hits.sum(axis=0).tolist()))
+    assert manifest["rows_scored_by_this_run"] == 130
+    assert f"{out}/: {len(frame)} rows" in stdout
+    # Finished: a third run changes nothing.
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 2 and "is finished already (it has manifest.json)" in error_line(err)
+
+
+def test_a_shard_that_no_longer_matches_its_input_stops_the_rerun(trained_run, tmp_path, capsys, monkeypatch):
+    folder, _ = _backlog(tmp_path)
+    out = tmp_path / "scored"
+    argv = ["predict", "--model", trained_run["model"], "--input", f"{folder}/*.csv", "--output", f"{out}/",
+            "--shard-rows", "60"]
+    assert run_cli(argv, capsys, monkeypatch)[0] == 0
+    (out / "manifest.json").unlink()
+    pd.read_csv(folder / "a.csv")[:70].to_csv(folder / "a.csv", index=False)  # the input changed
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 2
+    assert "part-00001.parquet holds 40 rows where this chunk of the input has 10" in error_line(err)
+    code, _, err = run_cli([*argv[:4], f"{folder}/*.txt", *argv[5:]], capsys, monkeypatch)
+    assert code == 2 and "matches no CSV, JSONL or Parquet file" in error_line(err)

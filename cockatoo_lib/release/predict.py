@@ -227,6 +227,19 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
     out_format = table_format(output, "predict output")
     _check_new_output(output)
     frame = read_table(input_uri, "predict input", text_column=text_column)
+    classifier = Classifier.load(model, registry_uri)
+    result, hits = _scored(classifier, frame, input_uri, text_column, image_column, batch_size, progress=True)
+    _write_table(result, output, out_format)
+    shown = frame[text_column].fillna("").astype(str)[:PREVIEW_ROWS]
+    preview = list(zip(shown, result[LABELS_COLUMN][:PREVIEW_ROWS]))
+    return {"rows": len(result), "labels": classifier.labels, "output": output, "preview": preview,
+            "positives": dict(zip(classifier.labels, hits.sum(axis=0).tolist()))}
+
+
+def _scored(classifier: Classifier, frame: pd.DataFrame, input_uri: str, text_column: str,
+            image_column: str | None, batch_size: int, progress: bool = False
+            ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows with p_<label> and `labels` columns (the image column left out), and the hits."""
     for kind, column in (("text", text_column), ("image", image_column)):
         if column is not None and column not in frame.columns:
             raise CockatooError(f"predict input {input_uri}: {kind} column {column!r} not found; "
@@ -240,18 +253,13 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
             ids = load_image_column(frame[image_column], _parent(input_uri), "predict input", input_uri,
                                     image_column, "error", store).ids
             images = store.take(ids).to_pylist()
-    classifier = Classifier.load(model, registry_uri)
-    probs = classifier.predict_proba(frame[text_column].tolist(), images, batch_size, progress=True)
+    probs = classifier.predict_proba(frame[text_column].tolist(), images, batch_size, progress=progress)
     result = frame.drop(columns=[image_column] if image_column else [])
     for j, label in enumerate(classifier.labels):
         result[f"{PROBABILITY_PREFIX}{label}"] = probs[:, j]
     hits = probs >= classifier.thresholds
     result[LABELS_COLUMN] = [",".join(x for x, h in zip(classifier.labels, row) if h) for row in hits]
-    _write_table(result, output, out_format)
-    shown = frame[text_column].fillna("").astype(str)[:PREVIEW_ROWS]
-    preview = list(zip(shown, result[LABELS_COLUMN][:PREVIEW_ROWS]))
-    return {"rows": len(result), "labels": classifier.labels, "output": output, "preview": preview,
-            "positives": dict(zip(classifier.labels, hits.sum(axis=0).tolist()))}
+    return result, hits
 
 
 def _check_new_output(output: str) -> None:
