@@ -187,6 +187,13 @@ def test_only_the_inference_routes_take_a_post_in_json_and_nobody_can_unload_the
     assert refused.value.code == 415 and "send the JSON form" in json.loads(refused.value.read())["error"]
     status, answer = _post(f"{url}/v1/models/{NAME}:predict", {"instances": ["still served"]})
     assert status == 200 and len(answer["predictions"]) == 1
+    metrics = _get(url + "/metrics")[1]
+
+    def refused(status: int) -> float:
+        line = f'cockatoo_bad_requests_total{{model_name="{NAME}",status="{status}"}} '
+        return float(metrics.split(line)[1].split()[0])
+
+    assert refused(404) >= 3 and refused(415) >= 1
 
 
 @pytest.mark.slow
@@ -201,6 +208,7 @@ def test_health_and_metrics(registry_server):
     for line in (f'cockatoo_requests_total{{model_name="{NAME}",outcome="ok"}}',
                  f'cockatoo_requests_total{{model_name="{NAME}",outcome="bad_input"}}',
                  f'cockatoo_errors_total{{kind="bad_input",model_name="{NAME}"}}',
+                 f'cockatoo_bad_requests_total{{model_name="{NAME}",status="400"}}',
                  f'cockatoo_request_seconds_count{{model_name="{NAME}"}}',
                  f'cockatoo_batch_instances_count{{model_name="{NAME}"}}',
                  f'cockatoo_model_version{{model_name="{NAME}"}}'):

@@ -43,6 +43,9 @@ ERRORS = Counter("cockatoo_errors", "bad requests, failed batches and versions t
                  ["model_name", "kind"])
 VERSION = Gauge("cockatoo_model_version", "the registry version being served (0: a model folder)",
                 ["model_name"])
+BAD_REQUESTS = Counter("cockatoo_bad_requests", "requests refused as the client's fault, by HTTP status "
+                       "(400 bad input, 404 a route not served, 415 the binary extension)",
+                       ["model_name", "status"])
 FOLLOW_FAILURES = Counter("cockatoo_follow_failures", "failed loads of the version the alias points at "
                           "(the replica serves its old version meanwhile)", ["model_name"])
 # A version that failed to load is tried again after the poll interval, doubling per failure up to
@@ -58,9 +61,10 @@ class BadInput(CockatooError):
 V1_IMAGE, V2_IMAGE = "instances[{}].image", "inputs[image][{}]"
 
 
-def count_bad_input(model_name: str) -> None:
+def count_bad_input(model_name: str, status: int = 400) -> None:
     REQUESTS.labels(model_name, "bad_input").inc()
     ERRORS.labels(model_name, "bad_input").inc()
+    BAD_REQUESTS.labels(model_name, str(status)).inc()
 
 
 @dataclass(frozen=True)
@@ -514,7 +518,7 @@ class _BodyCheck:
         return await self.app(scope, replay, send)
 
     async def _refuse(self, send, message: str, status: int = 400) -> None:
-        count_bad_input(self.model_name)
+        count_bad_input(self.model_name, status)
         await self._answer(send, status, message)
 
     @staticmethod
