@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@command -v cc >/dev/null 2>&1 || echo "warning: no C compiler (cc): torch.compile's inductor needs one, and \
+	tests/test_compiled_step.py fails without it; on Debian or Ubuntu: apt-get install gcc" >&2
 	touch $@
 
 # The whole loop: a pipeline run (its gate registers the model and promotes it or not), then
