@@ -19,6 +19,9 @@ IMAGE_REGISTRY = typer.Option(None, "--image-registry", help="registry of the co
 TAG = typer.Option(None, "--image-tag", help="tag of the images")
 
 
+PIPELINE = typer.Option("cockatoo-train", "--pipeline",
+                        help="cockatoo-train, or cockatoo-score (score a backlog with a registered model)")
+
 # The options that say where and how the steps run, taken alike by compile, submit and schedule.
 CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
     "image_registry": (str, IMAGE_REGISTRY),
@@ -42,6 +45,10 @@ CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
     "ca_secret": (str, typer.Option("", "--ca-secret",
                                     help="a secret with the team's CA certificate (key ca.crt), trusted "
                                          "by every step beside the public CAs")),
+    "score_gpus": (int, typer.Option(0, "--score-gpus",
+                                     help="cockatoo-score: GPUs per shard (0: the CPU image)")),
+    "score_parallelism": (int, typer.Option(8, "--score-parallelism",
+                                            help="cockatoo-score: shards scored at once (0: all)")),
 }
 
 
@@ -52,13 +59,15 @@ def with_cluster_options(command):
 
 def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu", gpus=1,
              node_selector=None, toleration=None, cache_root="", scratch_size="", registry_uri="",
-             checkpoint_root="", retries=2, ca_secret=""):
+             checkpoint_root="", retries=2, ca_secret="", score_gpus=0, score_parallelism=8):
     from cockatoo_lib.plan.limits import check_range
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
     from pipelines.cockatoo_train import Cluster
 
     check_range("gpus", gpus, "--gpus")
     check_range("retries", retries, "--retries")
+    check_range("gpus", score_gpus, "--score-gpus")
+    check_range("parallelism", score_parallelism, "--score-parallelism")
     selectors = dict(_pair(s, "--node-selector") for s in node_selector or [])
     tolerations = [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}
                    for k, v in (_pair(t, "--toleration") for t in toleration or [])]
@@ -66,7 +75,7 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
                    accelerator_type=accelerator_type, node_selector=selectors,
                    tolerations=tolerations, cache_root=cache_root, gpus=gpus, scratch_size=scratch_size,
                    registry_uri=registry_uri, checkpoint_root=checkpoint_root, retries=retries,
-                   ca_secret=ca_secret)
+                   ca_secret=ca_secret, score_gpus=score_gpus, score_parallelism=score_parallelism)
 
 
 def _pair(text: str, option: str) -> tuple[str, str]:
@@ -78,11 +87,23 @@ def _pair(text: str, option: str) -> tuple[str, str]:
     return key, value
 
 
-def _params(model_type, set_, params):
+def _known(pipeline: str) -> str:
+    from cockatoo_lib.errors import CockatooError
+    from pipelines.runner import PIPELINES
+
+    if pipeline not in PIPELINES:
+        raise CockatooError(f"unknown pipeline {pipeline!r}; one of: {', '.join(PIPELINES)}")
+    return pipeline
+
+
+def _params(model_type, set_, params, pipeline="cockatoo-train"):
+    from cockatoo_lib.errors import CockatooError
     from cockatoo_lib.plan.catalogue import parse_overrides
     from pipelines.runner import parse_params
 
-    values = parse_params(params or [])
+    values = parse_params(params or [], pipeline)
+    if (model_type or set_) and pipeline != "cockatoo-train":
+        raise CockatooError(f"--model-type and --set choose a training run; {pipeline} takes --param")
     if model_type:
         values["model_type"] = model_type
     if set_:
@@ -156,14 +177,48 @@ def _predict_after_run(result: dict, source: str, predictions: Path) -> None:
     show_predictions(info, expected)
 
 
+@app.command(name="score")
+def score(input_: str = typer.Option(..., "--input", "-i",
+                                     help="a CSV, JSONL or Parquet file, folder or glob (local or a bucket); "
+                                     "{today}, {yesterday}"),
+          output: str = typer.Option(..., "--output", "-o", help="the folder the shards and manifest.json "
+                                                                  "go to"),
+          model: str = typer.Option(None, "--model", help="models:/NAME@ALIAS (default the champion), "
+                                                          "models:/NAME/VERSION or a model folder"),
+          registry_uri: str = REGISTRY_URI,
+          shards: int = typer.Option(None, "--shards", help="at most this many shards (pods on a cluster)"),
+          param: list[str] = PARAM,
+          output_root: Path = typer.Option(Path("runs-score"), "--output-root",
+                                           help="kfp.local pipeline root")):
+    """Run the cockatoo-score pipeline's steps locally with kfp.local, the shards one after another
+    (on a cluster they fan out over pods: `submit --pipeline cockatoo-score`)."""
+    import time
+
+    from pipelines.runner import SCORE_PIPELINE, score_local
+
+    params = _params(None, None, param, SCORE_PIPELINE)
+    given = {"input_uri": input_, "output_uri": output, "model": model, "registry_uri": registry_uri,
+             "shards": shards}
+    params.update({k: v for k, v in given.items() if v is not None})
+    start = time.perf_counter()
+    manifest = score_local(params, output_root.resolve())
+    seconds = time.perf_counter() - start
+    rows = manifest["rows"]
+    typer.echo(f"\n{manifest['output']}: {rows} rows in {len(manifest['shards'])} shards, scored by "
+               f"{manifest['model']} in {seconds:.0f} s ({rows / seconds:,.0f} rows/s)")
+    typer.echo("positives: " + ", ".join(f"{k} {v}" for k, v in manifest["positives"].items()))
+
+
 @app.command(name="compile")
 @with_cluster_options
-def compile_(output: Path = typer.Option(Path("cockatoo-train.yaml"), "--output", "-o"), cluster=None):
-    """Compile the pipeline to a KFP YAML package."""
+def compile_(output: Path = typer.Option(None, "--output", "-o", help="default: PIPELINE.yaml"),
+             pipeline: str = PIPELINE, cluster=None):
+    """Compile a pipeline to a KFP YAML package."""
     from cockatoo_lib.storage.fileio import check_file_output
     from pipelines.runner import compile_pipeline
 
-    path = compile_pipeline(check_file_output(output), cluster)
+    pipeline = _known(pipeline)
+    path = compile_pipeline(check_file_output(output or Path(f"{pipeline}.yaml")), cluster, pipeline)
     typer.echo(f"compiled {path} (images {cluster.images.cpu}, {cluster.images.cuda})")
 
 
@@ -173,11 +228,12 @@ def submit(host: str = typer.Option(..., "--host", help="KFP API URL, e.g. http:
            experiment: str = typer.Option("cockatoo", "--experiment"),
            model_type: str = PIPELINE_MODEL_TYPE,
            set_: list[str] = SET, param: list[str] = PARAM,
-           run_name: str = typer.Option(None, "--run-name"), cluster=None):
-    """Compile the pipeline and start a run on a KFP cluster; prints the run's URL."""
+           run_name: str = typer.Option(None, "--run-name"), pipeline: str = PIPELINE, cluster=None):
+    """Compile a pipeline and start a run on a KFP cluster; prints the run's URL."""
     from pipelines.runner import submit as run_submit
 
-    typer.echo(run_submit(host, _params(model_type, set_, param), experiment, cluster, run_name))
+    params = _params(model_type, set_, param, _known(pipeline))
+    typer.echo(run_submit(host, params, experiment, cluster, run_name, pipeline))
 
 
 @app.command()
@@ -185,13 +241,15 @@ def submit(host: str = typer.Option(..., "--host", help="KFP API URL, e.g. http:
 def schedule(host: str = typer.Option(..., "--host"),
              cron: str = typer.Option(..., "--cron", help="six fields, seconds first: '0 0 3 * * 1'"),
              experiment: str = typer.Option("cockatoo", "--experiment"),
-             name: str = typer.Option("cockatoo-weekly-retrain", "--name"),
+             name: str = typer.Option(None, "--name",
+                                      help="default: cockatoo-weekly-retrain, cockatoo-daily-score"),
              model_type: str = PIPELINE_MODEL_TYPE,
-             set_: list[str] = SET, param: list[str] = PARAM, cluster=None):
-    """Create a recurring run (one at a time, no catch-up); prints its URL."""
+             set_: list[str] = SET, param: list[str] = PARAM, pipeline: str = PIPELINE, cluster=None):
+    """Create a recurring run of a pipeline (one at a time, no catch-up); prints its URL."""
     from pipelines.runner import schedule as run_schedule
 
-    typer.echo(run_schedule(host, cron, _params(model_type, set_, param), experiment, cluster, name))
+    params = _params(model_type, set_, param, _known(pipeline))
+    typer.echo(run_schedule(host, cron, params, experiment, cluster, name, pipeline))
 
 
 @app.command()

@@ -55,6 +55,10 @@ class Cluster:
     # A volume of this size (e.g. "100Gi") for prepare's and tokenize's temporary files, which
     # hold a data set's images twice over; empty: the pod's ephemeral storage.
     scratch_size: str = ""
+    # The cockatoo-score pipeline: GPUs per shard (0: the CPU image) and shards scored at once
+    # (0: all; KFP takes this at compile time, not as a run parameter).
+    score_gpus: int = 0
+    score_parallelism: int = 8
     # kfp.local 2.16 cannot resolve the schedule-time placeholder; local runs pass a constant.
     for_local: bool = False
 
@@ -72,10 +76,12 @@ class PipelineOutputs(NamedTuple):
 RESOURCES = {  # (cpu, memory) requests per step
     "prepare": ("2", "8G"), "tokenize": ("4", "8G"), "train-pod-gpus": ("100m", "256M"),
     "train": ("8", "48G"), "evaluate": ("2", "8G"), "promote": ("2", "8G"),
+    # the cockatoo-score pipeline's
+    "plan-scoring": ("1", "2G"), "score-shard": ("4", "8G"), "finish-scoring": ("1", "2G"),
 }
 
 
-def _configure(task, step: str, image: str, cluster: Cluster, shm: bool = False,
+def configure(task, step: str, image: str, cluster: Cluster, shm: bool = False,
                scratch: bool = False):
     cpu, memory = RESOURCES[step]
     task.set_container_image(image).set_cpu_request(cpu).set_memory_request(memory)
@@ -134,14 +140,14 @@ def _build(cluster: Cluster):
             data_config=data_config, labels=labels, seed=seed, max_samples=max_train_samples,
             model_type=model_type, overrides=overrides, base_model=base_model,
             schedule_time=schedule_time)
-        _configure(prepare, "prepare", cluster.images.cpu, cluster, scratch=True)
+        configure(prepare, "prepare", cluster.images.cpu, cluster, scratch=True)
         # Sources may change under the same URI: always read them afresh. (The schedule time
         # alone would do where the backend resolves its placeholder; not every backend does.)
         prepare.set_caching_options(False)
 
         tok = tokenize(data=prepare.outputs["data"], model_type=model_type, overrides=overrides,
                        base_model=base_model, cache_root=tokenized_cache_root)
-        _configure(tok, "tokenize", cluster.images.cpu, cluster, shm=True, scratch=True)
+        configure(tok, "tokenize", cluster.images.cpu, cluster, shm=True, scratch=True)
 
         tokenized = dsl.importer(artifact_uri=tok.outputs["cache_uri"], artifact_class=Dataset,
                                  reimport=False)
@@ -149,12 +155,12 @@ def _build(cluster: Cluster):
 
         # With nodes > 1 the step's pod only waits for the TrainJob's nodes: it holds no GPU.
         pod_gpus = train_pod_gpus(gpus=gpus, nodes=nodes)
-        _configure(pod_gpus, "train-pod-gpus", cluster.images.cpu, cluster)
+        configure(pod_gpus, "train-pod-gpus", cluster.images.cpu, cluster)
 
         fit = train(tokenized=tokenized.output, model_type=model_type, overrides=overrides,
                     base_model=base_model, seed=seed, gpus=gpus, checkpoint_root=checkpoint_root,
                     nodes=nodes)
-        _configure(fit, "train", cluster.images.cuda, cluster, shm=True)
+        configure(fit, "train", cluster.images.cuda, cluster, shm=True)
         fit.set_env_variable(IMAGE_ENV, cluster.images.cuda)  # what a TrainJob's nodes run
         fit.set_env_variable(ACCELERATOR_ENV, cluster.accelerator_type)  # and on what
         fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(pod_gpus.output)
@@ -164,7 +170,7 @@ def _build(cluster: Cluster):
                           backoff_max_duration="3600s")
 
         scored = evaluate(model=fit.outputs["model"], tokenized=tokenized.output)
-        _configure(scored, "evaluate", cluster.images.cpu, cluster)
+        configure(scored, "evaluate", cluster.images.cpu, cluster)
 
         gate = promote(model=fit.outputs["model"], data=prepare.outputs["data"],
                        evaluation=scored.outputs["evaluation"], registry_uri=registry_uri,
@@ -172,7 +178,7 @@ def _build(cluster: Cluster):
                        min_improvement=min_improvement, max_label_drop=max_label_drop,
                        allow_label_change=allow_label_change, min_gain_over_baseline=min_gain_over_baseline,
                        allow_below_baseline=allow_below_baseline)
-        _configure(gate, "promote", cluster.images.cpu, cluster)
+        configure(gate, "promote", cluster.images.cpu, cluster)
         kubernetes.use_secret_as_env(gate, cluster.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
         gate.set_caching_options(False)
 

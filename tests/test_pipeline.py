@@ -397,7 +397,7 @@ def test_schedule_reuses_the_named_experiment_and_reports_a_lookup_error(capsys,
 @pytest.mark.parametrize("args, message", [
     (["schedule", "--cron", "0 3 * * 1"], "invalid cron '0 3 \\* \\* 1': KFP expects six fields"),
     (["submit", "--param", "learning_rate=1e-5"],
-     "unknown pipeline parameter 'learning_rate'; valid: model_type"),
+     "unknown cockatoo-train parameter 'learning_rate'; valid: model_type"),
     (["submit", "--model-type", "bert"], "unknown model type 'bert'"),
 ])
 def test_cluster_commands_check_input_before_contacting_the_server(args, message, capsys, monkeypatch):
@@ -430,3 +430,17 @@ def test_a_run_with_a_registry_of_its_own_makes_no_embedded_one(tmp_path, monkey
     with pytest.raises(RuntimeError, match="stop before compiling"):
         run_local({"model_type": "minilm"}, tmp_path / "root")
     assert (tmp_path / "root" / "registry").is_dir()  # the embedded one, when none is given
+
+
+def test_a_step_that_fails_in_a_local_run_says_why_in_the_one_line(tmp_path, capsys, monkeypatch):
+    # A label outside 0/1 passes the checks before the run and fails in prepare, in its own process.
+    pd.DataFrame({"text": [f"post {i}" for i in range(20)], "scam": [0, 1, 2, 0] * 5}).to_csv(
+        tmp_path / "posts.csv", index=False)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({
+        "labels": ["scam"], "sources": [{"name": "posts", "path": "posts.csv", "text_column": "text",
+                                         "labels": {"scam": "scam"}}]}))
+    code, _, err = run_cli(["run", "-m", "minilm", "--data-config", tmp_path / "data.yaml", "--output-root",
+                            tmp_path / "runs"], capsys, monkeypatch)
+    line = error_line(err)
+    assert code == 2 and line.startswith("error: the local run failed: "), line
+    assert "posts.csv" in line and "scam" in line, line

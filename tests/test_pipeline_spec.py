@@ -262,7 +262,8 @@ def test_promote_takes_the_runs_data_model_and_evaluation_and_the_mlflow_secret(
 
 def test_every_step_of_the_one_list_is_a_component_with_resources_and_a_task(tmp_path):
     assert list(COMPONENTS) == list(steps.STEPS)
-    assert set(RESOURCES) == {*steps.STEPS, "train-pod-gpus"}
+    # and the cockatoo-score pipeline's steps (tests/test_score_pipeline.py)
+    assert set(RESOURCES) == {*steps.STEPS, "train-pod-gpus", "plan-scoring", "score-shard", "finish-scoring"}
     _, tasks, _, _ = _compiled(tmp_path)
     assert set(STEPS) <= set(tasks)
     shown = [tasks[component.name]["taskInfo"]["name"] for component in COMPONENTS.values()]

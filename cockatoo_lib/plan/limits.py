@@ -19,6 +19,8 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "gpu_memory_gib": (1.0, 1024.0),
     "batch_size": (1, 65536),  # predict's
     "shard_rows": (1, 100_000_000),  # predict's, into a folder
+    "shards": (1, 10_000),  # the score pipeline's pods
+    "parallelism": (0, 10_000),  # of its shards at once; 0: all
     "http_port": (1, 65535),
     # The promote gate's rules, in macro-F1 and F1 points.
     "min_improvement": (-1.0, 1.0),

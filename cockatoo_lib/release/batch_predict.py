@@ -86,15 +86,22 @@ def read_chunks(uri: str, text_column: str, rows: int) -> Iterator[pd.DataFrame]
 
 def predict_folder(model: str, input_uri: str, output: str, text_column: str = "text",
                    image_column: str | None = None, registry_uri: str | None = None,
-                   batch_size: int = DEFAULT_BATCH_SIZE, shard_rows: int = SHARD_ROWS) -> dict:
+                   batch_size: int = DEFAULT_BATCH_SIZE, shard_rows: int = SHARD_ROWS,
+                   files: list[str] | None = None, finished_is_done: bool = False) -> dict:
+    """Score `input_uri` (or the given `files` of it) into the folder `output`. A finished
+    folder is refused; with `finished_is_done` (a retried pipeline shard) one finished by the same
+    model on the same files is this call's result instead."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     fs, root = remote.url_to_fs(output.rstrip("/"))
+    files = files or input_files(input_uri)
     if fs.exists(f"{root}/{MANIFEST}"):
+        done = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+        if finished_is_done and done.get("model") == model and done.get("files") == files:
+            return {**done, "output": output, "preview": []}
         raise CockatooError(f"output {output} is finished already (it has {MANIFEST}); remove it or choose "
                             "another")
-    files = input_files(input_uri)
     classifier = Classifier.load(model, registry_uri)  # once: every shard scores with this version
     fs.makedirs(root, exist_ok=True)
     positives = dict.fromkeys(classifier.labels, 0)
@@ -122,7 +129,7 @@ def predict_folder(model: str, input_uri: str, output: str, text_column: str = "
         raise CockatooError(f"predict input {input_uri} has no rows")
     manifest = {"rows": rows, "shards": shards, "labels": classifier.labels, "positives": positives,
                 "model": model, "model_dir": str(classifier.model_dir), "rows_scored_by_this_run": scored,
-                "seconds": round(time.perf_counter() - start, 1)}
+                "seconds": round(time.perf_counter() - start, 1), "files": files}
     from cockatoo_lib.storage.publish import create_only
 
     create_only(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
