@@ -155,6 +155,7 @@ def write_report(results: dict, path: Path) -> None:
 def _benchmarks() -> tuple:
     """The benchmarks `make bench` runs, in order (cheap first); B4 and B10 run elsewhere."""
     from bench import (
+        backlog_scoring,
         data_parallel,
         image_prep,
         optimizer_memory,
@@ -167,7 +168,7 @@ def _benchmarks() -> tuple:
     )
 
     return (optimizer_memory, tokenization, prepare_at_scale, image_prep, training_throughput, quality,
-            predict_speed, data_parallel, serving)
+            predict_speed, backlog_scoring, data_parallel, serving)
 
 
 def main() -> None:

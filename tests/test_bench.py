@@ -300,3 +300,27 @@ def test_b11_counts_each_request_once_and_its_failures_apart(tmp_path):
     assert "| 32 | (a'') `cockatoo serve`, int8 | 480.0 |" in text and "**96.00× the requests/s**" in text
     assert "fp32 400 texts/s, of which (a) at 32 clients reaches 80%; int8 960 texts/s" in text
     assert "3× (b)'s requests/s at 32 clients is 15 requests/s." in text
+
+
+def test_b12_reports_memory_at_the_larger_backlog_against_the_smaller_and_the_pipeline(tmp_path):
+    """B12's run takes minutes (`make bench ONLY=b12`); here its input and its report."""
+    import pandas as pd
+
+    from bench.backlog_scoring import write_backlog
+
+    folder = write_backlog(tmp_path / "in", rows=10, file_rows=3)
+    frames = [pd.read_parquet(p) for p in sorted(folder.iterdir())]
+    assert [len(f) for f in frames] == [3, 3, 3, 1]
+    assert pd.concat(frames)["ref"].tolist() == list(range(10))
+    b12 = {"model": "tiny", "shards": 4,
+           "predict": [{"rows": 100_000, "shards": 1, "seconds": 20.0, "peak_rss_bytes": 2**30},
+                       {"rows": 1_000_000, "shards": 10, "seconds": 200.0, "peak_rss_bytes": 1.1 * 2**30}],
+           "pipeline": {"rows": 1_000_000, "shards": 4, "seconds": 250.0, "shard_seconds": [50, 51, 49, 50],
+                        "peak_rss_bytes": 2**30}}
+    doc = tmp_path / "benchmarks.md"
+    write_report({"machine": MACHINE, "b12": b12}, doc)
+    text = doc.read_text()
+    assert "| `predict --output FOLDER/` | 1,000,000 | 200.0 | 5,000 | 1.10 GiB |" in text
+    assert "| `cockatoo score`, 4 shards one after another (kfp.local) | 1,000,000 | 250.0 | 4,000 |" in text
+    assert "**Peak RSS at 1,000,000 rows: 1.10× that at 100,000**" in text
+    assert "took 50, 51, 49, 50 s each" in text

@@ -1,6 +1,8 @@
 """Predict: the Classifier gives what the trained model gives, in input order; files in and out
 in every format, local and in a bucket; bad input is one line and writes nothing."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -269,3 +271,66 @@ def test_a_shard_that_no_longer_matches_its_input_stops_the_rerun(trained_run, t
     assert "part-00001.parquet holds 40 rows where this chunk of the input has 10" in error_line(err)
     code, _, err = run_cli([*argv[:4], f"{folder}/*.txt", *argv[5:]], capsys, monkeypatch)
     assert code == 2 and "matches no CSV, JSONL or Parquet file" in error_line(err)
+
+
+def test_an_empty_file_among_many_is_skipped_and_an_unreadable_one_is_one_line(trained_run, tmp_path, capsys,
+                                                                                monkeypatch):
+    folder = tmp_path / "posts"
+    folder.mkdir()
+    pd.DataFrame({"text": ["win a prize", "see you"]}).to_csv(folder / "a.csv", index=False)
+    (folder / "b.csv").write_text("")  # an hour without posts
+    (folder / "c.parquet").write_bytes(b"PAR1 not parquet at all")
+    out = tmp_path / "scored"
+    argv = ["predict", "--model", trained_run["model"], "--input", folder, "--output", f"{out}/"]
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    line = error_line(err)
+    assert code == 2, line
+    assert line.startswith(f"error: predict input {folder / 'c.parquet'} cannot be read as PARQUET: "), line
+    assert not (out / "manifest.json").exists()
+    (folder / "c.parquet").unlink()
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 2
+
+
+def test_two_predicts_into_one_folder_one_wins_and_the_other_says_so(trained_run, tmp_path, capsys,
+                                                                     monkeypatch):
+    from cockatoo_lib.release import batch_predict
+
+    folder, _ = _backlog(tmp_path)
+    out = tmp_path / "scored"
+    argv = ["predict", "--model", trained_run["model"], "--input", folder, "--output", f"{out}/"]
+    real_scored, started = batch_predict._scored, []
+
+    def other_run_finishes_first(*args, **kwargs):
+        if not started:  # while this run scores its first shard, another run does the whole output
+            started.append(True)
+            batch_predict.predict_folder(str(trained_run["model"]), str(folder), f"{out}/")
+        return real_scored(*args, **kwargs)
+
+    monkeypatch.setattr(batch_predict, "_scored", other_run_finishes_first)
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 2
+    assert error_line(err) == (f"error: predict output {out}/part-00000.parquet appeared while this run "
+                               "scored it (another run on the same output?); run again to check it")
+    manifest = json.loads((out / "manifest.json").read_text())  # the winner's, whole
+    assert manifest["rows"] == sum(len(pd.read_parquet(p)) for p in out.glob("part-*.parquet"))
+
+
+def test_a_long_input_is_tokenized_a_block_at_a_time_and_scores_the_same(trained_run, monkeypatch):
+    from cockatoo_lib.release import predict
+
+    classifier = Classifier.load(trained_run["model"])
+    texts = [f"post {i}: " + "win a free prize " * (i % 9) for i in range(40)]
+    whole = classifier.predict_proba(texts)
+    sizes, call = [], type(classifier.tokenizer).__call__
+
+    def counting(self, batch, *args, **kwargs):
+        sizes.append(len(batch))
+        return call(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "TOKENIZE_ROWS", 16)
+    monkeypatch.setattr(type(classifier.tokenizer), "__call__", counting)
+    blocked = classifier.predict_proba(texts)
+    assert sizes == [16, 16, 8]  # a backlog's chunk never has all its encodings in memory at once
+    np.testing.assert_allclose(blocked, whole, atol=1e-6)

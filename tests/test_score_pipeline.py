@@ -1,6 +1,7 @@
 """The cockatoo-score pipeline: its compiled fan-out, and local runs through kfp.local."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -120,6 +121,8 @@ def test_a_local_run_scores_every_shard_with_the_champion_pinned_at_the_start(tr
     code, stdout, err = run_cli(argv, capsys, monkeypatch)
     assert code == 0, err
     assert f"{out}: 150 rows in 2 shards, scored by models:/m/{version.version}" in stdout
+    # Parquet footers give each shard's progress its total, so a rate and an ETA: "100/100 [00:01<00:00".
+    assert re.findall(r"predict: 100%\S* ([\d.]+)/([\d.]+) \[", stdout) == [("100", "100"), ("50.0", "50.0")]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == f"models:/m/{version.version}"
     assert [s["rows"] for s in manifest["shards"]] == [100, 50]  # files 0 and 2, then file 1
@@ -151,7 +154,7 @@ def test_a_local_run_scores_every_shard_with_the_champion_pinned_at_the_start(tr
 def test_a_shard_with_a_bad_file_fails_naming_it_and_nothing_is_published(trained_run, tmp_path, capsys,
                                                                            monkeypatch):
     folder, _ = _backlog(tmp_path)
-    pd.DataFrame({"body": ["no text column"]}).to_parquet(folder / "part3.parquet")
+    pd.DataFrame({"body": ["no text column"]}).to_parquet(folder / "a-bad.parquet")  # shard 0's first
     out = tmp_path / "scored"
     argv = ["score", "--input", folder, "--output", out, "--model", trained_run["model"], "--shards", "2",
             "--output-root", tmp_path / "root"]
@@ -159,7 +162,7 @@ def test_a_shard_with_a_bad_file_fails_naming_it_and_nothing_is_published(traine
     assert code == 2
     # The one line says which step failed and why, from the step's own error.
     line = error_line(err)
-    assert line.startswith("error: the local run failed at shard 1: ") and "part3.parquet" in line, line
+    assert line.startswith("error: the local run failed at shard 0: ") and "a-bad.parquet" in line, line
     assert not (out / "manifest.json").exists()
 
 

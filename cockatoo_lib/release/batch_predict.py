@@ -74,14 +74,42 @@ def read_chunks(uri: str, text_column: str, rows: int) -> Iterator[pd.DataFrame]
         yield read_table(uri, "predict input", text_column=text_column)
         return
     with _open(uri, "predict input") as handle:
-        if fmt == "csv":
-            yield from pd.read_csv(handle, dtype={text_column: str}, chunksize=rows)
-        elif fmt == "jsonl":
-            yield from pd.read_json(handle, lines=True, dtype=False, chunksize=rows)
-        else:  # Parquet seeks to its footer: a compressed stream is read into memory first
-            source = io.BytesIO(handle.read()) if infer_compression(uri.lower()) is not None else handle
-            for batch in pq.ParquetFile(source).iter_batches(batch_size=rows):
-                yield batch.to_pandas()
+        try:
+            if fmt == "csv":
+                chunks = pd.read_csv(handle, dtype={text_column: str}, chunksize=rows)
+            elif fmt == "jsonl":
+                chunks = pd.read_json(handle, lines=True, dtype=False, chunksize=rows)
+            else:  # Parquet seeks to its footer: a compressed stream is read into memory first
+                source = io.BytesIO(handle.read()) if infer_compression(uri.lower()) is not None else handle
+                chunks = (batch.to_pandas() for batch in pq.ParquetFile(source).iter_batches(batch_size=rows))
+            # An empty file among many is no error (an hour without posts); a backlog of none is.
+            yield from (chunk for chunk in chunks if len(chunk))
+        except pd.errors.EmptyDataError:
+            return
+        except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # ArrowInvalid too
+            raise CockatooError(f"predict input {uri} cannot be read as {fmt.upper()}: "
+                                f"{str(exc).strip().splitlines()[0][:200]}") from None
+
+
+def parquet_rows(files: list[str]) -> int | None:
+    """The rows of an input of plain Parquet files, from their footers: the progress bar's total,
+    which gives it an ETA. None for other inputs (a CSV's rows are known only once read), or where
+    a footer cannot be read (reading the file says why)."""
+    import pyarrow.parquet as pq
+
+    from cockatoo_lib.data.prepare import _open, infer_compression, table_format
+
+    if not all(table_format(f, "predict input") == "parquet" and infer_compression(f.lower()) is None
+               for f in files):
+        return None
+    try:
+        total = 0
+        for uri in files:
+            with _open(uri, "predict input") as handle:
+                total += pq.read_metadata(handle).num_rows
+        return total
+    except Exception:  # noqa: BLE001 - only the bar's total is lost
+        return None
 
 
 def predict_folder(model: str, input_uri: str, output: str, text_column: str = "text",
@@ -107,7 +135,7 @@ def predict_folder(model: str, input_uri: str, output: str, text_column: str = "
     positives = dict.fromkeys(classifier.labels, 0)
     shards = scored = rows = 0
     preview: list[tuple[str, str]] = []
-    with tqdm(desc="predict", unit="row", unit_scale=True) as progress:  # rows/s and, per shard, the pace
+    with tqdm(desc="predict", unit="row", unit_scale=True, total=parquet_rows(files)) as progress:
         for uri in files:
             for frame in read_chunks(uri, text_column, shard_rows):
                 shard = f"{root}/part-{shards:05d}.parquet"
