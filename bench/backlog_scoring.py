@@ -126,5 +126,9 @@ def section(m: dict, b12: dict) -> list[str]:
         f"that at {small['rows']:,}** (target: at most 1.3×). The pipeline's shards took "
         f"{', '.join(f'{s:.0f}' for s in pipeline['shard_seconds'])} s each; on a cluster they run at once, "
         f"one pod each, so its time there is about the longest shard's plus the steps' starts.",
+        "",
+        "Memory follows the largest piece read at once, not the rows: a Parquet row group is read whole "
+        "(these files hold one each; the 100,000-row backlog's is 100,000 rows) and cut into `--shard-rows` "
+        "chunks (100,000), whose texts are tokenized 16,384 at a time.",
     ]
     return lines
