@@ -324,3 +324,16 @@ def test_b12_reports_memory_at_the_larger_backlog_against_the_smaller_and_the_pi
     assert "| `cockatoo score`, 4 shards one after another (kfp.local) | 1,000,000 | 250.0 | 4,000 |" in text
     assert "**Peak RSS at 1,000,000 rows: 1.10× that at 100,000**" in text
     assert "took 50, 51, 49, 50 s each" in text
+
+
+@pytest.mark.slow
+def test_b2_times_a_cold_run_a_hit_and_the_tokenizer_alone(tmp_path):
+    from bench.tokenization import bench_tokenization
+
+    b2 = bench_tokenization(rows=300, repeats=1)
+    assert 0 < b2["hit_s"] and 0 < b2["tokenizer_s"]
+    assert b2["cold_share_of_tokenizer"] == pytest.approx(b2["tokenizer_s"] / b2["cold_s"])
+    doc = tmp_path / "benchmarks.md"
+    write_report({"machine": MACHINE, "b2": b2}, doc)
+    share = b2["cold_share_of_tokenizer"]
+    assert f"**A cold run goes at {share:.0%} of the tokenizer's speed**" in doc.read_text()
