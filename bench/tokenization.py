@@ -77,5 +77,6 @@ def section(m: dict, b2: dict) -> list[str]:
         "",
         f"**A cold run goes at {b2['cold_share_of_tokenizer']:.0%} of the tokenizer's speed** "
         "(target: at least 67%).",
+        "",
         f"**A hit costs {b2['hit_fraction']:.1%} of a cold run** (target: at most 5%).",
     ]
