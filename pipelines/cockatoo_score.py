@@ -6,7 +6,6 @@ No step is cached: the same URIs name new posts from one run to the next, and th
 the user's bucket, not KFP's artifacts, are what a run leaves.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from kfp import dsl, kubernetes
@@ -14,7 +13,7 @@ from kfp.dsl import Artifact, Metrics
 
 from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
 from components.score import finish_scoring, plan_scoring, score_shard
-from pipelines.cockatoo_train import Cluster, configure
+from pipelines.cockatoo_train import Cluster, configure, on_a_shallow_stack
 
 PIPELINE_NAME = "cockatoo-score"
 
@@ -25,9 +24,7 @@ class ScoreOutputs(NamedTuple):
 
 
 def build_score_pipeline(cluster: Cluster = Cluster()):
-    """Built in a thread of its own, as the training pipeline (build_pipeline says why)."""
-    with ThreadPoolExecutor(max_workers=1) as thread:
-        return thread.submit(_build, cluster).result()
+    return on_a_shallow_stack(_build, cluster)
 
 
 def _build(cluster: Cluster):

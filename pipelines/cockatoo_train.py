@@ -103,12 +103,17 @@ def configure(task, step: str, image: str, cluster: Cluster, shm: bool = False,
 
 
 def build_pipeline(cluster: Cluster = Cluster()):
-    """The pipeline for `cluster`. Built in a thread of its own: KFP's task setters name their
-    caller with inspect.stack(), which reads the source of every frame on the stack, seconds a
-    build under a deep stack in a process that has loaded torch (a test, a notebook); a new
-    thread's stack is a few frames deep."""
+    """The pipeline for `cluster`."""
+    return on_a_shallow_stack(_build, cluster)
+
+
+def on_a_shallow_stack(build, cluster: Cluster):
+    """build(cluster) in a thread of its own: KFP's task setters name their caller with
+    inspect.stack(), which reads the source of every frame on the stack, seconds a build under a
+    deep stack in a process that has loaded torch (a test, a notebook); a new thread's stack is a
+    few frames deep."""
     with ThreadPoolExecutor(max_workers=1) as thread:
-        return thread.submit(_build, cluster).result()
+        return thread.submit(build, cluster).result()
 
 
 def _build(cluster: Cluster):
