@@ -13,7 +13,7 @@ from helpers import error_line, run_cli
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.release.predict import Classifier
-from cockatoo_lib.release.scoring import dated, plan_scoring
+from cockatoo_lib.release.scoring import dated, finish_scoring, plan_scoring, score_shard
 from components.images import Images
 from pipelines.cockatoo_train import RESOURCES, Cluster
 from pipelines.runner import SCORE_PIPELINE, check_params, compile_pipeline
@@ -137,16 +137,18 @@ def test_a_local_run_scores_every_shard_with_the_champion_pinned_at_the_start(tr
     hits = want.to_numpy() >= classifier.thresholds
     assert manifest["positives"] == dict(zip(classifier.labels, hits.sum(axis=0).tolist()))
 
-    # A run that died before finish: shard 1 lost a part, finish never ran. The rerun keeps shard 0
-    # as it is (finished with the same version and files) and writes only what is missing.
+    # A run that died before finish: shard 1 lost a part, finish never ran. The rerun (its steps
+    # in this process: the kfp.local wiring is the first run's) keeps shard 0 as it is (finished
+    # with the same version and files) and writes only what is missing.
     (out / "manifest.json").unlink()
     shutil.rmtree(out / "shard-00001")
     kept = (out / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns
-    code, _, err = run_cli(argv, capsys, monkeypatch)
-    assert code == 0, err
+    plan = plan_scoring("models:/m@champion", str(folder), str(out), 2, registry_uri)
+    for shard in plan["shards"]:
+        score_shard(plan["model"], shard["files"], plan["output"], shard["index"], registry_uri)
+    assert finish_scoring(plan)["rows"] == 150
     assert (out / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns == kept
-    assert json.loads((out / "manifest.json").read_text())["rows"] == 150
-    # Finished: a third run is refused before anything scores.
+    # Finished: another run is refused before anything scores.
     code, _, err = run_cli(argv, capsys, monkeypatch)
     assert code == 2 and "is finished already (it has manifest.json)" in error_line(err)
 
