@@ -150,9 +150,9 @@ def test_a_local_run_scores_every_shard_with_the_champion_pinned_at_the_start(tr
         score_shard(plan["model"], shard["files"], plan["output"], shard["index"], registry_uri)
     assert finish_scoring(plan)["rows"] == 150
     assert (out / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns == kept
-    # Finished: another run is refused before anything scores.
-    code, _, err = run_cli(argv, capsys, monkeypatch)
-    assert code == 2 and "is finished already (it has manifest.json)" in error_line(err)
+    # Finished: another run is refused at its plan, before anything scores.
+    with pytest.raises(CockatooError, match=r"is finished already \(it has manifest.json\)"):
+        plan_scoring("models:/m@champion", str(folder), str(out), 2, registry_uri)
 
 
 def test_a_shard_with_a_bad_file_fails_naming_it_and_nothing_is_published(trained_run, tmp_path, capsys,
