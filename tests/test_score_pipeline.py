@@ -157,6 +157,8 @@ def test_a_local_run_scores_every_shard_with_the_champion_pinned_at_the_start(tr
 
 def test_a_shard_with_a_bad_file_fails_naming_it_and_nothing_is_published(trained_run, tmp_path, capsys,
                                                                            monkeypatch):
+    # Its steps' processes unmeasured: the local run above measures the same component code.
+    monkeypatch.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
     folder, _ = _backlog(tmp_path)
     pd.DataFrame({"body": ["no text column"]}).to_parquet(folder / "a-bad.parquet")  # shard 0's first
     out = tmp_path / "scored"
