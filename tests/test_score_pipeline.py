@@ -82,10 +82,11 @@ def test_the_plan_deals_files_round_robin_and_dates_the_uris(tmp_path):
     # Never more shards than files.
     assert len(plan_scoring("/models/m", f"{tmp_path}/2026-12-03", str(tmp_path / "o"), 8)["shards"]) == 5
     assert dated("s3://b/{today}", "2027-01-01T00:30:00+00:00") == "s3://b/2027-01-01"
-    from cockatoo_lib.errors import CockatooError
-
     with pytest.raises(CockatooError, match=r"only \{today\} and \{yesterday\}"):
         dated("s3://b/{date}")
+    unresolved = "{{$.pipeline_job_schedule_time_utc}}"
+    with pytest.raises(CockatooError, match=rf"the run's time {re.escape(repr(unresolved))} is no ISO time"):
+        dated("s3://b/{today}", unresolved)
 
 
 def _backlog(tmp_path, rows=150):

@@ -44,7 +44,12 @@ def pin_model(model: str, registry_uri: str | None) -> str:
 def dated(uri: str, run_time: str = "") -> str:
     """`uri` with {today} and {yesterday} as the run's UTC date (YYYY-MM-DD) and the day before.
     `run_time`: an ISO time (KFP's schedule time), empty for now."""
-    when = dt.datetime.fromisoformat(run_time.replace("Z", "+00:00")) if run_time else dt.datetime.now(dt.UTC)
+    try:
+        when = (dt.datetime.fromisoformat(run_time.replace("Z", "+00:00")) if run_time
+                else dt.datetime.now(dt.UTC))
+    except ValueError:
+        raise CockatooError(f"the run's time {run_time!r} is no ISO time (KFP's schedule time placeholder "
+                            "unresolved?); {today} and {yesterday} need it") from None
     day = when.astimezone(dt.UTC).date()
     try:
         return uri.format(today=day.isoformat(), yesterday=(day - dt.timedelta(days=1)).isoformat())
