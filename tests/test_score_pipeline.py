@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,10 +11,12 @@ import pytest
 import yaml
 from fake_kfp import FakeKFP
 from helpers import error_line, run_cli
+from kfp import dsl
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.release.predict import Classifier
-from cockatoo_lib.release.scoring import dated, finish_scoring, plan_scoring, score_shard
+from cockatoo_lib.release.scoring import dated, plan_scoring
+from components import score
 from components.images import Images
 from pipelines.cockatoo_train import RESOURCES, Cluster
 from pipelines.runner import SCORE_PIPELINE, check_params, compile_pipeline
@@ -115,6 +118,9 @@ def champion(trained_run, tmp_path):
 def test_a_local_run_scores_every_shard_with_the_champion_pinned_at_the_start(trained_run, champion, tmp_path,
                                                                               capsys, monkeypatch):
     registry_uri, version = champion
+    # The steps' processes unmeasured (each would start coverage): the rerun below measures the
+    # same component code in this process.
+    monkeypatch.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
     folder, frame = _backlog(tmp_path)
     out = tmp_path / "scored"
     argv = ["score", "--input", folder, "--output", out, "--model", "models:/m@champion", "--registry-uri",
@@ -140,16 +146,24 @@ def test_a_local_run_scores_every_shard_with_the_champion_pinned_at_the_start(tr
     hits = want.to_numpy() >= classifier.thresholds
     assert manifest["positives"] == dict(zip(classifier.labels, hits.sum(axis=0).tolist()))
 
-    # A run that died before finish: shard 1 lost a part, finish never ran. The rerun (its steps
-    # in this process: the kfp.local wiring is the first run's) keeps shard 0 as it is (finished
-    # with the same version and files) and writes only what is missing.
+    # A run that died before finish: shard 1 lost a part, finish never ran. The rerun (the same
+    # components in this process, measured there: the kfp.local wiring is the first run's) keeps
+    # shard 0 as it is (finished with the same version and files) and writes only what is missing.
     (out / "manifest.json").unlink()
     shutil.rmtree(out / "shard-00001")
     kept = (out / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns
-    plan = plan_scoring("models:/m@champion", str(folder), str(out), 2, registry_uri)
-    for shard in plan["shards"]:
-        score_shard(plan["model"], shard["files"], plan["output"], shard["index"], registry_uri)
-    assert finish_scoring(plan)["rows"] == 150
+    model, output_uri, shards, plan = score.plan_scoring.python_func(
+        model="models:/m@champion", input_uri=str(folder), output_uri=str(out), shards=2,
+        registry_uri=registry_uri, run_time="")
+    assert model == manifest["model"] and plan["shards"] == shards
+    rows = [score.score_shard.python_func(model=model, shard=shard, output_uri=output_uri,
+                                          registry_uri=registry_uri, text_column="text", image_column="",
+                                          batch_size=64) for shard in shards]
+    assert rows == [100, 50]
+    scored = dsl.Artifact(uri=str(tmp_path / "scored.json"))
+    metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
+    score.finish_scoring.python_func(plan=plan, scored=scored, metrics=metrics)
+    assert json.loads(Path(scored.path).read_text())["rows"] == 150 and metrics.metadata["rows"] == 150
     assert (out / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns == kept
     # Finished: another run is refused at its plan, before anything scores.
     with pytest.raises(CockatooError, match=r"is finished already \(it has manifest.json\)"):
@@ -158,7 +172,7 @@ def test_a_local_run_scores_every_shard_with_the_champion_pinned_at_the_start(tr
 
 def test_a_shard_with_a_bad_file_fails_naming_it_and_nothing_is_published(trained_run, tmp_path, capsys,
                                                                            monkeypatch):
-    # Its steps' processes unmeasured: the local run above measures the same component code.
+    # Its steps' processes unmeasured, as above.
     monkeypatch.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
     folder, _ = _backlog(tmp_path)
     pd.DataFrame({"body": ["no text column"]}).to_parquet(folder / "a-bad.parquet")  # shard 0's first
