@@ -245,7 +245,8 @@ def schedule(host: str = typer.Option(..., "--host"),
                                       help="default: cockatoo-weekly-retrain, cockatoo-daily-score"),
              model_type: str = PIPELINE_MODEL_TYPE,
              set_: list[str] = SET, param: list[str] = PARAM, pipeline: str = PIPELINE, cluster=None):
-    """Create a recurring run of a pipeline (one at a time, no catch-up); prints its URL."""
+    """Create a recurring run of a pipeline, one at a time (the weekly retrain catches no missed run
+    up, the daily score does); prints its URL."""
     from pipelines.runner import schedule as run_schedule
 
     params = _params(model_type, set_, param, _known(pipeline))

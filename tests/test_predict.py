@@ -279,6 +279,7 @@ def test_an_empty_file_among_many_is_skipped_and_an_unreadable_one_is_one_line(t
     folder.mkdir()
     pd.DataFrame({"text": ["win a prize", "see you"]}).to_csv(folder / "a.csv", index=False)
     (folder / "b.csv").write_text("")  # an hour without posts
+    (folder / "b2.csv").write_text("text\n")  # another, with its header
     (folder / "c.parquet").write_bytes(b"PAR1 not parquet at all")
     out = tmp_path / "scored"
     argv = ["predict", "--model", trained_run["model"], "--input", folder, "--output", f"{out}/"]
@@ -290,7 +291,8 @@ def test_an_empty_file_among_many_is_skipped_and_an_unreadable_one_is_one_line(t
     (folder / "c.parquet").unlink()
     code, _, err = run_cli(argv, capsys, monkeypatch)
     assert code == 0, err
-    assert json.loads((out / "manifest.json").read_text())["rows"] == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == 2 and manifest["shards"] == 1  # no empty part for the empty files
 
 
 def test_two_predicts_into_one_folder_one_wins_and_the_other_says_so(trained_run, tmp_path, capsys,

@@ -112,6 +112,11 @@ def parquet_rows(files: list[str]) -> int | None:
         return None
 
 
+def finished_already(output: str) -> CockatooError:
+    return CockatooError(f"output {output} is finished already (it has {MANIFEST}); remove it or choose "
+                         "another")
+
+
 def predict_folder(model: str, input_uri: str, output: str, text_column: str = "text",
                    image_column: str | None = None, registry_uri: str | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, shard_rows: int = SHARD_ROWS,
@@ -128,8 +133,7 @@ def predict_folder(model: str, input_uri: str, output: str, text_column: str = "
         done = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
         if finished_is_done and done.get("model") == model and done.get("files") == files:
             return {**done, "output": output, "preview": []}
-        raise CockatooError(f"output {output} is finished already (it has {MANIFEST}); remove it or choose "
-                            "another")
+        raise finished_already(output)
     classifier = Classifier.load(model, registry_uri)  # once: every shard scores with this version
     fs.makedirs(root, exist_ok=True)
     positives = dict.fromkeys(classifier.labels, 0)

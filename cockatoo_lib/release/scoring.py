@@ -19,12 +19,15 @@ import json
 import time
 
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.release.batch_predict import MANIFEST, input_files, predict_folder
+from cockatoo_lib.release.batch_predict import MANIFEST, finished_already, input_files, predict_folder
 from cockatoo_lib.release.model_registry import open_registry, parse_model_uri
 from cockatoo_lib.storage import remote
 from cockatoo_lib.storage.publish import create_only
 
-SHARD = "shard-{:05d}"
+
+def shard_folder(index: int | float) -> str:
+    # int(): a plan that went through KFP holds its numbers as floats (a protobuf Struct's doubles).
+    return f"shard-{int(index):05d}"
 
 
 def pin_model(model: str, registry_uri: str | None) -> str:
@@ -63,12 +66,11 @@ def plan_scoring(model: str, input_uri: str, output_uri: str, shards: int, regis
     """What every shard step needs: the pinned model, the dated URIs, each shard's files."""
     from cockatoo_lib.plan.limits import check_range
 
-    check_range("shards", shards, "shards")
+    check_range("shards", shards)
     input_uri, output_uri = dated(input_uri, run_time), dated(output_uri, run_time).rstrip("/")
     fs, root = remote.url_to_fs(output_uri)
     if fs.exists(f"{root}/{MANIFEST}"):
-        raise CockatooError(f"output {output_uri} is finished already (it has {MANIFEST}); remove it or "
-                            "choose another")
+        raise finished_already(output_uri)
     files = input_files(input_uri)
     count = min(shards, len(files))
     return {"model": pin_model(model, registry_uri), "input": input_uri, "output": output_uri,
@@ -76,8 +78,7 @@ def plan_scoring(model: str, input_uri: str, output_uri: str, shards: int, regis
 
 
 def shard_output(output_uri: str, index: int | float) -> str:
-    # int(): a plan that went through KFP holds its numbers as floats (a protobuf Struct's doubles).
-    return f"{output_uri.rstrip('/')}/{SHARD.format(int(index))}"
+    return f"{output_uri.rstrip('/')}/{shard_folder(index)}"
 
 
 def score_shard(model: str, files: list[str], output_uri: str, index: int, registry_uri: str | None = None,
@@ -110,7 +111,7 @@ def finish_scoring(plan: dict) -> dict:
         "output": output_uri,
         "labels": labels,
         "positives": {x: sum(s["positives"][x] for s in shards) for x in labels},
-        "shards": [{"folder": SHARD.format(int(p["index"])), "rows": s["rows"], "files": len(p["files"]),
+        "shards": [{"folder": shard_folder(p["index"]), "rows": s["rows"], "files": len(p["files"]),
                     "seconds": s["seconds"]} for p, s in zip(plan["shards"], shards, strict=True)],
         "seconds": round(time.time() - plan["started"], 1),
     }
