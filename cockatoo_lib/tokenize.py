@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from cockatoo_lib.data.clip_images import (
     IMAGE_BACKEND,
+    IMAGE_DECODE,
     PIXEL_COLUMN,
     load_image_processor,
     pixel_spec,
@@ -73,7 +74,7 @@ def tokenizer_identity(tokenizer, image_processor=None) -> str:
         digest = sha256_files(files, root=Path(tmp))
     # A local folder's path differs between machines; its contents (the digest) do not.
     name = tokenizer.name_or_path
-    images = f"+images({IMAGE_BACKEND})" if image_processor is not None else ""
+    images = f"+images({IMAGE_BACKEND},{IMAGE_DECODE})" if image_processor is not None else ""
     return f"{Path(name).name if Path(name).is_dir() else name}{images}@{digest[:16]}"
 
 

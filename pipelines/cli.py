@@ -156,7 +156,7 @@ def run(model_type: str = PIPELINE_MODEL_TYPE,
 def _predict_after_run(result: dict, source: str, predictions: Path) -> None:
     """Classify with what would serve: the champion; with no champion, this run's model, said so."""
     from cockatoo_lib.cli import show_predictions
-    from cockatoo_lib.data.prepare import read_table
+    from cockatoo_lib.data.tables import read_table
     from cockatoo_lib.release.model_registry import CHAMPION, open_registry
     from cockatoo_lib.release.predict import predict_file
 

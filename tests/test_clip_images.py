@@ -427,3 +427,28 @@ def test_image_workers_follow_the_pods_cpu_limit_not_the_nodes_cores(tmp_path, m
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000")  # cgroup v1: 3 CPUs
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
     assert cpus.available_cpus() == 3
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_its_pixels_stay_those_of_a_full_decode(tiny_models):
+    from cockatoo_lib.data.clip_images import check_image, to_pixels
+
+    photo = make_image(None, 5, size=(2000, 1500), fmt="JPEG")
+    processor = load_image_processor(str(tiny_models["clip-vit"]))
+    seen = []
+
+    class Recording:  # the processor, noting the size of each image it is given
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+        def __call__(self, image, **kwargs):
+            seen.append(image.size)
+            return processor(image, **kwargs)
+
+    (pixels,) = to_pixels([photo], Recording())
+    assert seen == [(1000, 750)]  # 1/2: the largest DCT scale that keeps 448 pixels on each side
+    full = processor(Image.open(io.BytesIO(photo)), do_rescale=False, do_normalize=False,
+                     return_tensors="np")["pixel_values"][0]
+    reduced = np.frombuffer(pixels, dtype=np.uint8).reshape(3, 224, 224).astype(float)
+    assert np.abs(reduced - full).mean() < 2.0  # of 255
+    assert check_image(photo) is None
+    assert "truncated" in check_image(photo[: len(photo) // 2])

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import error_line, run_cli, write_config
 
-from cockatoo_lib.data.prepare import content_split, load_data_config, prepare
+from cockatoo_lib.data.prepare import SPLITS, content_split, load_data_config, prepare
+from cockatoo_lib.errors import CockatooError
 
 
 def _read(folder, split="train"):
@@ -361,3 +362,76 @@ def test_negative_for_refuses_a_mapped_or_unknown_label(tmp_path, negative_for, 
     with pytest.raises(CockatooError, match="negative_for") as err:
         load_data_config(str(_two_sources(tmp_path, {"negative_for": negative_for})))
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def _mixed_sources(folder):
+    """Three formats, copies within and across sources, a label column that JSON lines name only
+    in some records, a holdout, and labels that merge_labels must combine across batches."""
+    rng = np.random.default_rng(3)
+    words = np.array(["Free prize", "hello  THERE", "click here", "kill it", "lunch?", "nice pic"])
+    texts = pd.Series(rng.choice(words, 90)) + " " + pd.Series(rng.integers(0, 25, 90)).astype(str)
+    pd.DataFrame({"body": texts[:40], "scam": rng.integers(0, 2, 40), "tox": rng.random(40)}).to_csv(
+        folder / "a.csv", index=False)
+    records = [{"text": t, **({"scam": int(rng.integers(0, 2))} if i % 7 == 3 else {})}
+               for i, t in enumerate(texts[40:70])]
+    (folder / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pd.DataFrame({"text": texts[70:].to_numpy(), "tox": rng.integers(0, 2, 20).astype(bool)}).to_parquet(
+        folder / "c.parquet")
+    pd.DataFrame({"text": texts[:6], "scam": 1}).to_csv(folder / "h.csv", index=False)
+    return write_config(folder, [{"name": "a", "path": "a.csv", "text_column": "body",
+                                  "labels": {"scam": "scam", "toxicity": "tox"}},
+                                 {"name": "b", "path": "b.jsonl", "labels": {"scam": "scam"}},
+                                 {"name": "c", "path": "c.parquet", "labels": {"toxicity": "tox"}}],
+                        holdout=[{"name": "h", "path": "h.csv", "labels": {"scam": "scam"}}])
+
+
+@pytest.mark.parametrize("dedup", ["keep_first", "merge_labels", "drop_conflicts"])
+def test_reading_sources_in_batches_writes_the_same_bytes_as_reading_them_whole(dedup, tmp_path, monkeypatch):
+    import cockatoo_lib.data.prepare as data
+
+    config = load_data_config(str(_mixed_sources(tmp_path))).model_copy(update={"dedup": dedup})
+    prepare(config, tmp_path / "whole", max_train_rows=30)
+    monkeypatch.setattr(data, "BATCH_ROWS", 4)  # every source in many batches, copies across them
+    prepare(config, tmp_path / "batches", max_train_rows=30)
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert files == ["holdout.parquet", "manifest.json", *sorted(f"{s}.parquet" for s in SPLITS)]
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "batches" / name).read_bytes(), name
+    manifest = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    assert manifest["sources"]["a"]["duplicates"] > 0 and manifest["holdout"]["training_rows_dropped"] > 0
+
+
+def test_row_groups_are_those_pyarrows_write_table_makes(tmp_path, monkeypatch):
+    import cockatoo_lib.data.prepare as data
+
+    monkeypatch.setattr(data, "ROWS_PER_GROUP", 5)
+    monkeypatch.setattr(data, "BATCH_ROWS", 3)
+    manifest = prepare(load_data_config(str(_mixed_sources(tmp_path))), tmp_path / "out")
+    assert manifest["splits"]["train"]["rows"] > 10
+    for split in ("train", "validation", "test", "holdout"):
+        path = tmp_path / "out" / f"{split}.parquet"
+        table = pq.read_table(path).cast(data.SPLIT_SCHEMA)
+        pq.write_table(table, tmp_path / "again.parquet", compression="zstd", row_group_size=5)
+        assert path.read_bytes() == (tmp_path / "again.parquet").read_bytes(), split
+
+
+def test_a_bad_value_in_a_later_batch_names_its_row_in_the_file(tmp_path, capsys, monkeypatch):
+    import cockatoo_lib.data.prepare as data
+
+    monkeypatch.setattr(data, "BATCH_ROWS", 3)
+    pd.DataFrame({"text": [f"t{i}" for i in range(10)], "label": [0] * 7 + [5, 0, 0]}).to_csv(
+        tmp_path / "d.csv", index=False)
+    config = write_config(tmp_path, [{"name": "d", "path": "d.csv", "labels": {"scam": "label"}}])
+    with pytest.raises(CockatooError, match=r"column 'label' holds 5 \(data row 8\)"):
+        prepare(load_data_config(str(config)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_json_lines_column_that_no_record_names_is_an_error_after_the_last_batch(tmp_path, monkeypatch):
+    import cockatoo_lib.data.prepare as data
+
+    monkeypatch.setattr(data, "BATCH_ROWS", 2)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "x": 1}) + "\n" for i in range(5)))
+    config = write_config(tmp_path, [{"name": "d", "path": "d.jsonl", "labels": {"scam": "label"}}])
+    with pytest.raises(CockatooError, match="label column 'label' for scam not found; columns: text, x$"):
+        prepare(load_data_config(str(config)), tmp_path / "out")

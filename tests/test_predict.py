@@ -102,7 +102,7 @@ def _bad(tmp_path, write, args, trained_run=None):
 @pytest.mark.parametrize("write, args, message", [
     (lambda p: pd.DataFrame({"body": ["x"]}).to_csv(p, index=False), [],
      "predict input {input}: text column 'text' not found; columns: body"),
-    (lambda p: p.write_text(""), [], "predict input: {input} is empty"),
+    (lambda p: p.write_text(""), [], "predict input: {input} has no rows"),
     (lambda p: p.write_text("text\n"), [], "predict input: {input} has no rows"),
     (lambda p: pd.DataFrame({"text": ["x"]}).to_csv(p, index=False), ["--image-column", "img"],
      "predict input {input}: image column 'img' not found; columns: text"),
@@ -286,7 +286,7 @@ def test_an_empty_file_among_many_is_skipped_and_an_unreadable_one_is_one_line(t
     code, _, err = run_cli(argv, capsys, monkeypatch)
     line = error_line(err)
     assert code == 2, line
-    assert line.startswith(f"error: predict input {folder / 'c.parquet'} cannot be read as PARQUET: "), line
+    assert line.startswith(f"error: predict input: cannot read {folder / 'c.parquet'} as parquet: "), line
     assert not (out / "manifest.json").exists()
     (folder / "c.parquet").unlink()
     code, _, err = run_cli(argv, capsys, monkeypatch)

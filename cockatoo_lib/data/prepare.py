@@ -7,11 +7,15 @@ never filled with 0: a zero would teach the model that those rows are negatives.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
-import io
 import logging
 import posixpath
 import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -20,13 +24,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from fsspec.utils import infer_compression
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cockatoo_lib.data.clip_images import Fetch, ImageStore, load_image_column
+from cockatoo_lib.data.tables import open_read, read_chunks, table_format
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.plan.limits import check_range
-from cockatoo_lib.storage import remote
 from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, sha256_files, write_json
 from cockatoo_lib.training.rebalance import Rebalance, rebalance
 
@@ -39,8 +42,9 @@ KNOWN_LABELS = ("scam", "violence", "nsfw", "harassment", "hate_speech", "toxici
 LABEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 SPLITS = ("train", "validation", "test")
 HOLDOUT = "holdout"  # the data config's fixed holdout: scored by the promote gate, never trained on
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 MANIFEST = "manifest.json"
+BATCH_ROWS = 100_000  # rows read, mapped and hashed at a time
+COLLECT_ROWS = 100_000  # rows between garbage collections (one takes ~10 ms in prepare's process)
 PRESETS_DIR = Path(__file__).parents[1] / "presets"
 
 
@@ -223,7 +227,7 @@ def load_data_config(ref: str, labels: list[str] | None = None) -> DataConfig:
     if "://" not in ref and not Path(ref).suffix and (PRESETS_DIR / f"{ref}.yaml").is_file():
         ref = str(PRESETS_DIR / f"{ref}.yaml")
     try:
-        text = _open(ref, "data config").read().decode()
+        text = open_read(ref, "data config").read().decode()
     except CockatooError:
         presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
         raise CockatooError(f"data config {ref} not found (not a file, nor a preset: "
@@ -253,90 +257,42 @@ def _source_path(src: Source, base_dir: str) -> str:
     return posixpath.join(base_dir, src.path) if "://" in base_dir else str(Path(base_dir) / src.path)
 
 
-def _open(uri: str, what: str):
-    """Open a local path or fsspec URI for reading (decompressed by suffix), with one-line errors."""
-    try:
-        return remote.open_read(uri)
-    except Exception as exc:  # noqa: BLE001 - each storage client raises its own types
-        if remote.is_timeout(exc):  # fsspec's http reports a timeout as not found: look first
-            raise CockatooError(f"{what}: cannot open {uri}: {remote.timeout_hint()}") from None
-        if isinstance(exc, FileNotFoundError):
-            detail = str(exc).strip()
-            reason = f" ({detail})" if detail and detail not in uri else ""
-            raise CockatooError(f"{what}: not found: {uri}{reason}") from None
-        if isinstance(exc, PermissionError):
-            raise CockatooError(f"{what}: no permission to read {uri}") from None
-        why = remote.failure(exc) or (str(exc).strip().splitlines()[0]
-                                      if isinstance(exc, ValueError | ImportError) else None)
-        if why is None:
-            raise
-        raise CockatooError(f"{what}: cannot open {uri}: {why}") from None
-
-
-def table_format(uri: str, what: str, fmt: str | None = None) -> str:
-    """The format from the suffix under any compression suffix that fsspec opens here (the
-    reader opens with compression="infer", so the two agree by construction)."""
-    name = uri.lower()
-    if infer_compression(name) is not None:
-        name = posixpath.splitext(name)[0]
-    suffix = posixpath.splitext(name)[1]
-    fmt = fmt or FORMATS.get(suffix)
-    if fmt is None:
-        raise CockatooError(
-            f"{what}: cannot tell the format of {uri} from its suffix "
-            f"{suffix or '(none)'}; use one of {', '.join(FORMATS)} or set 'format'")
-    return fmt
-
-
-def _read_hub(src: Source) -> pd.DataFrame:
+def _open_hub(src: Source):
     import datasets
 
     try:
-        data = datasets.load_dataset(src.hub, src.hub_config, split=src.split, revision=src.revision)
+        return datasets.load_dataset(src.hub, src.hub_config, split=src.split, revision=src.revision)
     except Exception as exc:  # noqa: BLE001 - network, auth and layout errors all land here
         raise CockatooError(
             f"source {src.name}: cannot load hub data set {src.hub} (split {src.split}): "
             f"{str(exc).strip().splitlines()[0][:200]}; point 'path' at a local copy, or set "
             "HF_HUB_OFFLINE=1 to read it from the local Hugging Face cache") from None
-    return data.to_pandas()
 
 
-def read_source(src: Source, base_dir: str) -> pd.DataFrame:
+def source_batches(src: Source, base_dir: str, rows: int | None = None) -> Iterator[pd.DataFrame]:
+    """A source's rows, at most `rows` (default BATCH_ROWS) at a time, each batch's index
+    numbering its rows in the source from 0. A source with an `item_column` comes whole: an
+    item's rows may lie anywhere in it."""
+    rows = None if src.item_column is not None else rows or BATCH_ROWS
     if src.hub is not None:
-        frame = _read_hub(src)
-        if frame.empty:
-            raise CockatooError(f"source {src.name}: hub data set {src.hub} has no rows")
-        return frame
-    return read_table(_source_path(src, base_dir), f"source {src.name}", src.format, src.text_column)
+        data = _open_hub(src)
+        chunks = [data.to_pandas()] if rows is None else data.to_pandas(batch_size=rows, batched=True)
+        where = f"hub data set {src.hub}"
+    else:
+        path = _source_path(src, base_dir)
+        chunks = read_chunks(path, f"source {src.name}", rows, src.format, src.text_column)
+        where = path
+    start = 0
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        chunk.index = pd.RangeIndex(start, start + len(chunk))
+        start += len(chunk)
+        yield chunk
+    if not start:
+        raise CockatooError(f"source {src.name}: {where} has no rows")
 
 
-def read_table(uri: str, what: str, fmt: str | None = None, text_column: str | None = None) -> pd.DataFrame:
-    """A CSV, JSON(L) or Parquet file, local or remote, maybe compressed; never empty."""
-    fmt = table_format(uri, what, fmt)
-    with _open(uri, what) as handle:
-        try:
-            # Texts stay as written: no reader may turn "007" or "1e5" into a number.
-            if fmt == "csv":
-                frame = pd.read_csv(handle, dtype={text_column: str} if text_column else None)
-            elif fmt == "jsonl":
-                frame = pd.read_json(handle, lines=True, dtype=False)
-            elif fmt == "json":
-                frame = pd.read_json(handle, dtype=False)
-            elif infer_compression(uri.lower()) is not None:
-                # Parquet seeks to its footer; a compressed stream (zstd, bz2) cannot seek.
-                frame = pd.read_parquet(io.BytesIO(handle.read()))
-            else:
-                frame = pd.read_parquet(handle)
-        except pd.errors.EmptyDataError:
-            raise CockatooError(f"{what}: {uri} is empty") from None
-        except Exception as exc:  # readers raise many types; all mean "not this format"
-            if remote.is_timeout(exc):
-                raise CockatooError(f"{what}: cannot read {uri}: {remote.timeout_hint()}") from None
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CockatooError(f"{what}: cannot read {uri} as {fmt}: {first}") from None
-    if frame.empty:
-        raise CockatooError(f"{what}: {uri} has no rows")
-    return frame
 
 
 def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: str,
@@ -379,7 +335,7 @@ def _unexpected(scores: pd.Series, bad: np.ndarray, raw: pd.Series, expected: st
     value = raw.iloc[row]
     shown = _num(value) if isinstance(value, float | np.floating | int | np.integer) else repr(value)
     raise CockatooError(f"source {src.name} ({path}), column {column!r} holds {shown} "
-                        f"(data row {row + 1}); {expected}")
+                        f"(data row {raw.index[row] + 1}); {expected}")  # the source's row number
 
 
 def _class_hits(frame: pd.DataFrame, mapping: LabelMapping, src: Source, path: str) -> pd.Series:
@@ -448,77 +404,138 @@ def map_labels(frame: pd.DataFrame, src: Source, path: str,
     return out, mask
 
 
-def load_rows(config: DataConfig, store: ImageStore | None = None
-              ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict]:
-    """Read, map and clean every source. Returns (frame with text and source, and when any
-    source has images, image_id (into `store`, -1: none) and image_digest; labels, mask, stats)."""
+@dataclass
+class Rows:
+    """The rows of some sources that hold a text or an image, as prepare decides on them: per
+    row its source, labels, mask, split and dedup digest (and image id). The texts wait in
+    an Arrow file on disk until the splits are written, so memory grows by tens of bytes per
+    row, not by the texts."""
+
+    sources: list[str]
+    source: np.ndarray  # int16 index into `sources`
+    y: np.ndarray
+    m: np.ndarray
+    split: np.ndarray  # int8 index into SPLITS, by SPLIT_RULE
+    digest: np.ndarray  # (rows, 2) uint64, a 128-bit hash of the dedup key: copies share it
+    image_id: np.ndarray | None  # into the ImageStore (-1: none); None when no source has images
+    texts: Path  # Arrow IPC file of the texts, in row order
+
+
+def load_rows(config: DataConfig, store: ImageStore, folder: Path) -> tuple[Rows, np.ndarray, dict]:
+    """Read, map and clean every source a batch at a time, then deduplicate. Returns the rows,
+    the indices of those that dedup keeps (and, with merge_labels, the merged labels in the
+    rows), and per-source statistics."""
     labels = config.labels
-    frames, label_parts, mask_parts, stats = [], [], [], {}
-    for src in config.sources:
-        path = src.where if src.hub is not None else _source_path(src, config.base_dir)
-        frame = read_source(src, config.base_dir)
-        for kind, column in (("text", src.text_column), ("image", src.image_column)):
-            if column is not None and column not in frame.columns:
-                raise CockatooError(
-                    f"source {src.name} ({path}): {kind} column {column!r} not found; "
-                    f"columns: {', '.join(map(str, frame.columns))}"
-                )
-        rows_read = len(frame)
-        if src.item_column is not None:
-            frame = one_row_per_item(frame, src, path)
-        y, m = map_labels(frame, src, path, labels)
-        text = frame[src.text_column].astype("string").str.strip().fillna("")
-        has_text = (text != "").to_numpy()
-        stats[src.name] = {"path": src.where, "license": src.license, "rows_read": int(rows_read),
-                           "items": int(len(frame))}
-        images, bad = None, np.zeros(len(frame), bool)
-        if src.image_column is not None:
-            # Relative image paths start at the source file's folder (the config's for hub sets).
-            folder = config.base_dir if src.hub is not None else _parent(path)
-            images = load_image_column(frame[src.image_column], folder, src.name, path,
-                                       src.image_column, config.bad_images, store, config.image_fetch)
-            bad = images.bad
-            stats[src.name].update(images.stats)
-        has_image = images.ids >= 0 if images is not None else np.zeros(len(frame), bool)
-        keep = (has_text | has_image) & ~bad
-        stats[src.name].update(empty_rows_dropped=int((~has_text & ~has_image & ~bad).sum()),
-                               annotates=[x for x in labels if x in src.labels],
-                               negative_for=[x for x in labels if x in src.negative_for])
-        if not keep.any():
-            continue
-        part = pd.DataFrame({"text": text[keep].to_numpy(dtype=object), "source": src.name})
-        if config.has_images:
-            part["image_id"] = images.ids[keep] if images is not None else -1
-            part["image_digest"] = images.digests[keep] if images is not None else ""
-        frames.append(part)
-        label_parts.append(y[keep])
-        mask_parts.append(m[keep])
-    if not frames:
+    parts: dict[str, list] = {"source": [], "y": [], "m": [], "split": [], "digest": [], "image_id": []}
+    stats: dict[str, dict] = {}
+    texts = folder / "texts.arrow"
+    with pa.ipc.new_file(str(texts), pa.schema([("text", pa.string())])) as spill:
+        for number, src in enumerate(config.sources):
+            stats[src.name] = _load_source(config, src, number, spill, parts, store)
+    if not sum(map(len, parts["source"])):
         raise CockatooError(
             f"every text is empty{' and no row has an image' if config.has_images else ''} in every "
-            "source: " + ", ".join(f"{n} ({s['path']})" for n, s in stats.items())
-        )
-    frame = pd.concat(frames, ignore_index=True)
-    y, m = np.concatenate(label_parts), np.concatenate(mask_parts)
-    digests = frame["image_digest"] if config.has_images else None
-    keep, y, m, dup, conflict, _ = deduplicate(frame["text"], y, m, config.dedup, digests)
-    frame["split_key"] = dedup_key(frame["text"], digests)  # copies share a key, so a split
-    source = frame["source"].to_numpy()
-    for name in stats:
-        here = source == name
+            "source: " + ", ".join(f"{n} ({s['path']})" for n, s in stats.items()))
+    joined = {"image_id": None}
+    for name in [n for n in parts if parts[n]]:  # a field at a time: its pieces go as it is joined
+        joined[name] = np.concatenate(parts.pop(name))
+    rows = Rows(sources=[src.name for src in config.sources], texts=texts, **joined)
+    keep, rows.y, rows.m, dup, conflict = deduplicate(rows.digest, rows.y, rows.m, config.dedup)
+    for number, name in enumerate(rows.sources):
+        here = rows.source == number
         stats[name].update(duplicates=int((dup & here).sum()), conflicts=int((conflict & here).sum()),
                            duplicates_dropped=int((~keep & here).sum()))
     if not keep.any():
         raise CockatooError(f"no row is left after dedup {config.dedup!r}: every text has copies whose "
                             "labels disagree; fix the labels or choose another dedup policy")
-    frame = frame[keep].reset_index(drop=True)
-    y, m = y[keep], m[keep]
-    for name in stats:
-        stats[name]["rows_kept"] = int((frame["source"] == name).sum())
+    for number, name in enumerate(rows.sources):
+        stats[name]["rows_kept"] = int((keep & (rows.source == number)).sum())
     for j, label in enumerate(labels):
-        if not m[:, j].any():
+        if not rows.m[:, j].any():
             log.warning("no source annotates label %s: it will be masked everywhere", label)
-    return frame, y, m, stats
+    return rows, np.flatnonzero(keep), stats
+
+
+def _load_source(config: DataConfig, src: Source, number: int, spill, parts: dict, store: ImageStore) -> dict:
+    labels = config.labels
+    path = src.where if src.hub is not None else _source_path(src, config.base_dir)
+    stats = {"path": src.where, "license": src.license, "rows_read": 0, "items": 0}
+    image_stats: dict[str, int] = {}
+    empty = uncollected = 0
+    needed = _needed_columns(src, labels)
+    # JSON lines name a column in the records that have it: a batch may lack one the file has.
+    lazy = src.hub is None and table_format(path, f"source {src.name}", src.format) == "jsonl"
+    columns: list[str] = []
+    for frame in source_batches(src, config.base_dir):
+        columns += [c for c in frame.columns if c not in columns]
+        absent = [c for c in needed if c not in frame.columns]
+        if absent and not lazy:
+            _check_columns(src, path, columns, labels)
+        for column in absent:
+            frame[column] = np.nan
+        stats["rows_read"] += len(frame)
+        if src.item_column is not None:
+            frame = one_row_per_item(frame, src, path)
+        stats["items"] += len(frame)
+        y, m = map_labels(frame, src, path, labels)
+        text = frame[src.text_column].astype("string").str.strip().fillna("")
+        has_text = (text != "").to_numpy()
+        n = len(frame)
+        ids, digests, bad = np.full(n, -1, np.int64), np.full(n, "", object), np.zeros(n, bool)
+        if src.image_column is not None:
+            # Relative image paths start at the source file's folder (the config's for hub sets).
+            where = config.base_dir if src.hub is not None else _parent(path)
+            images = load_image_column(frame[src.image_column], where, src.name, path, src.image_column,
+                                       config.bad_images, store, config.image_fetch, first_row=frame.index[0])
+            ids, digests, bad = images.ids, images.digests, images.bad
+            for key, count in images.stats.items():
+                image_stats[key] = image_stats.get(key, 0) + count
+        keep = (has_text | (ids >= 0)) & ~bad
+        empty += int((~has_text & (ids < 0) & ~bad).sum())
+        if not keep.any():
+            continue
+        kept = pd.Series(text[keep].to_numpy(dtype=object))
+        spill.write_batch(pa.record_batch([pa.array(kept, type=pa.string())], names=["text"]))
+        key = dedup_key(kept, pd.Series(digests[keep]) if config.has_images else None)
+        parts["source"].append(np.full(len(kept), number, np.int16))
+        parts["y"].append(y[keep])
+        parts["m"].append(m[keep])
+        parts["split"].append(split_codes(split_draws(key, config.split_seed), config.validation_fraction,
+                                          config.test_fraction))
+        parts["digest"].append(key_digests(key))
+        if config.has_images:
+            parts["image_id"].append(ids[keep])
+        uncollected += n
+        if uncollected >= COLLECT_ROWS:  # pandas' string accessors leave reference cycles that hold
+            del frame, text, key         # a batch's texts: 10M rows took 0.3 GiB more without this
+            gc.collect()
+            uncollected = 0
+    _check_columns(src, path, columns, labels)
+    stats.update(image_stats)
+    stats.update(empty_rows_dropped=empty, annotates=[x for x in labels if x in src.labels],
+                 negative_for=[x for x in labels if x in src.negative_for])
+    return stats
+
+
+def _needed_columns(src: Source, labels: list[str]) -> list[str]:
+    named = [src.text_column, src.image_column, src.item_column]
+    named += [c for label in labels if label in src.labels for c in src.labels[label].columns]
+    return list(dict.fromkeys(c for c in named if c is not None))
+
+
+def _check_columns(src: Source, path: str, columns: list[str], labels: list[str]) -> None:
+    """Every column the source's mapping names is there, or one line naming the first missing."""
+    shown = ", ".join(map(str, columns))
+    for kind, column in (("text", src.text_column), ("image", src.image_column), ("item", src.item_column)):
+        if column is not None and column not in columns:
+            raise CockatooError(f"source {src.name} ({path}): {kind} column {column!r} not found; "
+                                f"columns: {shown}")
+    for label in labels:
+        for col in src.labels[label].columns if label in src.labels else []:
+            if col not in columns:
+                raise CockatooError(f"source {src.name} ({path}): label column {col!r} for {label} not "
+                                    f"found; columns: {shown}")
+
 
 
 def _parent(uri: str) -> str:
@@ -544,25 +561,54 @@ def dedup_key(text: pd.Series, image_digests: pd.Series | None = None) -> pd.Ser
     return key if image_digests is None else key + "\x00" + image_digests
 
 
-def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
-                image_digests: pd.Series | None = None):
-    """Returns (rows to keep, labels, mask, is-duplicate, in-conflict, group), vectorized;
-    copies of one text share a group.
+# Two independent keyed 64-bit hashes of a dedup key: 128 bits, so that two different keys
+# among billions of rows share a digest with a chance below 1e-20.
+DIGEST_KEYS = ("cockatoo-dedup-1", "cockatoo-dedup-2")
+
+
+def key_digests(keys: pd.Series) -> np.ndarray:
+    values = keys.to_numpy(dtype=object)
+    return np.stack([pd.util.hash_array(values, hash_key=k) for k in DIGEST_KEYS], axis=1)
+
+
+def copy_groups(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copies found by sorting their digests: (a group number per row, copies sharing one; the
+    rows in sorted order; where each group starts in that order). The sort is stable, so a
+    group's first row in the sources comes first. Sorting holds a few arrays of 8 bytes per row,
+    where a hash table of 10M keys held gigabytes."""
+    order = np.lexsort((digests[:, 1], digests[:, 0]))
+    ordered = digests[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    del ordered
+    groups = np.empty(len(order), np.int64)
+    groups[order] = np.cumsum(starts) - 1
+    return groups, order, np.flatnonzero(starts)
+
+
+def deduplicate(digests: np.ndarray, y: np.ndarray, m: np.ndarray, policy: str):
+    """Returns (rows to keep, labels, mask, is-duplicate, in-conflict), vectorized; rows with
+    the same digest (key_digests) are copies.
 
     A row is a duplicate when its normalized text (and image, if any) appeared before; its
     group is in conflict when one label is annotated positive in one copy and negative in
     another. Two different images with the same caption are not duplicates."""
-    codes, _ = pd.factorize(dedup_key(text, image_digests))
-    first = ~pd.Series(codes).duplicated().to_numpy()
-    grouped = pd.DataFrame(np.hstack([y * m, (1 - y) * m, m])).groupby(codes).transform("max").to_numpy()
-    width = y.shape[1]
-    positive, negative, annotated = (grouped[:, i * width:(i + 1) * width] for i in range(3))
+    groups, order, starts = copy_groups(digests)
+    first = np.zeros(len(groups), bool)
+    first[order[starts]] = True
+
+    def in_any_copy(bits: np.ndarray) -> np.ndarray:  # per row: the OR over its group's rows
+        packed = np.packbits(bits.astype(bool), axis=1)[order]
+        merged = np.bitwise_or.reduceat(packed, starts, axis=0) if len(starts) else packed
+        return np.unpackbits(merged, axis=1, count=bits.shape[1])[groups].astype(bool)
+
+    positive, negative, annotated = in_any_copy(y * m), in_any_copy((1 - y) * m), in_any_copy(m)
     conflict = (positive & negative).any(axis=1)
     if policy == "merge_labels":
         y, m = positive.astype(np.int8), annotated.astype(np.int8)
-    keep = {"keep_all": np.ones(len(text), bool), "keep_first": first, "merge_labels": first,
+    keep = {"keep_all": np.ones(len(groups), bool), "keep_first": first, "merge_labels": first,
             "drop_conflicts": first & ~conflict}[policy]
-    return keep, y, m, ~first, conflict, codes
+    return keep, y, m, ~first, conflict
 
 
 # --------------------------------------------------------------------------- splitting
@@ -571,6 +617,24 @@ def deduplicate(text: pd.Series, y: np.ndarray, m: np.ndarray, policy: str,
 SPLIT_RULE = ("blake2b-64 of 'cockatoo-split-v1:<split_seed>:' + dedup key (normalized text, "
               "+ NUL + image digest) as u in [0, 1): test if u < test_fraction, validation if "
               "u < test_fraction + validation_fraction, else train")
+
+
+def split_draws(keys: pd.Series, split_seed: int) -> np.ndarray:
+    """Each key's u of SPLIT_RULE."""
+    salt = f"cockatoo-split-v1:{split_seed}:".encode()
+    draws = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big") for k in keys),
+        dtype=np.uint64, count=len(keys))
+    return draws / 2.0**64
+
+
+def split_codes(draws: np.ndarray, val_frac: float, test_frac: float) -> np.ndarray:
+    """Each draw's split, as an index into SPLITS."""
+    return np.where(draws < test_frac, 2, np.where(draws < test_frac + val_frac, 1, 0)).astype(np.int8)
+
+
+def rows_per_split(codes: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.flatnonzero(codes == k) for k, name in enumerate(SPLITS)}
 
 
 def content_split(keys: pd.Series, split_seed: int, val_frac: float, test_frac: float
@@ -582,13 +646,7 @@ def content_split(keys: pd.Series, split_seed: int, val_frac: float, test_frac: 
     Sizes are binomial around the fractions (within a point of them past a few thousand
     items) and labels are spread at random, not stratified: stratifying would make a row's
     split depend on the other rows."""
-    salt = f"cockatoo-split-v1:{split_seed}:".encode()
-    draws = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big") for k in keys),
-        dtype=np.uint64, count=len(keys))
-    u = draws / 2.0**64
-    which = np.where(u < test_frac, 2, np.where(u < test_frac + val_frac, 1, 0))
-    return {name: np.flatnonzero(which == k) for k, name in enumerate(SPLITS)}
+    return rows_per_split(split_codes(split_draws(keys, split_seed), val_frac, test_frac))
 
 
 def _list_column(values: np.ndarray) -> pa.Array:
@@ -597,28 +655,65 @@ def _list_column(values: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.int8()))
 
 
+# Row groups as pyarrow's write_table makes them by default; with images, small ones, so that a
+# group's image bytes are read from the store and written a group at a time.
+ROWS_PER_GROUP = 1024 * 1024
 IMAGE_ROWS_PER_GROUP = 256
+SPLIT_SCHEMA = pa.schema([("text", pa.string()), ("labels", pa.list_(pa.int8())),
+                          ("label_mask", pa.list_(pa.int8())), ("source", pa.string())])
 
 
-def write_split(path: Path, frame: pd.DataFrame, y: np.ndarray, m: np.ndarray,
-                store: ImageStore | None = None) -> None:
-    table = pa.table({
-        "text": pa.array(frame["text"].to_numpy(dtype=object), type=pa.string()),
-        "labels": _list_column(y),
-        "label_mask": _list_column(m),
-        "source": pa.array(frame["source"].to_numpy(dtype=object), type=pa.string()),
-    })
-    if "image_id" not in frame:
-        pq.write_table(table, path, compression="zstd")
-        return
-    # The images' encoded bytes as the sources had them (null: no image), read back from the
-    # store a row group at a time so memory stays flat.
-    ids = frame["image_id"].to_numpy()
-    with pq.ParquetWriter(path, table.schema.append(pa.field("image", pa.binary())),
-                          compression="zstd") as writer:
-        for start in range(0, len(ids), IMAGE_ROWS_PER_GROUP):
-            rows = slice(start, start + IMAGE_ROWS_PER_GROUP)
-            writer.write_table(table[rows].append_column("image", store.take(ids[rows])))
+def write_splits(rows: Rows, parts: dict[Path, np.ndarray], store: ImageStore | None = None) -> None:
+    """Write each file's rows (indices into `rows`, ascending, repeats allowed) as Parquet,
+    reading the texts from disk once, a batch at a time."""
+    group = ROWS_PER_GROUP if rows.image_id is None else IMAGE_ROWS_PER_GROUP
+    schema = SPLIT_SCHEMA if rows.image_id is None else SPLIT_SCHEMA.append(pa.field("image", pa.binary()))
+    names = np.array(rows.sources, dtype=object)
+
+    def row_group(index: np.ndarray, texts: list[pa.Array]) -> pa.Table:
+        columns = [pa.concat_arrays(texts) if texts else pa.array([], pa.string()),
+                   _list_column(rows.y[index]), _list_column(rows.m[index]),
+                   pa.array(names[rows.source[index]], type=pa.string())]
+        if rows.image_id is not None:
+            columns.append(store.take(rows.image_id[index]))
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    # Read, not memory-mapped: the pages of a mapped file count in the process's resident memory.
+    with contextlib.ExitStack() as stack, pa.OSFile(str(rows.texts)) as spilled:
+        writers = {path: stack.enter_context(pq.ParquetWriter(path, schema, compression="zstd"))
+                   for path in parts}
+        pending = {path: ([], []) for path in parts}  # the rows and texts of a row group to come
+        written = dict.fromkeys(parts, False)
+        reader, start = pa.ipc.open_file(spilled), 0
+        for b in range(reader.num_record_batches):
+            texts = reader.get_batch(b).column(0)
+            for path, index in parts.items():
+                low, high = np.searchsorted(index, [start, start + len(texts)])
+                if low == high:
+                    continue
+                here = index[low:high]
+                indices, chunks = pending[path]
+                indices.append(here)
+                chunks.append(texts.take(pa.array(here - start)))
+                while sum(map(len, indices)) >= group:
+                    taken, taken_texts = _cut(indices, chunks, group)
+                    writers[path].write_table(row_group(taken, taken_texts))
+                    written[path] = True
+            start += len(texts)
+        for path, (indices, chunks) in pending.items():
+            # write_table writes a table without rows as one empty row group; so does this.
+            if indices or (not written[path] and rows.image_id is None):
+                writers[path].write_table(row_group(np.concatenate(indices or [np.zeros(0, int)]), chunks))
+
+
+def _cut(indices: list[np.ndarray], chunks: list[pa.Array], size: int) -> tuple[np.ndarray, list[pa.Array]]:
+    """Take the first `size` rows off the pending lists (in place)."""
+    index = np.concatenate(indices)
+    texts = pa.concat_arrays(chunks)
+    indices[:] = [index[size:]] if len(index) > size else []
+    chunks[:] = [texts.slice(size)] if len(index) > size else []
+    return index[:size], [texts.slice(0, size)]
+
 
 
 def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0,
@@ -626,55 +721,59 @@ def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples:
     """Write train/validation/test Parquet files and a manifest to `output`; return the manifest.
     `max_samples` draws rows before splitting (every split shrinks); `max_train_rows` draws from
     the train split alone, so training is capped for time while validation and test keep all
-    their rows."""
+    their rows. Sources are read BATCH_ROWS rows at a time; what stays in memory is a few dozen
+    bytes per row (Rows), so prepare's memory grows slowly with the rows, not with the texts."""
     check_range("seed", seed)
     check_range("max_samples", max_samples)
     check_range("max_train_rows", max_train_rows)
     check_output(output)
-    with ImageStore() as store:  # fetched images wait on disk until the splits are written
-        manifest = _prepare(config, output, seed, max_samples, max_train_rows, store)
+    # Fetched images and the texts wait on local disk until the splits are written.
+    with ImageStore() as store, tempfile.TemporaryDirectory(prefix="cockatoo-prepare-") as spill:
+        manifest = _prepare(config, output, seed, max_samples, max_train_rows, store, Path(spill))
     log.info("prepared %s: %s", output,
              ", ".join(f"{s} {manifest['splits'][s]['rows']} rows" for s in SPLITS))
     return manifest
 
 
 def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int, max_train_rows: int,
-             store: ImageStore) -> dict:
+             store: ImageStore, spill: Path) -> dict:
     labels = config.labels
-    frame, y, m, stats = load_rows(config, store)
+    (spill / "sources").mkdir()
+    rows, index, stats = load_rows(config, store, spill / "sources")
     holdout = None
     if config.holdout:
-        holdout = load_rows(config.model_copy(update={"sources": config.holdout}), store)
-        seen = frame["split_key"].isin(set(holdout[0]["split_key"])).to_numpy()
-        frame, y, m = frame[~seen].reset_index(drop=True), y[~seen], m[~seen]
-        if not len(frame):
+        (spill / HOLDOUT).mkdir()
+        holdout = load_rows(config.model_copy(update={"sources": config.holdout}), store, spill / HOLDOUT)
+        held, held_index, _ = holdout
+        groups, _, _ = copy_groups(np.concatenate([rows.digest[index], held.digest[held_index]]))
+        seen = np.isin(groups[:len(index)], groups[len(index):])
+        index = index[~seen]
+        if not len(index):
             raise CockatooError("every training row repeats an item of the holdout set; nothing is "
                                 "left to train on")
-    if max_samples and len(frame) > max_samples:
-        keep = np.sort(np.random.default_rng(seed).choice(len(frame), max_samples, replace=False))
-        frame, y, m = frame.iloc[keep].reset_index(drop=True), y[keep], m[keep]
-    split = content_split(frame["split_key"], config.split_seed, config.validation_fraction,
-                          config.test_fraction)
+    if max_samples and len(index) > max_samples:
+        index = index[np.sort(np.random.default_rng(seed).choice(len(index), max_samples, replace=False))]
+    split = rows_per_split(rows.split[index])
     if max_train_rows and len(split["train"]) > max_train_rows:
         drawn = np.random.default_rng(seed).choice(split["train"], max_train_rows, replace=False)
         split["train"] = np.sort(drawn)
-    train_rows, balance = rebalance(y[split["train"]], m[split["train"]], labels, config.rebalance, seed)
+    train = index[split["train"]]
+    train_rows, balance = rebalance(rows.y[train], rows.m[train], labels, config.rebalance, seed)
     split["train"] = split["train"][train_rows]
+    parts = {name: index[positions] for name, positions in split.items()}
     manifest: dict = {"format_version": 1, "labels": labels, "seed": seed, "sources": stats,
                       "split_rule": {"rule": SPLIT_RULE, "split_seed": config.split_seed,
                                      "validation_fraction": config.validation_fraction,
                                      "test_fraction": config.test_fraction},
                       "splits": {}, "warnings": []}
-    parts = {name: (frame.iloc[idx], y[idx], m[idx]) for name, idx in split.items()}
     with atomic_output_dir(output) as tmp:
-        for name, (rows, ys, ms) in parts.items():
-            write_split(tmp / f"{name}.parquet", rows, ys, ms, store)
-            manifest["splits"][name] = _split_stats(rows, ys, ms, labels, config.has_images)
+        write_splits(rows, {tmp / f"{name}.parquet": part for name, part in parts.items()}, store)
+        for name, part in parts.items():
+            manifest["splits"][name] = _split_stats(rows, part, labels)
         if holdout is not None:
-            rows, ys, ms, holdout_stats = holdout
-            write_split(tmp / f"{HOLDOUT}.parquet", rows, ys, ms, store)
-            manifest[HOLDOUT] = {**_split_stats(rows, ys, ms, labels, config.has_images),
-                                 "sources": holdout_stats, "training_rows_dropped": int(seen.sum()),
+            write_splits(held, {tmp / f"{HOLDOUT}.parquet": held_index}, store)
+            manifest[HOLDOUT] = {**_split_stats(held, held_index, labels), "sources": holdout[2],
+                                 "training_rows_dropped": int(seen.sum()),
                                  "fingerprint": sha256_files([tmp / f"{HOLDOUT}.parquet"])}
         if config.has_images:
             manifest["images"] = {"column": "image", "bad_images": config.bad_images,
@@ -694,12 +793,13 @@ def _prepare(config: DataConfig, output: str | Path, seed: int, max_samples: int
     return manifest
 
 
-def _split_stats(frame: pd.DataFrame, y: np.ndarray, m: np.ndarray, labels: list[str],
-                 images: bool) -> dict:
-    return {"rows": int(len(frame)),
-            **({"images": int((frame["image_id"] >= 0).sum())} if images else {}),
+def _split_stats(rows: Rows, index: np.ndarray, labels: list[str]) -> dict:
+    y, m = rows.y[index], rows.m[index]
+    return {"rows": int(len(index)),
+            **({"images": int((rows.image_id[index] >= 0).sum())} if rows.image_id is not None else {}),
             "positives": dict(zip(labels, (y * m).sum(axis=0).tolist())),
             "annotated": dict(zip(labels, m.sum(axis=0).tolist()))}
+
 
 
 def read_manifest(data_dir: str | Path) -> dict:

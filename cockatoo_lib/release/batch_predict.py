@@ -20,10 +20,10 @@ import json
 import logging
 import posixpath
 import time
-from collections.abc import Iterator
 
 import pandas as pd
 
+from cockatoo_lib.data.tables import read_chunks
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.release.predict import DEFAULT_BATCH_SIZE, Classifier, _scored
 from cockatoo_lib.storage import remote
@@ -37,7 +37,7 @@ STATS_KEY = b"cockatoo"  # the shard footer's key-value metadata: {"rows", "posi
 
 def is_folder_output(output: str) -> bool:
     """A folder of shards: an output that ends with '/' or names no table format."""
-    from cockatoo_lib.data.prepare import FORMATS
+    from cockatoo_lib.data.tables import FORMATS
 
     name = output.lower().rstrip("/")
     return output.endswith("/") or not any(name.endswith(s) or f"{s}." in posixpath.basename(name)
@@ -46,7 +46,7 @@ def is_folder_output(output: str) -> bool:
 
 def input_files(input_uri: str) -> list[str]:
     """The files to read, in order: the file, a folder's tables, or a glob's matches."""
-    from cockatoo_lib.data.prepare import FORMATS
+    from cockatoo_lib.data.tables import FORMATS
 
     fs, path = remote.url_to_fs(input_uri)
     try:
@@ -63,49 +63,20 @@ def input_files(input_uri: str) -> list[str]:
     return [fs.unstrip_protocol(p) if "://" in input_uri else p for p in sorted(found)]
 
 
-def read_chunks(uri: str, text_column: str, rows: int) -> Iterator[pd.DataFrame]:
-    """One file's rows, at most `rows` at a time, texts kept as written."""
-    import pyarrow.parquet as pq
-
-    from cockatoo_lib.data.prepare import _open, infer_compression, read_table, table_format
-
-    fmt = table_format(uri, "predict input")
-    if fmt == "json":  # one JSON array: no reader streams it
-        yield read_table(uri, "predict input", text_column=text_column)
-        return
-    with _open(uri, "predict input") as handle:
-        try:
-            if fmt == "csv":
-                chunks = pd.read_csv(handle, dtype={text_column: str}, chunksize=rows)
-            elif fmt == "jsonl":
-                chunks = pd.read_json(handle, lines=True, dtype=False, chunksize=rows)
-            else:  # Parquet seeks to its footer: a compressed stream is read into memory first
-                source = io.BytesIO(handle.read()) if infer_compression(uri.lower()) is not None else handle
-                chunks = (batch.to_pandas() for batch in pq.ParquetFile(source).iter_batches(batch_size=rows))
-            # An empty file among many is no error (an hour without posts); a backlog of none is.
-            yield from (chunk for chunk in chunks if len(chunk))
-        except pd.errors.EmptyDataError:
-            return
-        except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # ArrowInvalid too
-            raise CockatooError(f"predict input {uri} cannot be read as {fmt.upper()}: "
-                                f"{str(exc).strip().splitlines()[0][:200]}") from None
-
-
 def parquet_rows(files: list[str]) -> int | None:
     """The rows of an input of plain Parquet files, from their footers: the progress bar's total,
     which gives it an ETA. None for other inputs (a CSV's rows are known only once read), or where
     a footer cannot be read (reading the file says why)."""
     import pyarrow.parquet as pq
 
-    from cockatoo_lib.data.prepare import _open, infer_compression, table_format
+    from cockatoo_lib.data.tables import is_compressed, open_read, table_format
 
-    if not all(table_format(f, "predict input") == "parquet" and infer_compression(f.lower()) is None
-               for f in files):
+    if not all(table_format(f, "predict input") == "parquet" and not is_compressed(f) for f in files):
         return None
     try:
         total = 0
         for uri in files:
-            with _open(uri, "predict input") as handle:
+            with open_read(uri, "predict input") as handle:
                 total += pq.read_metadata(handle).num_rows
         return total
     except Exception:  # noqa: BLE001 - only the bar's total is lost
@@ -141,7 +112,7 @@ def predict_folder(model: str, input_uri: str, output: str, text_column: str = "
     preview: list[tuple[str, str]] = []
     with tqdm(desc="predict", unit="row", unit_scale=True, total=parquet_rows(files)) as progress:
         for uri in files:
-            for frame in read_chunks(uri, text_column, shard_rows):
+            for frame in read_chunks(uri, "predict input", shard_rows, text_column=text_column):
                 shard = f"{root}/part-{shards:05d}.parquet"
                 stats = _kept_stats(fs, shard, len(frame))
                 if stats is None:

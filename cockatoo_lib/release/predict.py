@@ -232,7 +232,7 @@ def predict_file(model: str, input_uri: str, output: str | Path, text_column: st
                  batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
     """Score a CSV, JSONL or Parquet file; write its rows with p_<label> and `labels` columns,
     in a format named by the output's suffix, in one step (nothing on failure)."""
-    from cockatoo_lib.data.prepare import read_table, table_format
+    from cockatoo_lib.data.tables import read_table, table_format
 
     output = str(output)
     out_format = table_format(output, "predict output")
