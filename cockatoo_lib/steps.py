@@ -229,8 +229,9 @@ def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
                                    placement=args.placement, accelerator=accelerator, deadline_s=deadline)
 
     trainjob.remove_stale_models(checkpoint_root)
-    name = trainjob.run(trainjob.trainer_client(), trainjob.job_base_name(args.output_uri or args.output),
-                        request)
+    client = trainjob.trainer_client()
+    trainjob.remove_finished_jobs(client)
+    name = trainjob.run(client, trainjob.job_base_name(args.output_uri or args.output), request)
     uri = trainjob.model_uri(checkpoint_root, name)
     fs, root = remote.url_to_fs(uri)
     published = read_published(fs, root)

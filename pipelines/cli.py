@@ -253,6 +253,19 @@ def schedule(host: str = typer.Option(..., "--host"),
     typer.echo(run_schedule(host, cron, params, experiment, cluster, name, pipeline))
 
 
+@app.command(name="prune-trainjobs")
+def prune_trainjobs(namespace: str = typer.Option(None, "--namespace", help="default: the kube config's"),
+                    older_than_hours: float = typer.Option(24, "--older-than-hours", min=0,
+                                                           help="finished at least this long ago")):
+    """Delete the project's TrainJobs that completed or failed over N hours ago: Kubeflow Trainer
+    keeps a finished job, and its pods, until deleted. Each multi-node train step does this too
+    (24 hours); running jobs stay, and end at their deadline."""
+    from cockatoo_lib.training import trainjob
+
+    removed = trainjob.remove_finished_jobs(trainjob.trainer_client(namespace), older_than_hours * 3600)
+    typer.echo(f"deleted {len(removed)} finished TrainJob(s){': ' + ', '.join(removed) if removed else ''}")
+
+
 @app.command()
 @with_serve_settings
 def deploy(model_name: str = typer.Option(..., "--model-name", help="the registered model"),

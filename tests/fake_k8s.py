@@ -1,19 +1,21 @@
 """A loopback stand-in for the Kubernetes API, as far as Kubeflow Trainer's SDK uses it: the
-torch-distributed ClusterTrainingRuntime, TrainJobs (created, read), their node pods and the
-pods' logs. A created job "runs" at once: `on_create(body)` plays the nodes (it may write
-what they would) and returns the job's end, ("Complete", "") or ("Failed", message), or
-("Running", "") for a job that never ends, and its log. KServe's InferenceServices are
-stored as they are created and replaced (`custom`), with a resourceVersion that counts the
-writes."""
+torch-distributed ClusterTrainingRuntime, TrainJobs (created, read, listed by label, deleted),
+their node pods and the pods' logs. A created job "runs" at once: `on_create(body)` plays the
+nodes (it may write what they would) and returns the job's end, ("Complete", "") or ("Failed",
+message), or ("Running", "") for a job that never ends, and its log; the end is dated now.
+KServe's InferenceServices are stored as they are created and replaced (`custom`), with a
+resourceVersion that counts the writes."""
 
 from __future__ import annotations
 
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
 KSERVE = "/apis/serving.kserve.io/v1beta1"
@@ -110,6 +112,13 @@ class FakeKubernetes:
                                              "data": {"kubeflow_trainer_version": "v2.1.0"}})
                 if path == f"{TRAINER}/clustertrainingruntimes/torch-distributed":
                     return self._reply(200, RUNTIME)
+                if path == f"{TRAINER}/namespaces/{ns}/trainjobs":  # the list, by label selector
+                    wanted = dict(kv.split("=") for kv in unquote(query.partition("labelSelector=")[2]
+                                                                  .split("&")[0]).split(",") if kv)
+                    items = [j for j in fake.jobs.values()
+                             if wanted.items() <= (j["metadata"].get("labels") or {}).items()]
+                    return self._reply(200, {"kind": "TrainJobList", "metadata": {}, "items": items,
+                                             "apiVersion": "trainer.kubeflow.org/v1alpha1"})
                 if m := re.fullmatch(rf"{TRAINER}/namespaces/{ns}/trainjobs/([\w-]+)", path):
                     job = fake.jobs.get(m.group(1))
                     return self._reply(200, job) if job else self._missing()
@@ -152,7 +161,7 @@ class FakeKubernetes:
                     name = body["metadata"]["name"]
                     fake.logs[name] = log
                     condition = {"type": outcome, "status": "True", "message": message,
-                                 "lastTransitionTime": CREATED,
+                                 "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                  "reason": "JobSetFailed" if message else "Done"}
                     fake.jobs[name] = {**body, "metadata": {**body["metadata"], "namespace": fake.namespace,
                                                             "creationTimestamp": CREATED},

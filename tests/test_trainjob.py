@@ -144,7 +144,12 @@ def test_a_failed_trainjob_fails_the_step_with_its_error_and_a_retry_starts_anot
             with pytest.raises(CockatooError, match=rf"TrainJob cockatoo-\w+-{attempt} failed: JobSetFailed: "
                                                     f"{message}"):
                 _train_step(tokenized_uri, base, tmp_path / "model", f"gs://cockatoo-data/{tmp_path.name}/ck")
-    assert [b["metadata"]["name"][-2:] for b in k8s.created] == ["-0", "-1"]
+        assert [b["metadata"]["name"][-2:] for b in k8s.created] == ["-0", "-1"] and not k8s.deleted
+        for job in k8s.jobs.values():  # days later: the next multi-node step deletes them first
+            job["status"]["conditions"][0]["lastTransitionTime"] = "2026-01-01T00:00:00Z"
+        with pytest.raises(CockatooError, match=r"TrainJob cockatoo-\w+-0 failed"):
+            _train_step(tokenized_uri, base, tmp_path / "model", f"gs://cockatoo-data/{tmp_path.name}/ck")
+    assert [name[-2:] for name in k8s.deleted] == ["-0", "-1"]
     assert not (tmp_path / "model").exists()
 
 
@@ -180,3 +185,32 @@ def test_a_trainjobs_deadline_grows_with_its_work_between_two_hours_and_a_week()
     assert deadline_s(200_000, 3, 16) == 75_000  # 21 hours
     assert deadline_s(2_000_000, 3, 16) == 7 * 24 * 3600  # 8.7 days: capped at a week
     assert deadline_s(10**9, 3, 1) == 7 * 24 * 3600
+
+
+def test_finished_trainjobs_are_deleted_a_day_on_and_running_ones_stay(tmp_path, monkeypatch, capsys):
+    """Kubeflow Trainer's TrainJob has no TTL: each multi-node step, and `cockatoo prune-trainjobs`,
+    deletes the project's jobs that finished long enough ago."""
+    import time
+
+    from cockatoo_lib.training.trainjob import JobRequest, create, remove_finished_jobs, trainer_client
+    from tests.helpers import error_line, run_cli
+
+    ends = iter([("Complete", "", ""), ("Failed", "OOMKilled", ""), ("Running", "", ""), ("Complete", "", "")])
+    with FakeKubernetes(lambda body: next(ends)) as k8s:
+        monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))
+        client = trainer_client()
+        for name in ("cockatoo-a-0", "cockatoo-b-0", "cockatoo-c-0"):
+            create(client, JobRequest(image=IMAGE, nodes=2, gpus_per_node=1, command=["true"]), name)
+        k8s.jobs["someone-elses"] = {**k8s.jobs["cockatoo-a-0"], "metadata": {"name": "someone-elses"}}
+        assert remove_finished_jobs(client) == []  # they finished just now
+        day_on = time.time() + 25 * 3600
+        assert remove_finished_jobs(client, now=day_on) == ["cockatoo-a-0", "cockatoo-b-0"]
+        assert sorted(k8s.jobs) == ["cockatoo-c-0", "someone-elses"]  # running; not the project's
+        create(client, JobRequest(image=IMAGE, nodes=2, gpus_per_node=1, command=["true"]), "cockatoo-d-0")
+        code, out, err = run_cli(["prune-trainjobs", "--older-than-hours", "0"], capsys, monkeypatch)
+        assert code == 0 and out.strip() == "deleted 1 finished TrainJob(s): cockatoo-d-0", err
+    code, _, err = run_cli(["prune-trainjobs"], capsys, monkeypatch)  # the fake cluster is gone
+    assert code == 2 and error_line(err).startswith("error: cannot list the TrainJobs of namespace default")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    code, _, err = run_cli(["prune-trainjobs"], capsys, monkeypatch)
+    assert code == 2 and error_line(err).startswith("error: no Kubernetes cluster to reach for TrainJobs")

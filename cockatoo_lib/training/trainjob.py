@@ -45,6 +45,12 @@ def deadline_s(train_rows: int, epochs: float, gpus: int) -> int:
     return int(min(WAIT_S, max(MIN_DEADLINE_S, seconds)))
 PATCH_MANAGER = "cockatoo.dev/train-step"
 STALE_MODEL_S = 7 * 24 * 3600
+PART_OF = {"app.kubernetes.io/part-of": "cockatoo"}  # the label of every TrainJob the step creates
+# Kubeflow Trainer's v1alpha1 TrainJob has no TTL after it finishes: a finished job (and its
+# JobSet's pods) stays until deleted. Each multi-node train step deletes those of the project that
+# finished this long ago (a retry of their step would have come by then); `cockatoo
+# prune-trainjobs` does the same by hand.
+FINISHED_JOB_KEEP_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -101,13 +107,54 @@ def remove_stale_models(checkpoint_root: str, older_than_s: float = STALE_MODEL_
     return removed
 
 
-def trainer_client():
+def remove_finished_jobs(client, older_than_s: float = FINISHED_JOB_KEEP_S, now: float | None = None
+                         ) -> list[str]:
+    """Delete the project's TrainJobs that completed or failed more than `older_than_s` ago (by
+    their condition's time); the names deleted. Running jobs stay: their deadline ends them."""
+    from datetime import datetime
+
+    from kubeflow.trainer.constants import constants
+
+    backend = client.backend
+    selector = ",".join(f"{k}={v}" for k, v in PART_OF.items())
+    try:
+        found = backend.custom_api.list_namespaced_custom_object(
+            constants.GROUP, constants.VERSION, backend.namespace, constants.TRAINJOB_PLURAL,
+            label_selector=selector)
+    except Exception as exc:  # noqa: BLE001 - the kubernetes client raises many kinds
+        raise CockatooError(f"cannot list the TrainJobs of namespace {backend.namespace}: "
+                            f"{first_line(exc, 'reason')}") from None
+    now = time.time() if now is None else now
+    removed = []
+    for job in found.get("items", []):
+        ended = [c.get("lastTransitionTime") for c in job.get("status", {}).get("conditions", [])
+                 if c.get("type") in (constants.TRAINJOB_COMPLETE, constants.TRAINJOB_FAILED)
+                 and c.get("status") == "True"]
+        if not ended or not ended[0]:
+            continue
+        age = now - datetime.fromisoformat(ended[0].replace("Z", "+00:00")).timestamp()
+        if age >= older_than_s:
+            client.delete_job(job["metadata"]["name"])
+            removed.append(job["metadata"]["name"])
+    if removed:
+        log.info("removed %d TrainJob(s) that finished over %.0f h ago: %s", len(removed),
+                 older_than_s / 3600, ", ".join(removed))
+    return removed
+
+
+def trainer_client(namespace: str | None = None):
     """A TrainerClient for the cluster this runs in (in-cluster config in a pod; the kube
-    config elsewhere, KUBECONFIG if set)."""
+    config elsewhere, KUBECONFIG if set), in `namespace` or the config's."""
     from kubeflow.common.types import KubernetesBackendConfig
     from kubeflow.trainer import TrainerClient
 
-    return TrainerClient(KubernetesBackendConfig(config_file=os.environ.get("KUBECONFIG") or None))
+    try:
+        return TrainerClient(KubernetesBackendConfig(config_file=os.environ.get("KUBECONFIG") or None,
+                                                     namespace=namespace))
+    except Exception as exc:  # noqa: BLE001 - kube config and client errors of many kinds
+        raise CockatooError(f"no Kubernetes cluster to reach for TrainJobs (kube config "
+                            f"{os.environ.get('KUBECONFIG') or '~/.kube/config'}, or in-cluster): "
+                            f"{first_line(exc, 'reason')}") from None
 
 
 def _node_patch(placement: dict) -> dict | None:
@@ -143,7 +190,7 @@ def create(client, request: JobRequest, name: str) -> str:
     patch = _node_patch(request.placement)
     job = models.TrainerV1alpha1TrainJob.from_dict({
         "apiVersion": constants.API_VERSION, "kind": constants.TRAINJOB_KIND,
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "cockatoo"}},
+        "metadata": {"name": name, "labels": dict(PART_OF)},
         "spec": {"runtimeRef": {"name": RUNTIME, "kind": "ClusterTrainingRuntime"},
                  "trainer": {"image": request.image, "command": request.command, "numNodes": request.nodes,
                              "resourcesPerNode": node_resources(request)},
