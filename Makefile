@@ -6,20 +6,28 @@ BIN := $(VENV)/bin
 REGISTRY ?= localhost:5000/cockatoo
 TAG ?= dev
 
-.PHONY: install demo test test-fast test-gpu test-images mutate lint bench bench-gpu bench-images format golden compile images \
-	push-images container-engine clean
+.PHONY: install lock demo test test-fast test-gpu test-images mutate lint bench bench-gpu bench-images format golden compile images \
+	push-images base-by-digest container-engine clean
 
 install: $(VENV)/.installed
 
 # torch==2.13.0 is pinned in pyproject.toml; on these machines pip takes its CPU build from
 # local disk. The virtualenv is rebuilt when the pinned dependencies change.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
 	@command -v cc >/dev/null 2>&1 || echo "warning: no C compiler (cc): torch.compile's inductor needs one, and \
 	tests/test_compiled_step.py fails without it; on Debian or Ubuntu: apt-get install gcc" >&2
 	touch $@
+
+# requirements.lock: every package at one version, pip's resolution of pyproject.toml's pins (with
+# the demo and dev extras) on this platform. Run after changing a pin; `make install`, CI and both
+# images install with it as constraints.
+lock: install
+	mkdir -p build
+	$(PY) -m pip install --quiet --dry-run --ignore-installed --report build/lock-report.json ".[demo,dev]"
+	$(PY) -m cockatoo_lib.versions --write-lock build/lock-report.json requirements.lock
 
 # The whole loop: a pipeline run (its gate registers the model and promotes it or not), then
 # predictions from the champion of the run's embedded registry, or, when the gate has promoted
@@ -84,12 +92,15 @@ CUDA_IMAGE := $(REGISTRY)/cockatoo-cuda:$(TAG)
 # above the target, so the cuda build passes through the (then cached) cpu stage.
 INDEX_ARGS = $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) \
 	$(if $(TORCH_CUDA_INDEX_URL),--build-arg TORCH_CUDA_INDEX_URL=$(TORCH_CUDA_INDEX_URL))
+# PYTHON_IMAGE: the base of both (the Dockerfile's default is the tag python:3.11-slim-bookworm).
+# Images that are pushed name it by digest, so that a rebuild starts from the same bytes.
+BASE_ARG = $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
 images: container-engine
-	docker build $(DOCKER_BUILD_FLAGS) $(INDEX_ARGS) -f images/Dockerfile --target cpu -t $(CPU_IMAGE) .
-	docker build $(DOCKER_BUILD_FLAGS) $(INDEX_ARGS) -f images/Dockerfile --target cuda -t $(CUDA_IMAGE) .
+	docker build $(DOCKER_BUILD_FLAGS) $(INDEX_ARGS) $(BASE_ARG) -f images/Dockerfile --target cpu -t $(CPU_IMAGE) .
+	docker build $(DOCKER_BUILD_FLAGS) $(INDEX_ARGS) $(BASE_ARG) -f images/Dockerfile --target cuda -t $(CUDA_IMAGE) .
 	@docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -F -e '$(CPU_IMAGE) ' -e '$(CUDA_IMAGE) '
 
-push-images: images
+push-images: base-by-digest images
 	docker push $(CPU_IMAGE)
 	docker push $(CUDA_IMAGE)
 
@@ -102,6 +113,11 @@ test-images: install images
 # B10 (bench/container_images.py): both images' sizes and what fills them, into docs/benchmarks.md.
 bench-images: install images
 	$(PY) -m bench.container_images --cpu $(CPU_IMAGE) --cuda $(CUDA_IMAGE)
+
+base-by-digest:
+	@case "$(PYTHON_IMAGE)" in *@sha256:*) ;; *) echo "push-images: name the base by digest, e.g. \
+	PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> (docker buildx imagetools inspect \
+	python:3.11-slim-bookworm prints it); got '$(PYTHON_IMAGE)'" >&2; exit 1;; esac
 
 container-engine:
 	@docker info >/dev/null 2>&1 || { echo "no container engine answers (docker info failed): start dockerd, or point DOCKER_HOST at one" >&2; exit 1; }

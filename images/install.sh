@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs torch from the index given (its pin read from pyproject.toml by the builder stage),
-# then the project's wheel with every other pinned dependency from PyPI, trims what no step
-# loads, then checks the versions and torch's build (COCKATOO_TORCH_BUILD).
+# then the project's wheel with every other dependency from PyPI at its version in
+# requirements.lock, trims what no step loads, then checks the pins, the lock and torch's build
+# (COCKATOO_TORCH_BUILD).
 # Usage: install.sh TORCH_INDEX_URL
 set -eu
 index=$1
@@ -10,8 +11,7 @@ torch=$(cat /tmp/dist/torch-requirement.txt)
 # minute (pip's defaults retry for ~23 minutes, then take PyPI's build of another CUDA).
 pip install --no-deps --retries 1 --timeout 20 --index-url "$index" "$torch" \
   || { echo "images: cannot install $torch from $index" >&2; exit 1; }
-pip install "$(echo /tmp/dist/cockatoo_pipelines-*.whl)[demo]"
-rm -rf /tmp/dist
+pip install --constraint /tmp/dist/requirements.lock "$(echo /tmp/dist/cockatoo_pipelines-*.whl)[demo]"
 
 # What no step loads (sizes in docs/benchmarks.md, B8): the packages' test suites, torch's C++
 # test programs, and bitsandbytes' kernels for other builds than this torch's.
@@ -25,4 +25,5 @@ find "$site/bitsandbytes" -maxdepth 1 -name 'libbitsandbytes_*.so' ! -name "libb
 # the CPU image has no compiler to run them, and stays under 2 GB without them.
 if [ "$keep" = cpu ]; then rm -rf "$site/torch/include"; fi
 
-python -m cockatoo_lib.versions
+python -m cockatoo_lib.versions --lock /tmp/dist/requirements.lock
+rm -rf /tmp/dist

@@ -103,3 +103,52 @@ def test_a_run_in_containers_without_an_engine_is_one_line_and_writes_nothing(tm
     assert code != 0
     assert error_line(err).startswith("error: no container engine answers (docker: ")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_lock_holds_every_pin_of_pyproject_and_this_environment_matches_it():
+    """requirements.lock is derived from pyproject.toml (`make lock`): a pin changed without it
+    fails here, before an image build or `make install` refuses the constraint."""
+    lock = versions.read_lock((ROOT / "requirements.lock").read_text())
+    assert {name: spec for name, spec in versions.pinned().items()
+            if not spec.contains(lock.get(versions.canonicalize_name(name), "0"), prereleases=True)} == {}
+    assert versions.unlocked(lock) == []
+    assert "--constraint /tmp/dist/requirements.lock" in (ROOT / "images" / "install.sh").read_text()
+    assert "--lock /tmp/dist/requirements.lock" in (ROOT / "images" / "install.sh").read_text()
+
+
+def test_a_package_outside_the_lock_or_at_another_version_is_reported(monkeypatch, capsys, tmp_path):
+    lock = versions.read_lock((ROOT / "requirements.lock").read_text())
+    lock["numpy"] = "1.0.0"
+    del lock["pyarrow"]
+    assert versions.unlocked(lock) == ["numpy: locked ==1.0.0, installed 2.4.6",
+                                       "pyarrow 25.0.1: installed, but not in the lock"]
+    # torch's CUDA build brings what it pins exactly itself (nvidia-*, triton): allowed, at that version.
+    monkeypatch.setattr(versions, "torch_exact_pins", lambda: {"pyarrow": "25.0.1", "numpy": "2.4.6"})
+    assert versions.unlocked(lock) == ["numpy: locked ==1.0.0, installed 2.4.6"]
+    written = tmp_path / "lock.txt"
+    written.write_text("".join(f"{n}=={v}\n" for n, v in lock.items()))
+    assert versions.main(["--lock", str(written)]) == 1
+    assert "error: numpy: locked ==1.0.0, installed 2.4.6" in capsys.readouterr().err
+
+
+def test_the_lock_is_written_from_pips_report_without_local_versions_or_the_project():
+    report = {"install": [{"metadata": {"name": "Torch", "version": "2.13.0+cpu"}},
+                          {"metadata": {"name": "cockatoo-pipelines", "version": "0.1.0"}},
+                          {"metadata": {"name": "PyYAML", "version": "6.0.3"}}]}
+    text = versions.write_lock(report)
+    assert text.startswith("# Every package") and text.endswith("pyyaml==6.0.3\ntorch==2.13.0\n")
+    assert versions.read_lock(text) == {"pyyaml": "6.0.3", "torch": "2.13.0"}
+
+
+def test_pushed_images_start_from_a_base_named_by_digest():
+    def make(*args):
+        return subprocess.run(["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+    refused = make("base-by-digest", "PYTHON_IMAGE=python:3.11-slim-bookworm")
+    assert refused.returncode != 0 and "push-images: name the base by digest" in refused.stderr
+    assert make("base-by-digest", "PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:" + "0" * 64).returncode == 0
+    planned = make("-n", "push-images", "PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:" + "0" * 64).stdout
+    builds = [line for line in planned.splitlines() if line.startswith("docker build")]
+    assert len(builds) == 2 and all("--build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:" in b
+                                    for b in builds)
+    assert "push-images: base-by-digest images" in (ROOT / "Makefile").read_text()
