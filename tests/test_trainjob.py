@@ -195,7 +195,8 @@ def test_finished_trainjobs_are_deleted_a_day_on_and_running_ones_stay(tmp_path,
     from cockatoo_lib.training.trainjob import JobRequest, create, remove_finished_jobs, trainer_client
     from tests.helpers import error_line, run_cli
 
-    ends = iter([("Complete", "", ""), ("Failed", "OOMKilled", ""), ("Running", "", ""), ("Complete", "", "")])
+    ends = iter([("Complete", "", ""), ("Failed", "OOMKilled", ""), ("Running", "", ""),
+                 ("Complete", "", "")])
     with FakeKubernetes(lambda body: next(ends)) as k8s:
         monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path)))
         client = trainer_client()
