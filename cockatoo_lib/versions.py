@@ -96,9 +96,14 @@ def torch_exact_pins() -> dict[str, str]:
 
 def unlocked(lock: dict[str, str]) -> list[str]:
     """Installed packages that are not in the lock at its version (nor pinned so by torch)."""
+    import sysconfig
+
     allowed = {**torch_exact_pins(), **lock}
     problems = []
-    for dist in metadata.distributions():
+    # Where pip installs (a venv's site-packages, an image's): a distribution's own Python packages
+    # elsewhere (Debian's dist-packages) are the system's, not the project's.
+    installed_here = list(dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]))
+    for dist in metadata.distributions(path=installed_here):
         name = canonicalize_name(dist.metadata["Name"])
         if name in INSTALLERS or name == DISTRIBUTION:
             continue

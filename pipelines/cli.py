@@ -277,8 +277,12 @@ def deploy(model_name: str = typer.Option(..., "--model-name", help="the registe
            min_replicas: int = typer.Option(1, "--min-replicas"),
            max_replicas: int = typer.Option(3, "--max-replicas"),
            cpu: str = typer.Option("2", "--cpu", help="CPU request and limit of each replica"),
-           memory: str = typer.Option("4Gi", "--memory", help="memory request and limit of each replica "
-                                                             "(ModernBERT-large: 6Gi, README)"),
+           model_type: str = typer.Option("deberta", "--model-type", "-m",
+                                          help="what the alias serves, which sizes --memory's default: "
+                                               + ", ".join(CATALOGUE)),
+           memory: str = typer.Option(None, "--memory", help="memory request and limit of each replica; "
+                                                            "default: what a switch of versions of "
+                                                            "--model-type holds (README)"),
            scratch: str = typer.Option("4Gi", "--scratch", help="disk at /tmp of each replica, where the "
                                                               "versions it serves are downloaded"),
            mlflow_secret: str = typer.Option("cockatoo-mlflow", "--mlflow-secret",
@@ -294,7 +298,7 @@ def deploy(model_name: str = typer.Option(..., "--model-name", help="the registe
     (`cockatoo serve`), and with --apply create or update it."""
     import yaml
 
-    from cockatoo_lib.serving.deploy import Deployment, apply, inference_service
+    from cockatoo_lib.serving.deploy import Deployment, apply, inference_service, serving_memory
     from cockatoo_lib.storage.fileio import check_file_output, write_text_atomic
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
 
@@ -302,7 +306,8 @@ def deploy(model_name: str = typer.Option(..., "--model-name", help="the registe
     manifest = inference_service(Deployment(
         name=name, model_uri=f"models:/{model_name}@{alias}", registry_uri=registry_uri or "",
         image=Images.of(image_registry or DEFAULT_REGISTRY, image_tag or DEFAULT_TAG).cpu,
-        namespace=namespace, min_replicas=min_replicas, max_replicas=max_replicas, cpu=cpu, memory=memory,
+        namespace=namespace, min_replicas=min_replicas, max_replicas=max_replicas, cpu=cpu,
+        memory=memory or serving_memory(model_type),
         scratch=scratch, mlflow_secret=mlflow_secret, ca_secret=ca_secret, settings=settings))
     path = check_file_output(output or Path(f"{name}-inferenceservice.yaml"))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -648,6 +648,27 @@ def _unknown_fields(value, kind: str, where: str = "") -> list[str]:
                       else _unknown_fields(item, model.openapi_types[by_json[key]], f"{where}.{key}"))]
 
 
+@pytest.mark.parametrize(("extra", "memory"), [([], "4Gi"), (["--model-type", "modernbert"], "6Gi"),
+                                             (["-m", "clip-vit"], "6Gi"), (["-m", "minilm"], "2Gi"),
+                                             (["-m", "modernbert", "--memory", "8Gi"], "8Gi")])
+def test_deploys_memory_holds_a_switch_of_versions_of_the_model_type_it_serves(extra, memory, tmp_path,
+                                                                             capsys, monkeypatch):
+    """A switch holds the old version served, the new one as trained and its reduced form: 2.5
+    copies of the fp32 weights and the runtime (ModernBERT-large's 395M parameters: 5.2 GiB)."""
+    out = tmp_path / "isvc.yaml"
+    code, _, err = run_cli([*DEPLOY, *extra, "--output", out], capsys, monkeypatch)
+    assert code == 0, err
+    (container,) = yaml.safe_load(out.read_text())["spec"]["predictor"]["containers"]
+    resources = container["resources"]
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == memory
+
+
+def test_deploy_refuses_an_unknown_model_type(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli([*DEPLOY, "-m", "bert", "--output", tmp_path / "x.yaml"], capsys, monkeypatch)
+    assert code == 2 and error_line(err).startswith("error: unknown model type 'bert'; known: deberta")
+    assert not (tmp_path / "x.yaml").exists()
+
+
 def test_deploy_gives_the_server_a_teams_ca_from_its_secret(tmp_path, capsys, monkeypatch):
     out = tmp_path / "isvc.yaml"
     code, _, err = run_cli([*DEPLOY, "--output", out, "--ca-secret", "team-ca"], capsys, monkeypatch)

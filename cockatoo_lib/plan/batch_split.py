@@ -87,16 +87,23 @@ def published_config(model_type: str) -> dict | None:
 
 
 def parameter_count(model_type: str) -> tuple[int, int]:
-    """(all parameters, embedding parameters) of the published architecture, counted on the
-    meta device (no memory, no download)."""
+    """(all parameters, embedding parameters) of the published architecture (or, for a model
+    whose weights come in a package, of their config), counted on the meta device (no memory,
+    no download)."""
+    from pathlib import Path
+
     import torch
     from transformers import AutoConfig, AutoModel
 
+    from cockatoo_lib.plan.catalogue import CATALOGUE, default_base_model
+
     config = published_config(model_type)
-    if config is None:
+    bundled = default_base_model(CATALOGUE[model_type]) if model_type in CATALOGUE else ""
+    if config is None and not Path(bundled).is_dir():
         raise CockatooError(f"no published config for {model_type}")
     with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.for_model(**config))
+        model = AutoModel.from_config(AutoConfig.for_model(**config) if config is not None
+                                      else AutoConfig.from_pretrained(bundled))
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
     return total, embedding

@@ -23,6 +23,24 @@ CONTAINER = "kserve-container"  # the name KServe gives a custom predictor's con
 STARTUP_SECONDS = 900
 # The only writable path under a read-only root: downloaded versions, caches, HOME.
 SCRATCH = "/tmp"
+# While the alias moves, a replica holds the old version in its served form, the new one as
+# trained (fp32) and the new one's reduced form: about 2.5 copies of the fp32 weights, beside the
+# runtime (torch, kserve, the tokenizer, a batch).
+SWITCH_WEIGHT_COPIES = 2.5
+RUNTIME_GIB = 1.5
+
+
+def serving_memory(model_type: str) -> str:
+    """A replica's memory for a model type: what a switch of versions holds, whole GiB."""
+    import math
+
+    from cockatoo_lib.plan.batch_split import parameter_count
+    from cockatoo_lib.plan.catalogue import CATALOGUE
+
+    if model_type not in CATALOGUE:
+        raise CockatooError(f"unknown model type {model_type!r}; known: {', '.join(CATALOGUE)}")
+    weights_gib = 4 * parameter_count(model_type)[0] / 2**30
+    return f"{max(2, math.ceil(SWITCH_WEIGHT_COPIES * weights_gib + RUNTIME_GIB))}Gi"
 
 
 @dataclass(frozen=True)
