@@ -87,23 +87,23 @@ def published_config(model_type: str) -> dict | None:
 
 
 def parameter_count(model_type: str) -> tuple[int, int]:
-    """(all parameters, embedding parameters) of the published architecture (or, for a model
-    whose weights come in a package, of their config), counted on the meta device (no memory,
-    no download)."""
-    from pathlib import Path
-
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    from cockatoo_lib.plan.catalogue import CATALOGUE, default_base_model
+    """(all parameters, embedding parameters) of the published architecture."""
+    from transformers import AutoConfig
 
     config = published_config(model_type)
-    bundled = default_base_model(CATALOGUE[model_type]) if model_type in CATALOGUE else ""
-    if config is None and not Path(bundled).is_dir():
+    if config is None:
         raise CockatooError(f"no published config for {model_type}")
+    return count_parameters(AutoConfig.for_model(**config))
+
+
+def count_parameters(config) -> tuple[int, int]:
+    """(all parameters, embedding parameters) of a transformers config's model, counted on the
+    meta device (no memory, no download)."""
+    import torch
+    from transformers import AutoModel
+
     with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.for_model(**config) if config is not None
-                                      else AutoConfig.from_pretrained(bundled))
+        model = AutoModel.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
     return total, embedding

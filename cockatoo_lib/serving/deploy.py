@@ -34,12 +34,19 @@ def serving_memory(model_type: str) -> str:
     """A replica's memory for a model type: what a switch of versions holds, whole GiB."""
     import math
 
-    from cockatoo_lib.plan.batch_split import parameter_count
-    from cockatoo_lib.plan.catalogue import CATALOGUE
+    from transformers import AutoConfig
+
+    from cockatoo_lib.plan.batch_split import count_parameters, parameter_count, published_config
+    from cockatoo_lib.plan.catalogue import CATALOGUE, default_base_model
 
     if model_type not in CATALOGUE:
         raise CockatooError(f"unknown model type {model_type!r}; known: {', '.join(CATALOGUE)}")
-    weights_gib = 4 * parameter_count(model_type)[0] / 2**30
+    if published_config(model_type) is not None:
+        parameters = parameter_count(model_type)[0]
+    else:  # a model whose weights come in a package (minilm): its own config
+        bundled = AutoConfig.from_pretrained(default_base_model(CATALOGUE[model_type]))
+        parameters = count_parameters(bundled)[0]
+    weights_gib = 4 * parameters / 2**30
     return f"{max(2, math.ceil(SWITCH_WEIGHT_COPIES * weights_gib + RUNTIME_GIB))}Gi"
 
 
