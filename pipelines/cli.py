@@ -49,6 +49,20 @@ CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
                                      help="cockatoo-score: GPUs per shard (0: the CPU image)")),
     "score_parallelism": (int, typer.Option(8, "--score-parallelism",
                                             help="cockatoo-score: shards scored at once (0: all)")),
+    "target": (str, typer.Option("kubeflow", "--target",
+                                 help="kubeflow (a KFP cluster) or vertex (Vertex AI Pipelines: no "
+                                      "Kubernetes settings, --accelerator-type by Vertex's name)")),
+}
+
+# Where a run goes on Vertex AI (submit and schedule with --target vertex).
+VERTEX_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
+    "project": (str, typer.Option("", "--project", help="Vertex AI: the Google Cloud project")),
+    "region": (str, typer.Option("", "--region", help="Vertex AI: the region, e.g. europe-west4")),
+    "pipeline_root": (str, typer.Option("", "--pipeline-root", help="Vertex AI: gs:// folder for artifacts")),
+    "service_account": (str, typer.Option("", "--service-account",
+                                          help="Vertex AI: the runs' service account")),
+    "network": (str, typer.Option("", "--network", help="Vertex AI: a VPC network to peer, "
+                                                         "projects/NUMBER/global/networks/NAME")),
 }
 
 
@@ -57,9 +71,21 @@ def with_cluster_options(command):
     return option_group(CLUSTER_OPTIONS, _cluster, "cluster")(command)
 
 
+def with_vertex_options(command):
+    """Give `command` the Vertex AI options; it receives them as one `vertex` (a VertexTarget)."""
+    def build(**values):
+        from pipelines.vertex import VertexTarget
+
+        return VertexTarget(**values)
+
+    return option_group(VERTEX_OPTIONS, build, "vertex")(command)
+
+
 def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu", gpus=1,
              node_selector=None, toleration=None, cache_root="", scratch_size="", registry_uri="",
-             checkpoint_root="", retries=2, ca_secret="", score_gpus=0, score_parallelism=8):
+             checkpoint_root="", retries=2, ca_secret="", score_gpus=0, score_parallelism=8,
+             target="kubeflow"):
+    from cockatoo_lib.errors import CockatooError
     from cockatoo_lib.plan.limits import check_range
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
     from pipelines.cockatoo_train import Cluster
@@ -68,6 +94,17 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
     check_range("retries", retries, "--retries")
     check_range("gpus", score_gpus, "--score-gpus")
     check_range("parallelism", score_parallelism, "--score-parallelism")
+    if target not in ("kubeflow", "vertex"):
+        raise CockatooError(f"--target {target!r}: kubeflow or vertex")
+    if target == "vertex":
+        from pipelines.vertex import check_accelerator
+
+        check_accelerator(accelerator_type)
+        kubernetes_only = {"--node-selector": node_selector, "--toleration": toleration,
+                           "--scratch-size": scratch_size, "--ca-secret": ca_secret}
+        for option in [o for o, value in kubernetes_only.items() if value]:
+            raise CockatooError(f"{option} is a Kubernetes setting, which Vertex AI does not take; "
+                                "leave it out")
     selectors = dict(_pair(s, "--node-selector") for s in node_selector or [])
     tolerations = [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}
                    for k, v in (_pair(t, "--toleration") for t in toleration or [])]
@@ -75,7 +112,8 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
                    accelerator_type=accelerator_type, node_selector=selectors,
                    tolerations=tolerations, cache_root=cache_root, gpus=gpus, scratch_size=scratch_size,
                    registry_uri=registry_uri, checkpoint_root=checkpoint_root, retries=retries,
-                   ca_secret=ca_secret, score_gpus=score_gpus, score_parallelism=score_parallelism)
+                   ca_secret=ca_secret, score_gpus=score_gpus, score_parallelism=score_parallelism,
+                   target=target)
 
 
 def _pair(text: str, option: str) -> tuple[str, str]:
@@ -222,34 +260,71 @@ def compile_(output: Path = typer.Option(None, "--output", "-o", help="default: 
     typer.echo(f"compiled {path} (images {cluster.images.cpu}, {cluster.images.cuda})")
 
 
+HOST = typer.Option("", "--host", help="KFP API URL, e.g. http://localhost:8080 (--target kubeflow)")
+
+
+def _host(host: str, cluster) -> str:
+    from cockatoo_lib.errors import CockatooError
+
+    if cluster.on_kubernetes and not host:
+        raise CockatooError("--host: the KFP API to submit to (or --target vertex)")
+    if not cluster.on_kubernetes and host:
+        raise CockatooError("--host names a KFP API; --target vertex submits to Vertex AI "
+                            "(--project, --region)")
+    return host
+
+
 @app.command()
 @with_cluster_options
-def submit(host: str = typer.Option(..., "--host", help="KFP API URL, e.g. http://localhost:8080"),
+@with_vertex_options
+def submit(host: str = HOST,
            experiment: str = typer.Option("cockatoo", "--experiment"),
            model_type: str = PIPELINE_MODEL_TYPE,
            set_: list[str] = SET, param: list[str] = PARAM,
-           run_name: str = typer.Option(None, "--run-name"), pipeline: str = PIPELINE, cluster=None):
-    """Compile a pipeline and start a run on a KFP cluster; prints the run's URL."""
+           run_name: str = typer.Option(None, "--run-name"), pipeline: str = PIPELINE, cluster=None,
+           vertex=None):
+    """Compile a pipeline and start a run on a KFP cluster or on Vertex AI (--target vertex);
+    prints the run's URL."""
     from pipelines.runner import submit as run_submit
 
     params = _params(model_type, set_, param, _known(pipeline))
+    _host(host, cluster)
+    if not cluster.on_kubernetes:
+        from pipelines.runner import submit_vertex
+
+        typer.echo(submit_vertex(vertex.check(), params, cluster, run_name, pipeline))
+        return
     typer.echo(run_submit(host, params, experiment, cluster, run_name, pipeline))
 
 
 @app.command()
 @with_cluster_options
-def schedule(host: str = typer.Option(..., "--host"),
+@with_vertex_options
+def schedule(host: str = HOST,
              cron: str = typer.Option(..., "--cron", help="six fields, seconds first: '0 0 3 * * 1'"),
              experiment: str = typer.Option("cockatoo", "--experiment"),
              name: str = typer.Option(None, "--name",
                                       help="default: cockatoo-weekly-retrain, cockatoo-daily-score"),
              model_type: str = PIPELINE_MODEL_TYPE,
-             set_: list[str] = SET, param: list[str] = PARAM, pipeline: str = PIPELINE, cluster=None):
-    """Create a recurring run of a pipeline, one at a time (the weekly retrain catches no missed run
-    up, the daily score does); prints its URL."""
+             set_: list[str] = SET, param: list[str] = PARAM, pipeline: str = PIPELINE,
+             time_zone: str = typer.Option("UTC", "--time-zone", help="Vertex AI: the cron's time zone"),
+             start: str = typer.Option("", "--start", help="Vertex AI: first run no earlier, RFC 3339"),
+             end: str = typer.Option("", "--end", help="Vertex AI: no run after, RFC 3339"),
+             max_concurrent_runs: int = typer.Option(1, "--max-concurrent-runs", min=1,
+                                                     help="Vertex AI: runs of the schedule at once"),
+             cluster=None, vertex=None):
+    """Create a recurring run of a pipeline, one at a time (on a cluster the weekly retrain catches
+    no missed run up, the daily score does; Vertex AI catches none up); prints its URL."""
     from pipelines.runner import schedule as run_schedule
 
     params = _params(model_type, set_, param, _known(pipeline))
+    _host(host, cluster)
+    if not cluster.on_kubernetes:
+        from pipelines.runner import schedule_vertex
+
+        typer.echo(schedule_vertex(vertex.check(), cron, params, cluster, name, pipeline, time_zone, start,
+                                   end, max_concurrent_runs))
+        return
     typer.echo(run_schedule(host, cron, params, experiment, cluster, name, pipeline))
 
 

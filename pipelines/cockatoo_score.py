@@ -8,12 +8,11 @@ the user's bucket, not KFP's artifacts, are what a run leaves.
 
 from typing import NamedTuple
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 from kfp.dsl import Artifact, Metrics
 
-from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
 from components.score import finish_scoring, plan_scoring, score_shard
-from pipelines.cockatoo_train import Cluster, configure, on_a_shallow_stack
+from pipelines.cockatoo_train import Cluster, configure, mlflow_credentials, on_a_shallow_stack
 
 PIPELINE_NAME = "cockatoo-score"
 
@@ -45,7 +44,7 @@ def _build(cluster: Cluster):
         plan = plan_scoring(model=model, input_uri=input_uri, output_uri=output_uri, shards=shards,
                             registry_uri=registry_uri, run_time=run_time)
         configure(plan, "plan-scoring", cluster.images.cpu, cluster)
-        kubernetes.use_secret_as_env(plan, cluster.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+        mlflow_credentials(plan, cluster)
 
         with dsl.ParallelFor(plan.outputs["shards"], parallelism=cluster.score_parallelism) as shard:
             score = score_shard(model=plan.outputs["model"], shard=shard,
@@ -54,7 +53,7 @@ def _build(cluster: Cluster):
             on_gpu = cluster.score_gpus > 0
             configure(score, "score-shard", cluster.images.cuda if on_gpu else cluster.images.cpu, cluster,
                       shm=True)
-            kubernetes.use_secret_as_env(score, cluster.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+            mlflow_credentials(score, cluster)
             if on_gpu:
                 score.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(cluster.score_gpus)
             if cluster.retries:  # a preempted pod: the retry scores only the parts not written

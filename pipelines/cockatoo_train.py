@@ -61,6 +61,19 @@ class Cluster:
     score_parallelism: int = 8
     # kfp.local 2.16 cannot resolve the schedule-time placeholder; local runs pass a constant.
     for_local: bool = False
+    # "kubeflow": a KFP cluster; "vertex": Vertex AI Pipelines, which takes no Kubernetes
+    # platform config (pipelines/vertex.py).
+    target: str = "kubeflow"
+
+    @property
+    def on_kubernetes(self) -> bool:
+        return self.target != "vertex"
+
+
+def mlflow_credentials(task, cluster: Cluster) -> None:
+    """The MLflow secret's keys as MLFLOW_TRACKING_*, on a cluster."""
+    if cluster.on_kubernetes:
+        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
 
 
 class PipelineOutputs(NamedTuple):
@@ -86,6 +99,8 @@ def configure(task, step: str, image: str, cluster: Cluster, shm: bool = False,
     cpu, memory = RESOURCES[step]
     task.set_container_image(image).set_cpu_request(cpu).set_memory_request(memory)
     task.set_display_name(step)
+    if not cluster.on_kubernetes:
+        return task
     kubernetes.use_secret_as_env(task, cluster.hf_token_secret, {"token": "HF_TOKEN"}, optional=True)
     if cluster.ca_secret:  # as the environment: a TrainJob's nodes get the train step's too
         kubernetes.use_secret_as_env(task, cluster.ca_secret, {CA_KEY: EXTRA_CA_PEM_ENV})
@@ -184,7 +199,7 @@ def _build(cluster: Cluster):
                        allow_label_change=allow_label_change, min_gain_over_baseline=min_gain_over_baseline,
                        allow_below_baseline=allow_below_baseline)
         configure(gate, "promote", cluster.images.cpu, cluster)
-        kubernetes.use_secret_as_env(gate, cluster.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+        mlflow_credentials(gate, cluster)
         gate.set_caching_options(False)
 
         return PipelineOutputs(model=fit.outputs["model"], evaluation=scored.outputs["evaluation"],

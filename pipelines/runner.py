@@ -339,3 +339,29 @@ def schedule(host: str, cron: str, params: dict[str, Any], experiment: str, clus
             raise CockatooError(f"KFP at {host} refused the recurring run: "
                                 f"{first_line(exc, 'reason')}") from None
     return f"{host.rstrip('/')}/#/recurringrun/details/{run.recurring_run_id}"
+
+
+# ---------------------------------------------------------------------- Vertex AI
+
+
+def submit_vertex(target, params: dict[str, Any], cluster: Cluster, run_name: str | None = None,
+                  pipeline: str = PIPELINE_NAME) -> str:
+    """Compile for Vertex AI, create a PipelineJob, return its console URL."""
+    from pipelines import vertex
+
+    check_params(params, pipeline)
+    with tempfile.TemporaryDirectory() as folder:
+        return vertex.submit(target, _compiled(cluster, folder, pipeline), params, pipeline, run_name)
+
+
+def schedule_vertex(target, cron: str, params: dict[str, Any], cluster: Cluster, name: str | None = None,
+                    pipeline: str = PIPELINE_NAME, time_zone: str = "UTC", start: str = "", end: str = "",
+                    max_concurrent_runs: int = 1) -> str:
+    """Compile for Vertex AI and create its schedule; return the schedule's resource name."""
+    from pipelines import vertex
+
+    check_params(params, pipeline)
+    with tempfile.TemporaryDirectory() as folder:
+        return vertex.schedule(target, _compiled(cluster, folder, pipeline), params, pipeline, cron,
+                               name or PIPELINES[pipeline].schedule_name, time_zone, start, end,
+                               max_concurrent_runs)
