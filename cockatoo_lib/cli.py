@@ -301,12 +301,12 @@ def show_predictions(info: dict, expected: list[str] | None = None) -> None:
 
 
 def main() -> None:
-    from cockatoo_lib.storage.trust import trust_extra_ca_certs
+    from cockatoo_lib.storage.secrets import step_environment
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        trust_extra_ca_certs()
+        step_environment()
         app()  # click itself reports usage errors, with exit code 2
     except CockatooError as exc:
         typer.echo(f"error: {exc}", err=True)

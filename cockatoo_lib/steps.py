@@ -27,9 +27,9 @@ class StepArgs:
         """A component's arguments: its run parameters by name from `inputs` (the component's
         `locals()`; what is not a field, such as an artifact, is left out) and its artifacts'
         paths and URIs, given by keyword."""
-        from cockatoo_lib.storage.trust import trust_extra_ca_certs
+        from cockatoo_lib.storage.secrets import step_environment
 
-        trust_extra_ca_certs()  # every step builds its arguments here first: a team's CA applies to all
+        step_environment()  # every step builds its arguments here first: secrets and a team's CA apply to all
         names = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in inputs.items() if k in names}, **paths})
 

@@ -16,9 +16,9 @@ def plan_scoring(model: str, input_uri: str, output_uri: str, shards: int, regis
     the shards ([{"index": i, "files": [...]}], what ParallelFor fans out). The whole plan is a
     parameter, not an artifact, so that finish also runs alone under kfp.local."""
     from cockatoo_lib.release.scoring import plan_scoring as make_plan
-    from cockatoo_lib.storage.trust import trust_extra_ca_certs
+    from cockatoo_lib.storage.secrets import step_environment
 
-    trust_extra_ca_certs()
+    step_environment()
     made = make_plan(model, input_uri, output_uri, shards, registry_uri or None, run_time)
     return (made["model"], made["output"], made["shards"], made)
 
@@ -28,9 +28,9 @@ def score_shard(model: str, shard: dict, output_uri: str, registry_uri: str, tex
                 image_column: str, batch_size: int) -> int:
     """Score one shard's files into OUTPUT/shard-NNNNN/; returns its rows."""
     from cockatoo_lib.release.scoring import score_shard as score
-    from cockatoo_lib.storage.trust import trust_extra_ca_certs
+    from cockatoo_lib.storage.secrets import step_environment
 
-    trust_extra_ca_certs()
+    step_environment()
     return score(model, shard["files"], output_uri, shard["index"], registry_uri or None, text_column,
                  image_column or None, batch_size)["rows"]
 
@@ -41,9 +41,9 @@ def finish_scoring(plan: dict, scored: Output[Artifact], metrics: Output[Metrics
     import json
 
     from cockatoo_lib.release.scoring import finish_scoring as finish
-    from cockatoo_lib.storage.trust import trust_extra_ca_certs
+    from cockatoo_lib.storage.secrets import step_environment
 
-    trust_extra_ca_certs()
+    step_environment()
     manifest = finish(plan)
     with open(scored.path, "w") as handle:
         json.dump(manifest, handle, indent=2)

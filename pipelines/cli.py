@@ -43,8 +43,9 @@ CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
                                           help="default checkpoint_root, e.g. gs://bucket/checkpoints")),
     "retries": (int, typer.Option(2, "--retries", help="retries of a failed train step, with backoff")),
     "ca_secret": (str, typer.Option("", "--ca-secret",
-                                    help="a secret with the team's CA certificate (key ca.crt), trusted "
-                                         "by every step beside the public CAs")),
+                                    help="a secret with the team's CA certificate (key ca.crt; on Vertex "
+                                         "AI a Secret Manager secret), trusted by every step beside the "
+                                         "public CAs")),
     "score_gpus": (int, typer.Option(0, "--score-gpus",
                                      help="cockatoo-score: GPUs per shard (0: the CPU image)")),
     "score_parallelism": (int, typer.Option(8, "--score-parallelism",
@@ -101,7 +102,7 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
 
         check_accelerator(accelerator_type)
         kubernetes_only = {"--node-selector": node_selector, "--toleration": toleration,
-                           "--scratch-size": scratch_size, "--ca-secret": ca_secret}
+                           "--scratch-size": scratch_size}
         for option in [o for o, value in kubernetes_only.items() if value]:
             raise CockatooError(f"{option} is a Kubernetes setting, which Vertex AI does not take; "
                                 "leave it out")

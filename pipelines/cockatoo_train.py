@@ -18,6 +18,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 
 from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
+from cockatoo_lib.storage.secrets import SECRETS_ENV, secrets_spec
 from cockatoo_lib.storage.trust import CA_KEY, EXTRA_CA_PEM_ENV
 from cockatoo_lib.training.trainjob import ACCELERATOR_ENV, IMAGE_ENV
 from components import evaluate, prepare_data, promote, tokenize, train
@@ -70,10 +71,26 @@ class Cluster:
         return self.target != "vertex"
 
 
+def vertex_secrets(cluster: Cluster, mlflow: bool = False) -> dict[str, str]:
+    """On Vertex AI, the variables a step reads from Secret Manager at its start, by secret name
+    (cockatoo_lib/storage/secrets.py): the cluster's secrets, one secret per key
+    (cockatoo-hf-token; cockatoo-mlflow-username, -password, -token; the CA secret's certificate)."""
+    wanted = {"HF_TOKEN": cluster.hf_token_secret}
+    if cluster.ca_secret:
+        wanted[EXTRA_CA_PEM_ENV] = cluster.ca_secret
+    if mlflow:
+        wanted.update({variable: f"{cluster.mlflow_secret}-{key}"
+                       for key, variable in MLFLOW_SECRET_KEYS.items()})
+    return wanted
+
+
 def mlflow_credentials(task, cluster: Cluster) -> None:
-    """The MLflow secret's keys as MLFLOW_TRACKING_*, on a cluster."""
+    """The MLflow secret's keys as MLFLOW_TRACKING_*: from the Kubernetes secret on a cluster, from
+    Secret Manager on Vertex AI."""
     if cluster.on_kubernetes:
         kubernetes.use_secret_as_env(task, cluster.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+    else:
+        task.set_env_variable(SECRETS_ENV, secrets_spec(vertex_secrets(cluster, mlflow=True)))
 
 
 class PipelineOutputs(NamedTuple):
@@ -100,6 +117,7 @@ def configure(task, step: str, image: str, cluster: Cluster, shm: bool = False,
     task.set_container_image(image).set_cpu_request(cpu).set_memory_request(memory)
     task.set_display_name(step)
     if not cluster.on_kubernetes:
+        task.set_env_variable(SECRETS_ENV, secrets_spec(vertex_secrets(cluster)))
         return task
     kubernetes.use_secret_as_env(task, cluster.hf_token_secret, {"token": "HF_TOKEN"}, optional=True)
     if cluster.ca_secret:  # as the environment: a TrainJob's nodes get the train step's too

@@ -4,6 +4,7 @@ google-cloud-aiplatform SDK, which builds every request; the generated API clien
 message types, and answer as the API would. No credentials, no network."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -81,6 +82,14 @@ def test_a_run_submitted_to_vertex_carries_the_spec_parameters_and_labels(vertex
     train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
     assert train["resourceType"] == "NVIDIA_H100_80GB"
     assert "platforms" not in json.dumps(spec) and "secretAsEnv" not in json.dumps(spec)
+    # Secrets by name, read from Secret Manager at each step's start; the gate's MLflow credentials too.
+    executors = spec["deploymentSpec"]["executors"]
+    env = {name: {e["name"]: e["value"] for e in executor.get("container", {}).get("env", [])}
+           for name, executor in executors.items()}
+    assert env["exec-train"]["COCKATOO_SECRETS"] == "HF_TOKEN=cockatoo-hf-token"
+    assert env["exec-promote"]["COCKATOO_SECRETS"] == (
+        "HF_TOKEN=cockatoo-hf-token,MLFLOW_TRACKING_USERNAME=cockatoo-mlflow-username,"
+        "MLFLOW_TRACKING_PASSWORD=cockatoo-mlflow-password,MLFLOW_TRACKING_TOKEN=cockatoo-mlflow-token")
 
 
 def test_a_vertex_schedule_is_a_whole_minute_cron_in_its_time_zone_one_run_at_a_time(vertex_api, capsys,
@@ -110,7 +119,6 @@ def test_a_vertex_schedule_is_a_whole_minute_cron_in_its_time_zone_one_run_at_a_
     (["--pipeline-root", "s3://b/root"], "--pipeline-root 's3://b/root': Vertex AI writes artifacts"),
     (["--accelerator-type", "nvidia.com/gpu"], "--accelerator-type 'nvidia.com/gpu': Vertex AI names its"),
     (["--node-selector", "pool=gpu"], "--node-selector is a Kubernetes setting, which Vertex AI does not"),
-    (["--ca-secret", "team-ca"], "--ca-secret is a Kubernetes setting"),
     (["--host", "http://kfp:8080"], "--host names a KFP API; --target vertex submits to Vertex AI"),
 ])
 def test_vertex_bad_input_is_one_line_and_submits_nothing(args, message, vertex_api, capsys, monkeypatch):
@@ -130,11 +138,73 @@ def test_a_vertex_schedule_refuses_seconds_and_an_unknown_time_zone(vertex_api, 
 
 def test_the_vertex_spec_is_the_clusters_without_its_kubernetes_config(tmp_path):
     """Same steps, inputs, images, caching and retries: the local run of the compiled cluster spec
-    (tests/test_pipeline.py) stands for the Vertex one. Only the accelerator's name differs, and
-    the Kubernetes platform config is gone."""
+    (tests/test_pipeline.py) stands for the Vertex one. Only the accelerator's name differs, the
+    Kubernetes platform config is gone, and each step names the secrets it reads instead."""
     kubeflow = list(yaml.safe_load_all(compile_pipeline(tmp_path / "k.yaml", Cluster()).read_text()))
     (vertex,) = yaml.safe_load_all(compile_pipeline(
         tmp_path / "v.yaml", Cluster(target="vertex", accelerator_type="NVIDIA_L4")).read_text())
     assert len(kubeflow) == 2 and "kubernetes" in kubeflow[1]["platforms"]
     as_cluster = json.loads(json.dumps(vertex).replace('"NVIDIA_L4"', '"nvidia.com/gpu"'))
+    executors = as_cluster["deploymentSpec"]["executors"].values()
+    for container in [e["container"] for e in executors if "container" in e]:  # not the importer
+        assert [e["name"] for e in container.get("env", [])].count("COCKATOO_SECRETS") == 1
+        container["env"] = [e for e in container["env"] if e["name"] != "COCKATOO_SECRETS"]
+        if not container["env"]:
+            del container["env"]
     assert as_cluster == kubeflow[0]
+
+
+@pytest.fixture
+def secret_manager(monkeypatch):
+    """Secret Manager's generated client with its access call answering from a dict (the real
+    request: the secret version's resource name)."""
+    import google.auth
+    from google.api_core import exceptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud.secretmanager_v1 import SecretManagerServiceClient, types
+
+    stored = {}
+
+    def access_secret_version(self, request=None, *, name=None, **_):
+        if name not in stored:
+            raise exceptions.NotFound(f"Secret [{name}] not found or has no versions.")
+        if stored[name] is None:
+            raise exceptions.PermissionDenied(f"Permission 'secretmanager.versions.access' denied for {name}")
+        return types.AccessSecretVersionResponse(name=name, payload=types.SecretPayload(data=stored[name]))
+
+    anonymous = (AnonymousCredentials(), "my-project")
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: anonymous)
+    monkeypatch.setattr(SecretManagerServiceClient, "access_secret_version", access_secret_version)
+    for variable in ("HF_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                     "MLFLOW_TRACKING_TOKEN", "CLOUD_ML_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    return stored
+
+
+def test_a_step_on_vertex_reads_its_secrets_by_name_and_skips_the_ones_that_do_not_exist(secret_manager,
+                                                                                          monkeypatch):
+    from cockatoo_lib.steps import PlanArgs
+    from cockatoo_lib.storage.secrets import load_secrets
+
+    secret_manager["projects/runs-project/secrets/cockatoo-mlflow-password/versions/latest"] = b"s3cret"
+    secret_manager["projects/runs-project/secrets/cockatoo-mlflow-username/versions/latest"] = b"gate"
+    monkeypatch.setenv("CLOUD_ML_PROJECT_ID", "runs-project")  # as Vertex AI sets it in a step
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "already-set")
+    monkeypatch.setenv("COCKATOO_SECRETS", "MLFLOW_TRACKING_USERNAME=cockatoo-mlflow-username,"
+                       "MLFLOW_TRACKING_PASSWORD=cockatoo-mlflow-password,HF_TOKEN=cockatoo-hf-token")
+    PlanArgs.of({"model_type": "deberta"})  # every step starts here
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "already-set" and "HF_TOKEN" not in os.environ
+    assert load_secrets() == []  # what is set stays; what does not exist is still skipped
+
+
+def test_a_secret_a_step_may_not_read_is_one_line_naming_it(secret_manager, monkeypatch):
+    from cockatoo_lib.errors import CockatooError
+    from cockatoo_lib.storage.secrets import load_secrets
+
+    secret_manager["projects/my-project/secrets/cockatoo-hf-token/versions/latest"] = None
+    monkeypatch.setenv("COCKATOO_SECRETS", "HF_TOKEN=cockatoo-hf-token")
+    name = "projects/my-project/secrets/cockatoo-hf-token/versions/latest"
+    with pytest.raises(CockatooError, match=rf"^COCKATOO_SECRETS: cannot read secret {name} for HF_TOKEN: "
+                                            r".*denied"):
+        load_secrets()
