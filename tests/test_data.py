@@ -365,8 +365,9 @@ def test_negative_for_refuses_a_mapped_or_unknown_label(tmp_path, negative_for, 
 
 
 def _mixed_sources(folder):
-    """Three formats, copies within and across sources, a label column that JSON lines name only
-    in some records, a holdout, and labels that merge_labels must combine across batches."""
+    """Three formats and a hub data set, copies within and across sources, a label column that
+    JSON lines name only in some records, a holdout, and labels that merge_labels must combine
+    across batches."""
     rng = np.random.default_rng(3)
     words = np.array(["Free prize", "hello  THERE", "click here", "kill it", "lunch?", "nice pic"])
     texts = pd.Series(rng.choice(words, 90)) + " " + pd.Series(rng.integers(0, 25, 90)).astype(str)
@@ -378,10 +379,14 @@ def _mixed_sources(folder):
     pd.DataFrame({"text": texts[70:].to_numpy(), "tox": rng.integers(0, 2, 20).astype(bool)}).to_parquet(
         folder / "c.parquet")
     pd.DataFrame({"text": texts[:6], "scam": 1}).to_csv(folder / "h.csv", index=False)
+    (folder / "hubset" / "data").mkdir(parents=True)  # a Hugging Face data set in hub layout
+    pd.DataFrame({"text": texts[50:65].to_numpy(), "scam": rng.integers(0, 2, 15)}).to_parquet(
+        folder / "hubset" / "data" / "train-00000-of-00001.parquet")
     return write_config(folder, [{"name": "a", "path": "a.csv", "text_column": "body",
                                   "labels": {"scam": "scam", "toxicity": "tox"}},
                                  {"name": "b", "path": "b.jsonl", "labels": {"scam": "scam"}},
-                                 {"name": "c", "path": "c.parquet", "labels": {"toxicity": "tox"}}],
+                                 {"name": "c", "path": "c.parquet", "labels": {"toxicity": "tox"}},
+                                 {"name": "d", "hub": str(folder / "hubset"), "labels": {"scam": "scam"}}],
                         holdout=[{"name": "h", "path": "h.csv", "labels": {"scam": "scam"}}])
 
 
