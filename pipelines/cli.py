@@ -262,24 +262,28 @@ def compile_(output: Path = typer.Option(None, "--output", "-o", help="default: 
 
 
 HOST = typer.Option("", "--host", help="KFP API URL, e.g. http://localhost:8080 (--target kubeflow)")
+EXPERIMENT = typer.Option(None, "--experiment", help="the KFP experiment, default cockatoo (kubeflow)")
 
 
-def _host(host: str, cluster) -> str:
+def _kfp_only(host: str, experiment: str | None, cluster) -> tuple[str, str]:
+    """The KFP API and experiment a run goes to; with --target vertex, neither may be given."""
     from cockatoo_lib.errors import CockatooError
 
     if cluster.on_kubernetes and not host:
         raise CockatooError("--host: the KFP API to submit to (or --target vertex)")
-    if not cluster.on_kubernetes and host:
-        raise CockatooError("--host names a KFP API; --target vertex submits to Vertex AI "
-                            "(--project, --region)")
-    return host
+    if not cluster.on_kubernetes:
+        for option, value in (("--host", host), ("--experiment", experiment)):
+            if value:
+                raise CockatooError(f"{option} is KFP's; --target vertex submits to Vertex AI (--project, "
+                                    "--region), where a run's labels name its pipeline and model type")
+    return host, experiment or "cockatoo"
 
 
 @app.command()
 @with_cluster_options
 @with_vertex_options
 def submit(host: str = HOST,
-           experiment: str = typer.Option("cockatoo", "--experiment"),
+           experiment: str = EXPERIMENT,
            model_type: str = PIPELINE_MODEL_TYPE,
            set_: list[str] = SET, param: list[str] = PARAM,
            run_name: str = typer.Option(None, "--run-name"), pipeline: str = PIPELINE, cluster=None,
@@ -289,7 +293,7 @@ def submit(host: str = HOST,
     from pipelines.runner import submit as run_submit
 
     params = _params(model_type, set_, param, _known(pipeline))
-    _host(host, cluster)
+    host, experiment = _kfp_only(host, experiment, cluster)
     if not cluster.on_kubernetes:
         from pipelines.runner import submit_vertex
 
@@ -303,7 +307,7 @@ def submit(host: str = HOST,
 @with_vertex_options
 def schedule(host: str = HOST,
              cron: str = typer.Option(..., "--cron", help="six fields, seconds first: '0 0 3 * * 1'"),
-             experiment: str = typer.Option("cockatoo", "--experiment"),
+             experiment: str = EXPERIMENT,
              name: str = typer.Option(None, "--name",
                                       help="default: cockatoo-weekly-retrain, cockatoo-daily-score"),
              model_type: str = PIPELINE_MODEL_TYPE,
@@ -319,7 +323,7 @@ def schedule(host: str = HOST,
     from pipelines.runner import schedule as run_schedule
 
     params = _params(model_type, set_, param, _known(pipeline))
-    _host(host, cluster)
+    host, experiment = _kfp_only(host, experiment, cluster)
     if not cluster.on_kubernetes:
         from pipelines.runner import schedule_vertex
 

@@ -119,7 +119,8 @@ def test_a_vertex_schedule_is_a_whole_minute_cron_in_its_time_zone_one_run_at_a_
     (["--pipeline-root", "s3://b/root"], "--pipeline-root 's3://b/root': Vertex AI writes artifacts"),
     (["--accelerator-type", "nvidia.com/gpu"], "--accelerator-type 'nvidia.com/gpu': Vertex AI names its"),
     (["--node-selector", "pool=gpu"], "--node-selector is a Kubernetes setting, which Vertex AI does not"),
-    (["--host", "http://kfp:8080"], "--host names a KFP API; --target vertex submits to Vertex AI"),
+    (["--host", "http://kfp:8080"], "--host is KFP's; --target vertex submits to Vertex AI"),
+    (["--experiment", "moderation"], "--experiment is KFP's; --target vertex submits to Vertex AI"),
 ])
 def test_vertex_bad_input_is_one_line_and_submits_nothing(args, message, vertex_api, capsys, monkeypatch):
     code, _, err = run_cli(["submit", *VERTEX, *args], capsys, monkeypatch)
