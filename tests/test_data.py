@@ -440,3 +440,22 @@ def test_a_json_lines_column_that_no_record_names_is_an_error_after_the_last_bat
     config = write_config(tmp_path, [{"name": "d", "path": "d.jsonl", "labels": {"scam": "label"}}])
     with pytest.raises(CockatooError, match="label column 'label' for scam not found; columns: text, x$"):
         prepare(load_data_config(str(config)), tmp_path / "out")
+
+
+def test_rows_of_one_item_become_one_and_a_missing_item_column_is_one_line(tmp_path, monkeypatch):
+    import cockatoo_lib.data.prepare as data
+
+    monkeypatch.setattr(data, "BATCH_ROWS", 2)  # an item's rows come whole all the same
+    pd.DataFrame({"post": [7, 8, 7, 9, 7, 8], "text": ["a b", "c d", "a b", "e f", "a b", "c d"],
+                  "toxic": [0, 0, 1, 1, 1, 0]}).to_csv(tmp_path / "votes.csv", index=False)
+    config = write_config(tmp_path, [{"name": "v", "path": "votes.csv", "item_column": "post",
+                                      "labels": {"toxicity": {"column": "toxic", "threshold": 0.5}}}])
+    manifest = prepare(load_data_config(str(config)), tmp_path / "out")
+    assert manifest["sources"]["v"]["rows_read"] == 6 and manifest["sources"]["v"]["items"] == 3
+    rows = _all_rows(tmp_path / "out").set_index("text")
+    assert {t: rows.loc[t, "labels"].tolist() for t in rows.index} == {"a b": [1], "c d": [0], "e f": [1]}
+    config = write_config(tmp_path, [{"name": "v", "path": "votes.csv", "item_column": "thread",
+                                      "labels": {"toxicity": "toxic"}}])
+    with pytest.raises(CockatooError, match=r"source v \(.*votes.csv\): item column 'thread' not found; "
+                                            r"columns: post, text, toxic$"):
+        prepare(load_data_config(str(config)), tmp_path / "again")

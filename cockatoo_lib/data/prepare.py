@@ -269,11 +269,11 @@ def _open_hub(src: Source):
             "HF_HUB_OFFLINE=1 to read it from the local Hugging Face cache") from None
 
 
-def source_batches(src: Source, base_dir: str, rows: int | None = None) -> Iterator[pd.DataFrame]:
-    """A source's rows, at most `rows` (default BATCH_ROWS) at a time, each batch's index
-    numbering its rows in the source from 0. A source with an `item_column` comes whole: an
-    item's rows may lie anywhere in it."""
-    rows = None if src.item_column is not None else rows or BATCH_ROWS
+def source_batches(src: Source, base_dir: str) -> Iterator[pd.DataFrame]:
+    """A source's rows, at most BATCH_ROWS at a time, each batch's index numbering its rows in
+    the source from 0. A source with an `item_column` comes whole: an item's rows may lie
+    anywhere in it."""
+    rows = None if src.item_column is not None else BATCH_ROWS
     if src.hub is not None:
         data = _open_hub(src)
         chunks = [data.to_pandas()] if rows is None else data.to_pandas(batch_size=rows, batched=True)
@@ -291,8 +291,6 @@ def source_batches(src: Source, base_dir: str, rows: int | None = None) -> Itera
         yield chunk
     if not start:
         raise CockatooError(f"source {src.name}: {where} has no rows")
-
-
 
 
 def _label_scores(frame: pd.DataFrame, column: str, src: Source, path: str,
@@ -441,15 +439,13 @@ def load_rows(config: DataConfig, store: ImageStore, folder: Path) -> tuple[Rows
         joined[name] = np.concatenate(parts.pop(name))
     rows = Rows(sources=[src.name for src in config.sources], texts=texts, **joined)
     keep, rows.y, rows.m, dup, conflict = deduplicate(rows.digest, rows.y, rows.m, config.dedup)
-    for number, name in enumerate(rows.sources):
-        here = rows.source == number
-        stats[name].update(duplicates=int((dup & here).sum()), conflicts=int((conflict & here).sum()),
-                           duplicates_dropped=int((~keep & here).sum()))
     if not keep.any():
         raise CockatooError(f"no row is left after dedup {config.dedup!r}: every text has copies whose "
                             "labels disagree; fix the labels or choose another dedup policy")
     for number, name in enumerate(rows.sources):
-        stats[name]["rows_kept"] = int((keep & (rows.source == number)).sum())
+        here = rows.source == number
+        stats[name].update(duplicates=int((dup & here).sum()), conflicts=int((conflict & here).sum()),
+                           duplicates_dropped=int((~keep & here).sum()), rows_kept=int((keep & here).sum()))
     for j, label in enumerate(labels):
         if not rows.m[:, j].any():
             log.warning("no source annotates label %s: it will be masked everywhere", label)
@@ -475,7 +471,7 @@ def _load_source(config: DataConfig, src: Source, number: int, spill, parts: dic
             frame[column] = np.nan
         stats["rows_read"] += len(frame)
         if src.item_column is not None:
-            frame = one_row_per_item(frame, src, path)
+            frame = one_row_per_item(frame, src)
         stats["items"] += len(frame)
         y, m = map_labels(frame, src, path, labels)
         text = frame[src.text_column].astype("string").str.strip().fillna("")
@@ -537,15 +533,12 @@ def _check_columns(src: Source, path: str, columns: list[str], labels: list[str]
                                     f"found; columns: {shown}")
 
 
-
 def _parent(uri: str) -> str:
     return posixpath.dirname(uri) if "://" in uri else str(Path(uri).parent)
 
 
-def one_row_per_item(frame: pd.DataFrame, src: Source, path: str) -> pd.DataFrame:
-    if src.item_column not in frame.columns:
-        raise CockatooError(f"source {src.name} ({path}): item column {src.item_column!r} not found; "
-                            f"columns: {', '.join(map(str, frame.columns))}")
+def one_row_per_item(frame: pd.DataFrame, src: Source) -> pd.DataFrame:
+    """One row per item (the source's item_column, checked by _check_columns)."""
     numeric = frame.select_dtypes(include=["number", "bool"]).columns.drop(src.item_column, errors="ignore")
     how = {c: ("mean" if c in numeric else "first") for c in frame.columns if c != src.item_column}
     return frame.groupby(src.item_column, sort=False).agg(how).reset_index()
@@ -715,7 +708,6 @@ def _cut(indices: list[np.ndarray], chunks: list[pa.Array], size: int) -> tuple[
     return index[:size], [texts.slice(0, size)]
 
 
-
 def prepare(config: DataConfig, output: str | Path, seed: int = 42, max_samples: int = 0,
             max_train_rows: int = 0) -> dict:
     """Write train/validation/test Parquet files and a manifest to `output`; return the manifest.
@@ -799,7 +791,6 @@ def _split_stats(rows: Rows, index: np.ndarray, labels: list[str]) -> dict:
             **({"images": int((rows.image_id[index] >= 0).sum())} if rows.image_id is not None else {}),
             "positives": dict(zip(labels, (y * m).sum(axis=0).tolist())),
             "annotated": dict(zip(labels, m.sum(axis=0).tolist()))}
-
 
 
 def read_manifest(data_dir: str | Path) -> dict:

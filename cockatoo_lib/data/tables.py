@@ -81,9 +81,11 @@ def read_chunks(uri: str, what: str, rows: int | None, fmt: str | None = None,
                 chunks = [pd.read_json(handle, dtype=False)]
             else:  # Parquet seeks to its footer: a compressed stream (zstd, bz2) is read into memory first
                 source = io.BytesIO(handle.read()) if is_compressed(uri) else handle
-                batches = None if rows is None else pq.ParquetFile(source).iter_batches(batch_size=rows)
-                chunks = [pd.read_parquet(source)] if rows is None else (b.to_pandas() for b in batches)
-            if rows is None and fmt in ("csv", "jsonl"):
+                if rows is None:
+                    chunks = [pd.read_parquet(source)]
+                else:
+                    chunks = (b.to_pandas() for b in pq.ParquetFile(source).iter_batches(batch_size=rows))
+            if rows is None and fmt in ("csv", "jsonl"):  # the readers give the frame itself
                 chunks = [chunks]
             yield from (chunk for chunk in chunks if len(chunk))
         except pd.errors.EmptyDataError:
