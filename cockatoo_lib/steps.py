@@ -147,7 +147,8 @@ def local_path(uri: str) -> str:
 def train_step(args: TrainArgs) -> dict:
     """The run's seed (the run form's `seed`) is the plan's, unless the overrides set one. With
     more than one GPU, one process per GPU (cockatoo_lib.training.distributed); with more than one node,
-    a Kubeflow Trainer TrainJob does the training (cockatoo_lib.training.trainjob)."""
+    a Kubeflow Trainer TrainJob (cockatoo_lib.training.trainjob) or, on Vertex AI, a custom job
+    (cockatoo_lib.training.vertex_job) does the training."""
     from cockatoo_lib.training import distributed
     from cockatoo_lib.training.trainer import read_model_manifest, train
 
@@ -221,22 +222,33 @@ def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
     train_rows = json.loads(fs.cat_file(f"{root.rstrip('/')}/{INFO}"))["rows"]["train"]
     deadline = trainjob.deadline_s(train_rows, args.plan(detect=False).num_epochs, nodes * max(args.gpus, 1))
 
+    base_name = trainjob.job_base_name(args.output_uri or args.output)
+    on_vertex = os.environ.get(trainjob.NODES_ON_ENV) == "vertex"
+    if on_vertex:
+        from cockatoo_lib.training import vertex_job
+
+        jobs = vertex_job.CustomJobs(base_name, vertex_job.machine_type(accelerator, max(args.gpus, 1)))
+    else:
+        client = trainjob.trainer_client()
+        trainjob.remove_finished_jobs(client)
+        jobs = trainjob.TrainJobs(client)
+
     def request(name: str) -> trainjob.JobRequest:
         model_uri = trainjob.model_uri(checkpoint_root, name)
         command = trainjob.train_command(train_argv(args.tokenized_uri, model_uri, args.model_type, settings,
                                                     checkpoint_root))
+        if on_vertex:
+            command = vertex_job.node_command(command)
         return trainjob.JobRequest(image=image, nodes=nodes, gpus_per_node=max(args.gpus, 1), command=command,
                                    placement=args.placement, accelerator=accelerator, deadline_s=deadline)
 
     trainjob.remove_stale_models(checkpoint_root)
-    client = trainjob.trainer_client()
-    trainjob.remove_finished_jobs(client)
-    name = trainjob.run(client, trainjob.job_base_name(args.output_uri or args.output), request)
+    name = trainjob.run(jobs, base_name, request)
     uri = trainjob.model_uri(checkpoint_root, name)
     fs, root = remote.url_to_fs(uri)
     published = read_published(fs, root)
     if published.entry is None:
-        raise CockatooError(f"TrainJob {name} completed but left no model at {uri}: "
+        raise CockatooError(f"{jobs.kind} {name} completed but left no model at {uri}: "
                             f"{published.problem or 'nothing published'}")
     # The published model stays: KFP uploads this step's output only after the step returns, and a
     # retry before then takes the model again. remove_stale_models clears it a week on.

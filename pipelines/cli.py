@@ -53,6 +53,9 @@ CLUSTER_OPTIONS: dict[str, tuple[type, typer.models.OptionInfo]] = {
     "target": (str, typer.Option("kubeflow", "--target",
                                  help="kubeflow (a KFP cluster) or vertex (Vertex AI Pipelines: no "
                                       "Kubernetes settings, --accelerator-type by Vertex's name)")),
+    "machine_type": (str, typer.Option("", "--machine-type",
+                                       help="Vertex AI: the machine type of a multi-node run's nodes "
+                                            "(default: from the accelerator and the run's gpus)")),
 }
 
 # Where a run goes on Vertex AI (submit and schedule with --target vertex).
@@ -85,7 +88,7 @@ def with_vertex_options(command):
 def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/gpu", gpus=1,
              node_selector=None, toleration=None, cache_root="", scratch_size="", registry_uri="",
              checkpoint_root="", retries=2, ca_secret="", score_gpus=0, score_parallelism=8,
-             target="kubeflow"):
+             target="kubeflow", machine_type=""):
     from cockatoo_lib.errors import CockatooError
     from cockatoo_lib.plan.limits import check_range
     from components.images import DEFAULT_REGISTRY, DEFAULT_TAG, Images
@@ -106,6 +109,9 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
         for option in [o for o, value in kubernetes_only.items() if value]:
             raise CockatooError(f"{option} is a Kubernetes setting, which Vertex AI does not take; "
                                 "leave it out")
+    elif machine_type:
+        raise CockatooError("--machine-type is Vertex AI's (--target vertex); on a cluster, nodes take the "
+                            "train step's resources")
     selectors = dict(_pair(s, "--node-selector") for s in node_selector or [])
     tolerations = [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"}
                    for k, v in (_pair(t, "--toleration") for t in toleration or [])]
@@ -114,7 +120,7 @@ def _cluster(image_registry=None, image_tag=None, accelerator_type="nvidia.com/g
                    tolerations=tolerations, cache_root=cache_root, gpus=gpus, scratch_size=scratch_size,
                    registry_uri=registry_uri, checkpoint_root=checkpoint_root, retries=retries,
                    ca_secret=ca_secret, score_gpus=score_gpus, score_parallelism=score_parallelism,
-                   target=target)
+                   target=target, machine_type=machine_type)
 
 
 def _pair(text: str, option: str) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Markdown, Model
 from cockatoo_lib.release.model_registry import MLFLOW_SECRET_KEYS
 from cockatoo_lib.storage.secrets import SECRETS_ENV, secrets_spec
 from cockatoo_lib.storage.trust import CA_KEY, EXTRA_CA_PEM_ENV
-from cockatoo_lib.training.trainjob import ACCELERATOR_ENV, IMAGE_ENV
+from cockatoo_lib.training.trainjob import ACCELERATOR_ENV, IMAGE_ENV, NODES_ON_ENV
 from components import evaluate, prepare_data, promote, tokenize, train
 from components.images import DEFAULT_IMAGES, Images
 from components.train import train_pod_gpus
@@ -65,6 +65,9 @@ class Cluster:
     # "kubeflow": a KFP cluster; "vertex": Vertex AI Pipelines, which takes no Kubernetes
     # platform config (pipelines/vertex.py).
     target: str = "kubeflow"
+    # Vertex AI: the machine type of a multi-node run's nodes, where vertex_job.MACHINE_TYPES has
+    # none for the accelerator and GPU count.
+    machine_type: str = ""
 
     @property
     def on_kubernetes(self) -> bool:
@@ -82,6 +85,15 @@ def vertex_secrets(cluster: Cluster, mlflow: bool = False) -> dict[str, str]:
         wanted.update({variable: f"{cluster.mlflow_secret}-{key}"
                        for key, variable in MLFLOW_SECRET_KEYS.items()})
     return wanted
+
+
+def vertex_nodes(cluster: Cluster) -> dict[str, str]:
+    """What the train step needs on Vertex AI to start a custom job for nodes > 1: the run's project,
+    region and service account (placeholders Vertex resolves) and a machine type if one is given."""
+    from cockatoo_lib.training import vertex_job
+
+    return {NODES_ON_ENV: "vertex", **vertex_job.PLACEHOLDERS,
+            **({vertex_job.MACHINE_TYPE_ENV: cluster.machine_type} if cluster.machine_type else {})}
 
 
 def mlflow_credentials(task, cluster: Cluster) -> None:
@@ -202,6 +214,9 @@ def _build(cluster: Cluster):
         fit.set_env_variable(IMAGE_ENV, cluster.images.cuda)  # what a TrainJob's nodes run
         fit.set_env_variable(ACCELERATOR_ENV, cluster.accelerator_type)  # and on what
         fit.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(pod_gpus.output)
+        if not cluster.on_kubernetes:  # several nodes train as a Vertex AI custom job
+            for variable, value in vertex_nodes(cluster).items():
+                fit.set_env_variable(variable, value)
         fit.after(pod_gpus)  # the compiler does not count a resource's channel as a dependency
         if cluster.retries:  # a retry finds the checkpoints of the try before: same inputs, same key
             fit.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0,

@@ -121,6 +121,8 @@ def test_a_vertex_schedule_is_a_whole_minute_cron_in_its_time_zone_one_run_at_a_
     (["--node-selector", "pool=gpu"], "--node-selector is a Kubernetes setting, which Vertex AI does not"),
     (["--host", "http://kfp:8080"], "--host is KFP's; --target vertex submits to Vertex AI"),
     (["--experiment", "moderation"], "--experiment is KFP's; --target vertex submits to Vertex AI"),
+    (["--target", "kubeflow", "--host", "http://kfp:8080", "--machine-type", "a2-highgpu-2g"],
+     "--machine-type is Vertex AI's (--target vertex)"),
 ])
 def test_vertex_bad_input_is_one_line_and_submits_nothing(args, message, vertex_api, capsys, monkeypatch):
     code, _, err = run_cli(["submit", *VERTEX, *args], capsys, monkeypatch)
@@ -140,16 +142,25 @@ def test_a_vertex_schedule_refuses_seconds_and_an_unknown_time_zone(vertex_api, 
 def test_the_vertex_spec_is_the_clusters_without_its_kubernetes_config(tmp_path):
     """Same steps, inputs, images, caching and retries: the local run of the compiled cluster spec
     (tests/test_pipeline.py) stands for the Vertex one. Only the accelerator's name differs, the
-    Kubernetes platform config is gone, and each step names the secrets it reads instead."""
+    Kubernetes platform config is gone, each step names the secrets it reads instead, and the
+    train step knows where to start a multi-node custom job."""
     kubeflow = list(yaml.safe_load_all(compile_pipeline(tmp_path / "k.yaml", Cluster()).read_text()))
     (vertex,) = yaml.safe_load_all(compile_pipeline(
-        tmp_path / "v.yaml", Cluster(target="vertex", accelerator_type="NVIDIA_L4")).read_text())
+        tmp_path / "v.yaml", Cluster(target="vertex", accelerator_type="NVIDIA_L4",
+                                     machine_type="g2-standard-32")).read_text())
     assert len(kubeflow) == 2 and "kubernetes" in kubeflow[1]["platforms"]
     as_cluster = json.loads(json.dumps(vertex).replace('"NVIDIA_L4"', '"nvidia.com/gpu"'))
-    executors = as_cluster["deploymentSpec"]["executors"].values()
-    for container in [e["container"] for e in executors if "container" in e]:  # not the importer
+    executors = as_cluster["deploymentSpec"]["executors"]
+    nodes_env = {"COCKATOO_NODES_ON": "vertex",
+                 "COCKATOO_VERTEX_PROJECT": "{{$.pipeline_google_cloud_project_id}}",
+                 "COCKATOO_VERTEX_LOCATION": "{{$.pipeline_google_cloud_location}}",
+                 "COCKATOO_VERTEX_SERVICE_ACCOUNT": "{{$.pipeline_service_account}}",
+                 "COCKATOO_VERTEX_MACHINE_TYPE": "g2-standard-32"}
+    train_env = {e["name"]: e["value"] for e in executors["exec-train"]["container"]["env"]}
+    assert {k: v for k, v in train_env.items() if k in nodes_env} == nodes_env
+    for container in [e["container"] for e in executors.values() if "container" in e]:  # not the importer
         assert [e["name"] for e in container.get("env", [])].count("COCKATOO_SECRETS") == 1
-        container["env"] = [e for e in container["env"] if e["name"] != "COCKATOO_SECRETS"]
+        container["env"] = [e for e in container["env"] if e["name"] not in {"COCKATOO_SECRETS", *nodes_env}]
         if not container["env"]:
             del container["env"]
     assert as_cluster == kubeflow[0]

@@ -29,6 +29,9 @@ RUNTIME = "torch-distributed"
 IMAGE_ENV = "COCKATOO_TRAIN_IMAGE"
 # The accelerator type the pipeline gives the train step (its resource name), for the nodes.
 ACCELERATOR_ENV = "COCKATOO_ACCELERATOR"
+# Where the nodes run: "vertex" (a Vertex AI custom job, cockatoo_lib.training.vertex_job), set on the
+# train step by `cockatoo compile --target vertex`; else Kubeflow Trainer on the step's cluster.
+NODES_ON_ENV = "COCKATOO_NODES_ON"
 # A week: the step's own timeout (KFP's) is the one to set for a shorter bound.
 WAIT_S = 7 * 24 * 3600
 # A job whose step died without SIGTERM (OOM kill, node loss) and is not retried trains on with
@@ -270,30 +273,53 @@ def _stopped_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(client, base_name: str, make_request: Callable[[str], JobRequest],
-        echo: Callable[[str], None] = print, poll_s: int = 10) -> str:
-    """Follow the job an earlier try of this step started, unless it failed; else create one
-    (`<base>-<try>`). Returns the name of the job that completed. Told to stop, the step deletes
-    the job it follows, so that nodes x GPUs do not train for a run nobody waits for; the
-    checkpoints stay, and a retry's new job resumes from them."""
-    from kubeflow.trainer.constants import constants
+class TrainJobs:
+    """The step's TrainJobs, by name, for run()."""
 
+    kind = "TrainJob"
+    stopped = "deleted"
+
+    def __init__(self, client, poll_s: int = 10, echo: Callable[[str], None] = print):
+        self.client, self.poll_s, self.echo = client, poll_s, echo
+
+    def failed(self, name: str) -> bool | None:
+        from kubeflow.trainer.constants import constants
+
+        found = status(self.client, name)
+        return None if found is None else found == constants.TRAINJOB_FAILED
+
+    def start(self, request: JobRequest, name: str) -> None:
+        create(self.client, request, name)
+
+    def follow(self, name: str) -> None:
+        follow(self.client, name, self.echo, poll_s=self.poll_s)
+
+    def stop(self, name: str) -> None:
+        self.client.delete_job(name)
+
+
+def run(jobs, base_name: str, make_request: Callable[[str], JobRequest]) -> str:
+    """Follow the job an earlier try of this step started, unless it failed; else start one
+    (`<base>-<try>`). Returns the name of the job that completed. Told to stop, the step stops
+    the job it follows, so that nodes x GPUs do not train for a run nobody waits for; the
+    checkpoints stay, and a retry's new job resumes from them. `jobs`: TrainJobs on a cluster,
+    vertex_job.CustomJobs on Vertex AI."""
     for attempt in range(100):
         name = f"{base_name}-{attempt}"
-        found = status(client, name)
-        if found == constants.TRAINJOB_FAILED:
+        failed = jobs.failed(name)
+        if failed:
             continue
         with _stopped_on_sigterm():
             try:
-                if found is None:
-                    create(client, make_request(name), name)
+                if failed is None:
+                    jobs.start(make_request(name), name)
                 else:
-                    log.info("TrainJob %s exists (%s), started by an earlier try of this step: following it",
-                             name, found)
-                follow(client, name, echo, poll_s=poll_s)
+                    log.info("%s %s exists, started by an earlier try of this step: following it",
+                             jobs.kind, name)
+                jobs.follow(name)
             except Stopped:
-                client.delete_job(name)
-                raise CockatooError(f"the train step was stopped (SIGTERM); TrainJob {name} deleted with "
-                                    "it (its checkpoints remain for a retry)") from None
+                jobs.stop(name)
+                raise CockatooError(f"the train step was stopped (SIGTERM); {jobs.kind} {name} "
+                                    f"{jobs.stopped} with it (its checkpoints remain for a retry)") from None
         return name
-    raise CockatooError(f"TrainJobs {base_name}-0 to -99 all failed; delete them to try again")
+    raise CockatooError(f"{jobs.kind}s {base_name}-0 to -99 all failed; delete them to try again")
