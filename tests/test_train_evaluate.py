@@ -9,7 +9,13 @@ from cockatoo_lib.evaluation.metrics import macro_f1, sigmoid, sweep_thresholds
 from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
 from cockatoo_lib.training.models import load_trained_model, predict_logits
-from cockatoo_lib.training.trainer import PaddingCollator, read_model_manifest, train, training_arguments
+from cockatoo_lib.training.trainer import (
+    PaddingCollator,
+    fit_loader_workers,
+    read_model_manifest,
+    train,
+    training_arguments,
+)
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow
@@ -62,10 +68,14 @@ def test_best_epoch_is_restored(small_data, tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "sweep_thresholds",
                         lambda *a, unannotated_flag_cost: costs.append(unannotated_flag_cost) or sweep(
                             *a, unannotated_flag_cost=unannotated_flag_cost))
+    # A /dev/shm too small for any loader worker's batches: the plan's 2 workers become none.
+    monkeypatch.setattr(train_module, "shared_memory_free", lambda: 1)
     plan = resolve_plan("deberta", {**FAST, "num_epochs": 3, "base_model": str(tiny_models["deberta"]),
-                                    "unannotated_flag_cost": 0.5})
+                                    "unannotated_flag_cost": 0.5, "dataloader_num_workers": 2})
     tokenize(small_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
     info = train(tmp_path / "tok", plan, tmp_path / "model", data_dir=small_data)
+    assert info["plan"]["dataloader_num_workers"] == 0
+    assert info["plan"]["adjustments"][-1].startswith("data loader workers 2 -> 0: /dev/shm has 0 MiB free")
     by_epoch = [e["f1"] for e in info["validation_by_epoch"]]
     assert len(by_epoch) == 3
     assert info["best_validation_metric"] == pytest.approx(max(by_epoch), abs=1e-6)
@@ -107,6 +117,27 @@ def test_collator_pads_each_batch_to_its_longest_row():
     clip_row = [{**features[0], "input_ids": list(range(77)), "attention_mask": [1] * 77}]
     assert PaddingCollator(0, 8, max_length=77)(clip_row)["input_ids"].shape == (1, 77)
     assert PaddingCollator(0, 8, max_length=77)(features)["input_ids"].shape == (2, 8)
+
+
+def test_loader_workers_fit_the_shared_memory_their_batches_take():
+    """A /dev/shm too small for the workers' batches (Docker's 64 MB, a platform without a setting)
+    kills a worker with a bus error mid-epoch: fewer workers instead, said in the plan."""
+    plan = resolve_plan("deberta")
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "token_type_ids": [0, 0, 0],
+             "labels": [1.0, 0.0], "label_mask": [1.0, 1.0], "length": 3}] * 4
+    collator = PaddingCollator(pad_token_id=0)
+    # The widest evaluation batch (twice the training one): three int64 columns at max_length,
+    # labels and their mask in float32.
+    eval_rows = 2 * plan.batch_size
+    batch = 3 * eval_rows * plan.max_length * 8 + 2 * eval_rows * 2 * 4
+    assert fit_loader_workers(plan, collator, rows, free=9 * batch) is plan  # 4 workers x 2 + 1 in use
+    fewer = fit_loader_workers(plan, collator, rows, free=9 * batch - 1)
+    assert fewer.dataloader_num_workers == 3 and fewer.adjustments[-1].startswith(
+        f"data loader workers 4 -> 3: /dev/shm has {9 * batch / 2**20:.0f} MiB free and a batch takes up "
+        f"to {batch / 2**20:.1f} MiB")
+    assert rows[0]["input_ids"] == [5, 6, 7]  # the data as it was
+    assert fit_loader_workers(plan, collator, rows, free=2 * batch).dataloader_num_workers == 0
+    assert fit_loader_workers(plan, collator, rows, free=None) is plan  # no /dev/shm to measure
 
 
 def test_end_to_end_with_real_minilm(small_data, tmp_path, capsys, monkeypatch):
