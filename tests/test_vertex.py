@@ -63,7 +63,8 @@ def _spec(job) -> dict:
 
 def test_a_run_submitted_to_vertex_carries_the_spec_parameters_and_labels(vertex_api, capsys, monkeypatch):
     code, out, err = run_cli(["submit", *VERTEX, "-m", "modernbert", "--param",
-                              "data_config=gs://my-bucket/configs/Moderation_v2.yaml"], capsys, monkeypatch)
+                              "data_config=gs://my-bucket/configs/Moderation_v2.yaml",
+                              "--machine-type", "a3-megagpu-8g"], capsys, monkeypatch)
     assert code == 0, err
     parent, job = vertex_api["job"]
     assert parent == "projects/my-project/locations/europe-west4"
@@ -87,6 +88,8 @@ def test_a_run_submitted_to_vertex_carries_the_spec_parameters_and_labels(vertex
     env = {name: {e["name"]: e["value"] for e in executor.get("container", {}).get("env", [])}
            for name, executor in executors.items()}
     assert env["exec-train"]["COCKATOO_SECRETS"] == "HF_TOKEN=cockatoo-hf-token"
+    # nodes > 1 starts a custom job on this machine type.
+    assert env["exec-train"]["COCKATOO_VERTEX_MACHINE_TYPE"] == "a3-megagpu-8g"
     assert env["exec-promote"]["COCKATOO_SECRETS"] == (
         "HF_TOKEN=cockatoo-hf-token,MLFLOW_TRACKING_USERNAME=cockatoo-mlflow-username,"
         "MLFLOW_TRACKING_PASSWORD=cockatoo-mlflow-password,MLFLOW_TRACKING_TOKEN=cockatoo-mlflow-token")
