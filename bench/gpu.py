@@ -101,8 +101,9 @@ def measure(model_type: str, config: dict, plan, lengths: np.ndarray, steps: int
     after WARM_STEPS unmeasured ones."""
     import torch
 
+    from cockatoo_lib.training.collate import PaddingCollator
     from cockatoo_lib.training.sampling import LengthGroupedShuffle
-    from cockatoo_lib.training.trainer import PaddingCollator, pad_multiple, training_arguments
+    from cockatoo_lib.training.trainer import pad_multiple, training_arguments
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

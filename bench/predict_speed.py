@@ -31,8 +31,8 @@ def demo_model_folder(folder: Path, labels: list[str], plan=None) -> Path:
 
     from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.storage.fileio import write_json
+    from cockatoo_lib.training.model_folder import MODEL_MANIFEST
     from cockatoo_lib.training.models import load_base_model
-    from cockatoo_lib.training.trainer import MODEL_MANIFEST
 
     plan = plan or resolve_plan("minilm")
     load_base_model(plan, labels).save_pretrained(folder)

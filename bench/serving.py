@@ -131,7 +131,7 @@ def serve_baseline(folder: str, port: int) -> None:
     from fastapi import FastAPI
     from transformers import pipeline
 
-    from cockatoo_lib.training.trainer import read_model_manifest
+    from cockatoo_lib.training.model_folder import read_model_manifest
 
     max_length = read_model_manifest(Path(folder))["inference_max_length"]
     classify = pipeline("text-classification", model=folder, top_k=None, function_to_apply="sigmoid")

@@ -78,7 +78,8 @@ def _throughput(model_config: dict, lengths: np.ndarray, plan, grouped: bool, st
     import torch
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    from cockatoo_lib.training.trainer import PaddingCollator, training_arguments
+    from cockatoo_lib.training.collate import PaddingCollator
+    from cockatoo_lib.training.trainer import training_arguments
 
     torch.manual_seed(0)
     config = DebertaV2Config(**model_config, num_labels=7, problem_type="multi_label_classification")

@@ -150,7 +150,8 @@ def train_step(args: TrainArgs) -> dict:
     a Kubeflow Trainer TrainJob (cockatoo_lib.training.trainjob) or, on Vertex AI, a custom job
     (cockatoo_lib.training.vertex_job) does the training."""
     from cockatoo_lib.training import distributed
-    from cockatoo_lib.training.trainer import read_model_manifest, train
+    from cockatoo_lib.training.model_folder import read_model_manifest
+    from cockatoo_lib.training.trainer import train
 
     if "://" in args.output_uri and args.checkpoint_root and "://" not in args.checkpoint_root:
         # A retry runs in a new pod: checkpoints in this one's folder would be gone.
@@ -205,7 +206,7 @@ def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
     from cockatoo_lib.storage.publish import fetch, read_published
     from cockatoo_lib.tokenize import INFO
     from cockatoo_lib.training import trainjob
-    from cockatoo_lib.training.trainer import read_model_manifest
+    from cockatoo_lib.training.model_folder import read_model_manifest
 
     nodes, checkpoint_root = args.nodes, args.checkpoint_root
     for name, value in (("checkpoint_root", checkpoint_root), ("the tokenized data", args.tokenized_uri)):
@@ -260,7 +261,7 @@ def _train_on_nodes(args: TrainArgs, settings: dict) -> dict:
 def evaluate_step(args: EvaluateArgs) -> dict:
     from cockatoo_lib.evaluation.evaluate import evaluate
     from cockatoo_lib.training.checkpoints import release_checkpoints
-    from cockatoo_lib.training.trainer import read_model_manifest
+    from cockatoo_lib.training.model_folder import read_model_manifest
 
     results = evaluate(args.model_dir, local_path(args.tokenized_dir), args.output)
     release_checkpoints(read_model_manifest(args.model_dir))  # the train step left them: the model is safe

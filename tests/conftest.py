@@ -255,7 +255,8 @@ def trained_run(tiny_models, small_data, tmp_path_factory):
     from cockatoo_lib.evaluation.evaluate import evaluate
     from cockatoo_lib.plan.catalogue import resolve_plan
     from cockatoo_lib.tokenize import tokenize
-    from cockatoo_lib.training.trainer import MODEL_MANIFEST, read_model_manifest, train
+    from cockatoo_lib.training.model_folder import MODEL_MANIFEST, read_model_manifest
+    from cockatoo_lib.training.trainer import train
 
     def build(root: Path) -> None:
         plan = resolve_plan("deberta", {"num_epochs": 2, "batch_size": 16, "gradient_accumulation_steps": 1,

@@ -127,12 +127,8 @@ def test_the_readmes_table_is_what_the_plan_derives():
 
 
 def test_on_cuda_the_model_is_compiled_on_bucketed_widths_from_pinned_memory():
-    from cockatoo_lib.training.trainer import (
-        COMPILE_WIDTH_MULTIPLE,
-        PaddingCollator,
-        pad_multiple,
-        training_arguments,
-    )
+    from cockatoo_lib.training.collate import COMPILE_WIDTH_MULTIPLE, PaddingCollator
+    from cockatoo_lib.training.trainer import pad_multiple, training_arguments
 
     plan = resolve_plan("deberta", {"fp16": False, "tf32": False})
     assert pad_multiple(plan, cuda=True) == COMPILE_WIDTH_MULTIPLE == 64

@@ -16,7 +16,7 @@ from cockatoo_lib.plan.catalogue import Hardware, resolve_plan
 from cockatoo_lib.storage.publish import generations, publish_new
 from cockatoo_lib.tokenize import tokenize
 from cockatoo_lib.training.checkpoints import DurableCheckpoints, checkpoint_key
-from cockatoo_lib.training.trainer import read_model_manifest
+from cockatoo_lib.training.model_folder import read_model_manifest
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow

@@ -374,8 +374,8 @@ def test_clip_with_images_trains_saves_loads_and_evaluates(trained_clip, image_d
 
     from cockatoo_lib.evaluation.evaluate import evaluate
     from cockatoo_lib.evaluation.metrics import macro_f1, sigmoid
+    from cockatoo_lib.training.collate import PaddingCollator
     from cockatoo_lib.training.models import load_trained_model, predict_logits
-    from cockatoo_lib.training.trainer import PaddingCollator
 
     manifest, model_dir, tok = trained_clip["manifest"], trained_clip["model"], trained_clip["tok"]
     assert manifest["train_images"] > 0

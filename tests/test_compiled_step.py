@@ -14,9 +14,10 @@ import torch._inductor.config
 
 from cockatoo_lib.plan.catalogue import planned_card, resolve_plan
 from cockatoo_lib.tokenize import load_tokenized
+from cockatoo_lib.training.collate import COMPILE_WIDTH_MULTIPLE, PaddingCollator
 from cockatoo_lib.training.models import load_base_model
 from cockatoo_lib.training.optim import build_optimizer
-from cockatoo_lib.training.trainer import COMPILE_WIDTH_MULTIPLE, CockatooTrainer, PaddingCollator
+from cockatoo_lib.training.trainer import CockatooTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,8 @@ def test_the_compiled_training_step_gives_eagers_loss_and_update(trained_run, ti
     assert shutil.which("cc"), "inductor compiles C++: install a C compiler (apt-get install gcc)"
     # The plan a CUDA card gets: compiled, checkpointed, 8-bit AdamW, ASL with the label mask.
     base = one_layer(tiny_models["deberta"], tmp_path / "one-layer")
-    plan = resolve_plan("deberta", {"base_model": str(base), "gradient_checkpointing": True}, planned_card(80))
+    plan = resolve_plan("deberta", {"base_model": str(base), "gradient_checkpointing": True},
+                        planned_card(80))
     assert plan.torch_compile and plan.gradient_checkpointing and plan.optimizer == "adamw_8bit"
     plan = plan.model_copy(update={"fp16": False, "bf16": False})  # the CPU computes in fp32
     datasets, info = load_tokenized(trained_run["tok"])

@@ -9,7 +9,8 @@ from helpers import error_line, run_cli
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.plan.catalogue import Hardware, resolve_plan
 from cockatoo_lib.tokenize import tokenize
-from cockatoo_lib.training.trainer import MODEL_MANIFEST, read_model_manifest, train
+from cockatoo_lib.training.model_folder import MODEL_MANIFEST, read_model_manifest
+from cockatoo_lib.training.trainer import train
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow

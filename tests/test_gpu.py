@@ -91,7 +91,8 @@ def test_compiled_matches_eager(model_type, tiny_models):
 
 def test_the_probe_runs_on_the_process_own_card(tiny_models, monkeypatch):
     """Each process of a data-parallel training probes its own card (LOCAL_RANK's), not GPU 0."""
-    from cockatoo_lib.training.trainer import PaddingCollator, check_split_on_card
+    from cockatoo_lib.training.collate import PaddingCollator
+    from cockatoo_lib.training.trainer import check_split_on_card
 
     plan = resolve_plan("deberta", {"base_model": str(tiny_models["deberta"])}, detect_hardware())
     model = load_base_model(plan, LABELS)

@@ -18,7 +18,7 @@ from cockatoo_lib.evaluation.baseline import (
     combine,
 )
 from cockatoo_lib.release.predict import Classifier
-from cockatoo_lib.training.trainer import MODEL_MANIFEST
+from cockatoo_lib.training.model_folder import MODEL_MANIFEST
 
 TEXTS = ["free money, click now", "a calm note about the weather", "", "you are a pathetic idiot 🤡"]
 SERVED = [t for t in TEXTS if t]  # the server refuses an empty text

@@ -15,7 +15,7 @@ from kfp import dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from cockatoo_lib.release.model_registry import MLflowRegistry, local_registry_uri
-from cockatoo_lib.training.trainer import read_model_manifest
+from cockatoo_lib.training.model_folder import read_model_manifest
 from components import evaluate, prepare_data, promote, tokenize, train
 from pipelines.cockatoo_train import PIPELINE_NAME
 from pipelines.runner import compile_pipeline, pipeline_inputs, run_local

@@ -13,8 +13,8 @@ from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.evaluation.metrics import sigmoid
 from cockatoo_lib.release.predict import Classifier, length_batches
 from cockatoo_lib.tokenize import load_tokenized
+from cockatoo_lib.training.collate import PaddingCollator
 from cockatoo_lib.training.models import load_trained_model, predict_logits
-from cockatoo_lib.training.trainer import PaddingCollator
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow
@@ -211,7 +211,7 @@ def test_a_backlog_is_scored_into_shards_that_a_rerun_finishes_and_never_rescore
                                                                                 capsys, monkeypatch):
     import json
 
-    from cockatoo_lib.release import batch_predict
+    from cockatoo_lib.release import predict
 
     folder, frame = _backlog(tmp_path)
     expected = pd.concat([pd.read_csv(folder / "a.csv"), pd.read_json(folder / "b.jsonl.gz", lines=True),
@@ -237,8 +237,8 @@ def test_a_backlog_is_scored_into_shards_that_a_rerun_finishes_and_never_rescore
     assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     monkeypatch.setattr(Classifier, "predict_proba", real)
     scored = []
-    real_scored = batch_predict._scored
-    monkeypatch.setattr(batch_predict, "_scored", lambda c, f, *a, **k: scored.append(len(f)) or
+    real_scored = predict._scored
+    monkeypatch.setattr(predict, "_scored", lambda c, f, *a, **k: scored.append(len(f)) or
                         real_scored(c, f, *a, **k))
     code, stdout, err = run_cli(argv, capsys, monkeypatch)
     assert code == 0, err
@@ -297,12 +297,12 @@ def test_an_empty_file_among_many_is_skipped_and_an_unreadable_one_is_one_line(t
 
 def test_two_predicts_into_one_folder_one_wins_and_the_other_says_so(trained_run, tmp_path, capsys,
                                                                      monkeypatch):
-    from cockatoo_lib.release import batch_predict
+    from cockatoo_lib.release import batch_predict, predict
 
     folder, _ = _backlog(tmp_path)
     out = tmp_path / "scored"
     argv = ["predict", "--model", trained_run["model"], "--input", folder, "--output", f"{out}/"]
-    real_scored, started = batch_predict._scored, []
+    real_scored, started = predict._scored, []
 
     def other_run_finishes_first(*args, **kwargs):
         if not started:  # while this run scores its first shard, another run does the whole output
@@ -310,7 +310,7 @@ def test_two_predicts_into_one_folder_one_wins_and_the_other_says_so(trained_run
             batch_predict.predict_folder(str(trained_run["model"]), str(folder), f"{out}/")
         return real_scored(*args, **kwargs)
 
-    monkeypatch.setattr(batch_predict, "_scored", other_run_finishes_first)
+    monkeypatch.setattr(predict, "_scored", other_run_finishes_first)
     code, _, err = run_cli(argv, capsys, monkeypatch)
     assert code == 2
     assert error_line(err) == (f"error: predict output {out}/part-00000.parquet appeared while this run "

@@ -18,7 +18,7 @@ from cockatoo_lib.evaluation.evaluate import weights_digest
 from cockatoo_lib.evaluation.metrics import bootstrap_gain
 from cockatoo_lib.release.gate import DECISION_JSON, DECISION_MD, WEIGHTS_TAG, GateRules, compare, promote
 from cockatoo_lib.release.model_registry import CHAMPION, PREVIOUS, MLflowRegistry, local_registry_uri
-from cockatoo_lib.training.trainer import MODEL_MANIFEST
+from cockatoo_lib.training.model_folder import MODEL_MANIFEST
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow

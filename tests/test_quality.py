@@ -254,8 +254,8 @@ def test_evaluation_reports_each_source_and_the_baseline_and_writes_the_model_ca
     assert per_source["alpha"]["labels"] == ["spam"] and per_source["beta"]["labels"] == ["self_harm"]
     assert per_source["alpha"]["rows"] + per_source["beta"]["rows"] == results["rows"] == len(test)
     # A source's figure is the report over its own rows and labels, nothing else.
+    from cockatoo_lib.training.collate import PaddingCollator
     from cockatoo_lib.training.models import load_trained_model, predict_logits
-    from cockatoo_lib.training.trainer import PaddingCollator
 
     model = load_trained_model(tmp_path / "model", "sequence-classification")
     probs = sigmoid(predict_logits(model, [PaddingCollator(0)([test[i] for i in range(len(test))])]).numpy())

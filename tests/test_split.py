@@ -8,8 +8,9 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from cockatoo_lib.plan.catalogue import resolve_plan
+from cockatoo_lib.training.collate import PaddingCollator
 from cockatoo_lib.training.models import load_base_model
-from cockatoo_lib.training.trainer import CockatooTrainer, PaddingCollator, training_arguments
+from cockatoo_lib.training.trainer import CockatooTrainer, training_arguments
 
 # Eight rows of unequal length; rows annotate different labels, one annotates none, so the
 # micro-batches of a split hold unequal numbers of annotated rows.

@@ -130,8 +130,9 @@ def test_characters_the_tokenizer_drops_are_added_trained_saved_and_read_back(no
 
     from cockatoo_lib.evaluation.metrics import macro_f1, sigmoid
     from cockatoo_lib.release.predict import Classifier
+    from cockatoo_lib.training.collate import PaddingCollator
     from cockatoo_lib.training.models import load_trained_model, predict_logits
-    from cockatoo_lib.training.trainer import PaddingCollator, train
+    from cockatoo_lib.training.trainer import train
 
     info = tokenize(noisy_data, plan, tmp_path / "tok", cache_root=str(tmp_path / "cache"))
     extension = info["tokenizer_extension"]

@@ -8,14 +8,10 @@ from helpers import run_cli
 from cockatoo_lib.evaluation.metrics import macro_f1, sigmoid, sweep_thresholds
 from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import load_tokenized, tokenize
+from cockatoo_lib.training.collate import PaddingCollator
+from cockatoo_lib.training.model_folder import read_model_manifest
 from cockatoo_lib.training.models import load_trained_model, predict_logits
-from cockatoo_lib.training.trainer import (
-    PaddingCollator,
-    fit_loader_workers,
-    read_model_manifest,
-    train,
-    training_arguments,
-)
+from cockatoo_lib.training.trainer import fit_loader_workers, train, training_arguments
 
 # Trains, runs pipelines or starts servers: `make test` runs these, `make test-fast` not.
 pytestmark = pytest.mark.slow

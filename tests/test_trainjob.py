@@ -18,7 +18,7 @@ from kubeflow_trainer_api import models
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.plan.catalogue import resolve_plan
 from cockatoo_lib.tokenize import tokenize
-from cockatoo_lib.training.trainer import read_model_manifest
+from cockatoo_lib.training.model_folder import read_model_manifest
 from cockatoo_lib.training.trainjob import remove_stale_models
 from components import train
 from tests.fake_k8s import FakeKubernetes

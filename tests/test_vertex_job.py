@@ -17,7 +17,7 @@ from kfp import dsl
 
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.training import vertex_job
-from cockatoo_lib.training.trainer import read_model_manifest
+from cockatoo_lib.training.model_folder import read_model_manifest
 from components import train
 from tests.fake_vertex import FakeVertex
 from tests.helpers import free_port, without_coverage

@@ -35,13 +35,9 @@ from cockatoo_lib.storage.fileio import (
     write_text_atomic,
 )
 from cockatoo_lib.tokenize import load_tokenized
+from cockatoo_lib.training.collate import PaddingCollator
+from cockatoo_lib.training.model_folder import MODEL_MANIFEST, check_same_data, read_model_manifest
 from cockatoo_lib.training.models import load_trained_model, predict_logits
-from cockatoo_lib.training.trainer import (
-    MODEL_MANIFEST,
-    PaddingCollator,
-    check_same_data,
-    read_model_manifest,
-)
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ import pandas as pd
 
 from cockatoo_lib.data.tables import read_chunks
 from cockatoo_lib.errors import CockatooError
-from cockatoo_lib.release.predict import DEFAULT_BATCH_SIZE, Classifier, _scored
 from cockatoo_lib.storage import remote
 
 log = logging.getLogger(__name__)
@@ -90,12 +89,16 @@ def finished_already(output: str) -> CockatooError:
 
 def predict_folder(model: str, input_uri: str, output: str, text_column: str = "text",
                    image_column: str | None = None, registry_uri: str | None = None,
-                   batch_size: int = DEFAULT_BATCH_SIZE, shard_rows: int = SHARD_ROWS,
+                   batch_size: int | None = None, shard_rows: int = SHARD_ROWS,
                    files: list[str] | None = None, finished_is_done: bool = False) -> dict:
     """Score `input_uri` (or the given `files` of it) into the folder `output`. A finished
     folder is refused; with `finished_is_done` (a retried pipeline shard) one finished by the same
-    model on the same files is this call's result instead."""
+    model on the same files is this call's result instead. `batch_size`: predict's default where None."""
     from tqdm.auto import tqdm
+
+    # Here, not above: the score pipeline's plan and finish steps read this module's manifests and
+    # file lists, and would otherwise import torch and transformers for nothing (seconds per pod).
+    from cockatoo_lib.release.predict import DEFAULT_BATCH_SIZE, Classifier, _scored
 
     start = time.perf_counter()
     fs, root = remote.url_to_fs(output.rstrip("/"))
@@ -116,7 +119,8 @@ def predict_folder(model: str, input_uri: str, output: str, text_column: str = "
                 shard = f"{root}/part-{shards:05d}.parquet"
                 stats = _kept_stats(fs, shard, len(frame))
                 if stats is None:
-                    result, hits = _scored(classifier, frame, uri, text_column, image_column, batch_size)
+                    result, hits = _scored(classifier, frame, uri, text_column, image_column,
+                                           batch_size or DEFAULT_BATCH_SIZE)
                     stats = {"rows": len(result), "positives": dict(zip(classifier.labels,
                                                                         hits.sum(axis=0).tolist()))}
                     _write_shard(fs, shard, result, stats)

@@ -109,7 +109,7 @@ def compare(challenger, champion, rows: dict, rules: GateRules, name: str) -> di
 def registration(model_dir: Path, evaluation_dir: Path, data_manifest: dict, run_id: str,
                  digest: str) -> Registration:
     from cockatoo_lib.evaluation.evaluate import METRICS_FILE, kfp_metrics
-    from cockatoo_lib.training.trainer import read_model_manifest
+    from cockatoo_lib.training.model_folder import read_model_manifest
 
     model = read_model_manifest(model_dir)
     results = read_json(evaluation_dir / METRICS_FILE, "evaluation metrics")

@@ -21,7 +21,8 @@ from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.evaluation.metrics import sigmoid
 from cockatoo_lib.storage import remote
 from cockatoo_lib.storage.fileio import check_output
-from cockatoo_lib.training.trainer import MODEL_MANIFEST, PaddingCollator, read_model_manifest
+from cockatoo_lib.training.collate import PaddingCollator
+from cockatoo_lib.training.model_folder import MODEL_MANIFEST, read_model_manifest
 
 log = logging.getLogger(__name__)
 

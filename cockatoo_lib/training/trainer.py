@@ -14,8 +14,6 @@ import torch
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from cockatoo_lib.data.clip_images import PIXEL_COLUMN, collate_pixels
-from cockatoo_lib.data.prepare import read_manifest
 from cockatoo_lib.errors import CockatooError
 from cockatoo_lib.evaluation.metrics import (
     macro_f1,
@@ -25,56 +23,18 @@ from cockatoo_lib.evaluation.metrics import (
     sweep_thresholds,
 )
 from cockatoo_lib.plan.catalogue import Plan
-from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, read_json, write_json
+from cockatoo_lib.storage.fileio import atomic_output_dir, check_output, write_json
 from cockatoo_lib.tokenize import load_processors, load_tokenized
 from cockatoo_lib.training import distributed
 from cockatoo_lib.training.checkpoints import DurableCheckpoints, checkpoint_key, checkpoint_step, stopped
+from cockatoo_lib.training.collate import COMPILE_WIDTH_MULTIPLE, PaddingCollator
 from cockatoo_lib.training.losses import asymmetric_loss, masked_bce, training_mask
+from cockatoo_lib.training.model_folder import MODEL_MANIFEST, check_same_data
 from cockatoo_lib.training.models import add_tokens, init_head_bias, load_base_model
 from cockatoo_lib.training.optim import build_optimizer
 from cockatoo_lib.training.sampling import LengthGroupedShuffle
 
 log = logging.getLogger(__name__)
-
-MODEL_MANIFEST = "cockatoo.json"
-COMPILE_WIDTH_MULTIPLE = 64  # padded widths a compiled model sees: max_length / 64 of them at most
-TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-class PaddingCollator:
-    """Pads each batch to its own longest row (to a multiple of 8 on GPU, for tensor cores).
-    With `pixels` (the tokenized info's `images`), it also turns cached pixels into
-    pixel_values and has_image for the rows that have an image."""
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, pixels: dict | None = None,
-                 max_length: int | None = None):
-        self.pad_token_id = pad_token_id
-        self.multiple = pad_to_multiple_of
-        self.pixels = pixels
-        # Rounding up must not pass the model's position table: CLIP has 77 positions, not 80.
-        self.max_length = max_length
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        longest = max(lengths)
-        width = -(-longest // self.multiple) * self.multiple
-        if self.max_length is not None:
-            width = max(longest, min(width, self.max_length))
-        batch = {}
-        for key in TOKEN_KEYS:
-            if key not in features[0]:
-                continue
-            # One preallocated array per key, each row copied in by a slice: no per-row lists.
-            out = np.full((len(features), width), self.pad_token_id if key == "input_ids" else 0, np.int64)
-            for i, (f, n) in enumerate(zip(features, lengths)):
-                out[i, :n] = f[key]
-            batch[key] = torch.from_numpy(out)
-        if "labels" in features[0]:  # absent when predicting
-            for key in ("labels", "label_mask"):
-                batch[key] = torch.from_numpy(np.asarray([f[key] for f in features], np.float32))
-        if self.pixels is not None and PIXEL_COLUMN in features[0]:
-            batch.update(collate_pixels([f[PIXEL_COLUMN] for f in features], self.pixels))
-        return batch
 
 
 class CockatooTrainer(Trainer):
@@ -305,16 +265,6 @@ def check_split_on_card(model, plan: Plan, collator, dataset) -> Plan:
             torch.cuda.empty_cache()
 
     return distributed.settle_micro_batch(plan, fits)
-
-
-def check_same_data(tok_info: dict, tokenized_dir, data_dir) -> None:
-    """Refuse tokenized data that was not made from the given prepared data."""
-    if data_dir is None:
-        return
-    manifest = read_manifest(data_dir)
-    if tok_info["labels"] != manifest["labels"] or tok_info["data_fingerprint"] != manifest["fingerprint"]:
-        raise CockatooError(f"tokenized data {tokenized_dir} was not made from {data_dir} "
-                            "(labels or data fingerprint differ); rerun tokenize")
 
 
 def train(tokenized_dir: str | Path, plan: Plan, output: str | Path,
@@ -552,12 +502,4 @@ def _best_epoch(by_epoch: list[dict], metric: str, best) -> float | None:
         if best is not None and e[f"eval_{metric}"] == best:
             return round(float(e["epoch"]), 3)
     return None
-
-
-def read_model_manifest(model_dir: str | Path) -> dict:
-    manifest = read_json(Path(model_dir) / MODEL_MANIFEST, "model manifest")
-    for key in ("model_type", "architecture", "labels", "thresholds"):
-        if key not in manifest:
-            raise CockatooError(f"model manifest {Path(model_dir) / MODEL_MANIFEST} lacks {key!r}")
-    return manifest
 
