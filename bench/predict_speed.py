@@ -44,8 +44,9 @@ def demo_model_folder(folder: Path, labels: list[str], plan=None) -> Path:
     return folder
 
 
-def bench_predict(rows: int, repeats: int, batch_size: int = 64) -> dict:
-    """`cockatoo predict` against transformers' pipeline, alternately, on one model and file."""
+def bench_predict(rows: int, repeats: int, batch_size: int = 64, base_model: str = "") -> dict:
+    """`cockatoo predict` against transformers' pipeline, alternately, on one model and file.
+    `base_model`: other weights in MiniLM's recipe (the tests' tiny model)."""
     import pandas as pd
     from transformers import pipeline
 
@@ -53,13 +54,14 @@ def bench_predict(rows: int, repeats: int, batch_size: int = 64) -> dict:
     from cockatoo_lib.release.predict import Classifier, predict_file
 
     labels = ["scam", "violence", "harassment", "hate_speech", "toxicity", "obscenity", "jailbreaking"]
-    max_length = resolve_plan("minilm").inference_max_length
+    plan = resolve_plan("minilm", {"base_model": base_model} if base_model else {})
+    max_length = plan.inference_max_length
     lengths = social_media_lengths(rows, max_length)
     texts = posts(lengths)
     ours, theirs = [], []
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        folder = demo_model_folder(work / "model", labels)
+        folder = demo_model_folder(work / "model", labels, plan)
         pd.DataFrame({"text": texts}).to_parquet(work / "in.parquet")
         for i in range(repeats):
             start = time.perf_counter()

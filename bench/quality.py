@@ -112,8 +112,8 @@ def _figures(probs, y, m, thresholds, labels) -> dict:
             "hits": probs >= np.asarray(thresholds)}
 
 
-def _train_and_evaluate(tokenized: Path, data: Path, overrides: dict, work: Path, name: str
-                        ) -> tuple[dict, dict | None]:
+def _train_and_evaluate(tokenized: Path, data: Path, overrides: dict, work: Path, name: str,
+                        base_model: str = "") -> tuple[dict, dict | None]:
     """One training; its figures as shipped, and, with the char n-gram partner on, the
     transformer's alone (the same training: the partner is fitted after it)."""
     import numpy as np
@@ -122,7 +122,8 @@ def _train_and_evaluate(tokenized: Path, data: Path, overrides: dict, work: Path
     from cockatoo_lib.plan.catalogue import detect_hardware, resolve_plan
     from cockatoo_lib.training.trainer import train
 
-    plan = resolve_plan("minilm", overrides, detect_hardware())
+    plan = resolve_plan("minilm", {**overrides, **({"base_model": base_model} if base_model else {})},
+                        detect_hardware())
     start = time.perf_counter()
     info = train(tokenized, plan, work / f"model-{name}", data_dir=data)
     seconds = time.perf_counter() - start
@@ -181,10 +182,11 @@ def summarize(runs: list[dict], y, m) -> dict:
 
 def bench_quality(cache: Path, rows: int = 0, recipes: dict[str, dict] | None = None,
                   seeds: tuple[int, ...] = SEEDS, max_train_rows: int = MAX_TRAIN_ROWS,
-                  seed: int = 42) -> dict:
+                  seed: int = 42, base_model: str = "") -> dict:
     """Prepare and tokenize once; train each recipe with each seed on the same splits; the
     linear baseline comes from evaluate, fitted on those splits too. `rows` draws stories before
-    splitting (0: all), `max_train_rows` caps the train split alone."""
+    splitting (0: all), `max_train_rows` caps the train split alone. `base_model`: other weights
+    and tokenizer in MiniLM's recipe (the tests' tiny model: B7's code, not MiniLM, under test)."""
     import tempfile
 
     import numpy as np
@@ -201,14 +203,15 @@ def bench_quality(cache: Path, rows: int = 0, recipes: dict[str, dict] | None = 
         work = Path(tmp)
         manifest = prepare(load_data_config(str(folder / "data.yaml")), work / "data", seed=seed,
                            max_samples=rows, max_train_rows=max_train_rows)
-        info = tokenize(work / "data", resolve_plan("minilm"), work / "tok", cache_root=str(work / "cache"))
+        plan = resolve_plan("minilm", {"base_model": base_model} if base_model else {})
+        info = tokenize(work / "data", plan, work / "tok", cache_root=str(work / "cache"))
         summaries, recipes = {}, recipes or RECIPES
         for name, overrides in recipes.items():
             # Per seed: the model as it ships; with the partner on, the transformer alone too.
             shipped, alone = [], []
             for s in seeds:
                 runs = _train_and_evaluate(work / "tok", work / "data", {**overrides, "seed": s}, work,
-                                           f"{name}-{s}")
+                                           f"{name}-{s}", base_model)
                 with np.load(work / f"eval-{name}-{s}" / SCORES_FILE, allow_pickle=False) as scores:
                     y, m = scores["labels"], scores["label_mask"]
                     baseline_hits = scores["baseline_probabilities"] >= np.asarray(

@@ -77,6 +77,8 @@ def build_tiny_model(model_type: str, tokenizer, folder: Path) -> Path:
     """Save a tiny random base model for `model_type` with `tokenizer` into `folder`."""
     import torch
     from transformers import (
+        BertConfig,
+        BertModel,
         CLIPConfig,
         CLIPModel,
         DebertaV2Config,
@@ -89,7 +91,9 @@ def build_tiny_model(model_type: str, tokenizer, folder: Path) -> Path:
     vocab = len(tokenizer)
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
                eos_token_id=tokenizer.sep_token_id)
-    if model_type == "deberta":
+    if model_type == "minilm":  # MiniLM is a BERT
+        model = BertModel(BertConfig(vocab_size=vocab, max_position_embeddings=512, **TINY, **ids))
+    elif model_type == "deberta":
         model = DebertaV2Model(DebertaV2Config(vocab_size=vocab, max_position_embeddings=512,
                                                **TINY, **ids))
     elif model_type == "modernbert":
@@ -129,12 +133,13 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     return folder
 
 
-TINY_MODEL_TYPES = ("deberta", "modernbert", "clip-vit")
+TINY_MODEL_TYPES = ("deberta", "modernbert", "clip-vit", "minilm")
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """model_type -> folder of a tiny random base model with a local tokenizer."""
+    """model_type -> folder of a tiny random base model with a local tokenizer (minilm's: a tiny
+    BERT, for code under test that takes MiniLM's recipe, not for MiniLM's own weights)."""
     def build(root: Path) -> None:
         tokenizer = build_tokenizer(_sample_texts())
         for model_type in TINY_MODEL_TYPES:

