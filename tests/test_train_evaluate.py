@@ -140,7 +140,7 @@ def test_end_to_end_with_real_minilm(small_data, tmp_path, capsys, monkeypatch):
     """prepare -> tokenize -> train (1 epoch) -> evaluate, through the command line."""
     out = {k: tmp_path / k for k in ("data", "tok", "model", "eval")}
     steps = [
-        ["prepare", "-c", "sample", "-o", out["data"], "--max-samples", "200"],
+        ["prepare", "-c", "sample", "-o", out["data"], "--max-samples", "100"],
         ["tokenize", "-d", out["data"], "-o", out["tok"], "-m", "minilm", "--cache-root", tmp_path / "cache"],
         ["train", "-d", out["data"], "-t", out["tok"], "-o", out["model"], "-m", "minilm",
          "--set", "num_epochs=1"],

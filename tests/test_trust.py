@@ -85,9 +85,10 @@ async def get():
         assert r.status == 200
 asyncio.run(get())""",
     "botocore (s3fs)": """
-import botocore.session
+import botocore.config, botocore.session
 client = botocore.session.get_session().create_client(
-    's3', endpoint_url=URL, region_name='us-east-1', aws_access_key_id='a', aws_secret_access_key='b')
+    's3', endpoint_url=URL, region_name='us-east-1', aws_access_key_id='a', aws_secret_access_key='b',
+    config=botocore.config.Config(retries={'total_max_attempts': 1}))  # refused at once, not after backoff
 assert client.list_buckets()['Buckets'] == []""",
 }
 
