@@ -69,3 +69,25 @@ def test_each_library_module_has_its_own_name_and_each_package_says_what_lives_t
     for package in LIBRARY.rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(package.read_text()))
         assert doc and len(doc) > 40, f"{package.parent.name}/ says nothing about what lives there"
+
+
+# Processes that do not train (a server, a step's pod, a predict command) start without the heavy
+# libraries they do not use: seconds of import each time (docs/testing.md, "Time and coverage").
+NOT_IMPORTED = """
+import sys
+import cockatoo_lib.release.scoring  # the score pipeline's plan and finish steps
+assert "torch" not in sys.modules, "scoring imports torch"
+import cockatoo_lib.release.predict, cockatoo_lib.release.gate  # a server, predict, the gate step
+assert "transformers.trainer" not in sys.modules, "predict or the gate imports the trainer"
+"""
+
+
+def test_modules_that_do_not_train_start_without_the_trainer():
+    import subprocess
+    import sys
+
+    from tests.helpers import without_coverage
+
+    done = subprocess.run([sys.executable, "-c", NOT_IMPORTED], capture_output=True, text=True, timeout=120,
+                          env=without_coverage())
+    assert done.returncode == 0, done.stderr[-500:]
